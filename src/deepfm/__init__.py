@@ -1,0 +1,12 @@
+"""deepfm: DeepFM for click-through-rate prediction, from raw click logs to a served model."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from deepfm.api import DeepFMClassifier  # noqa: E402
+from deepfm.config import Config, load_config  # noqa: E402
+from deepfm.errors import ArtifactError, ConfigError, DataError, DeepFMError  # noqa: E402
+
+__all__ = ["DeepFMClassifier", "Config", "load_config", "DeepFMError", "ConfigError", "DataError",
+           "ArtifactError", "__version__"]

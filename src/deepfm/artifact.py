@@ -1,0 +1,128 @@
+"""The model directory: everything needed to predict, described in plain files, written atomically.
+
+    deepfm.json        format name and version, package versions, creation time, data fingerprint
+    config.yaml        the resolved config the model was trained with
+    layout.json        where each field lives in the embedding table
+    encoder.json       fitted vocabularies and numeric statistics (the encoder's whole state)
+    model.safetensors  weights (loading never unpickles)
+    metrics.json       final validation / test metrics;  metrics.jsonl  one line per epoch
+    plots/             history.png, roc.png, calibration.png
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from deepfm.config import Config, config_from_dict, config_to_dict
+from deepfm.data.encoder import Encoder
+from deepfm.errors import ArtifactError, ConfigError
+from deepfm.io import atomic_directory, atomic_save_tensors
+from deepfm.layout import TableLayout
+from deepfm.model import DeepFM
+
+FORMAT = "deepfm-model"
+FORMAT_VERSION = 1
+REQUIRED = ("deepfm.json", "config.yaml", "layout.json", "encoder.json", "model.safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    import numpy
+    import polars
+    import pyarrow
+
+    import deepfm
+
+    return {"deepfm": deepfm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "polars": polars.__version__, "pyarrow": pyarrow.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: Config
+    layout: TableLayout
+    encoder: Encoder
+    model: DeepFM
+    info: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Encoder, model: DeepFM,
+               metrics: dict[str, Any], history: list[dict[str, Any]], fingerprint: str | None = None,
+               extra_files: dict[str, Path] | None = None) -> None:
+    """Write the model directory atomically: a reader sees the old directory or the complete new one."""
+
+    def fill(tmp: Path) -> None:
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": package_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_fingerprint": fingerprint}
+        (tmp / "deepfm.json").write_text(json.dumps(info, indent=1))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        (tmp / "layout.json").write_text(json.dumps(layout.to_json(), indent=1))
+        (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
+        state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in
+                 model.state_dict().items()}
+        atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT})
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        for name, src in (extra_files or {}).items():
+            dst = tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(Path(src).read_bytes())
+
+    atomic_directory(Path(path), fill)
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: model directory not found (train one with `deepfm train CONFIG.yaml`)")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise ArtifactError(f"{path}: not a complete deepfm model directory, missing {missing}")
+    try:
+        info = json.loads((path / "deepfm.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path / 'deepfm.json'}: unreadable ({err})") from None
+    if info.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a deepfm model (format {info.get('format')!r})")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        made_by = info.get("versions", {}).get("deepfm", "?")
+        raise ArtifactError(
+            f"{path}: model format version {version} (written by deepfm {made_by}) is not readable by this "
+            f"deepfm, which reads format {FORMAT_VERSION}. Install deepfm {made_by} to use it, or retrain.")
+    return info
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model directory (no pickle anywhere) for prediction, in eval mode."""
+    path = Path(path)
+    info = read_info(path)
+    try:
+        config = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
+    except ConfigError as err:
+        raise ArtifactError(f"{path}: its config.yaml does not validate with this deepfm:\n{err}") from None
+    layout = TableLayout.from_json(json.loads((path / "layout.json").read_text()))
+    encoder = Encoder.from_json(config.fields, config.data, json.loads((path / "encoder.json").read_text()))
+    model = DeepFM(layout, config.model, sparse=False)
+    try:
+        state = load_file(str(path / "model.safetensors"), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"{path / 'model.safetensors'}: unreadable weights ({err})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ArtifactError(f"{path}: weights do not match its layout/config ({err})") from None
+    model.to(device).eval()
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    return LoadedModel(path, config, layout, encoder, model, info, metrics)

@@ -1,0 +1,162 @@
+"""The ``deepfm`` command: train, evaluate, predict, inspect.
+
+Errors deepfm expects (bad config, bad data, bad model directory) print one clear message and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deepfm.errors import DeepFMError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deepfm.config import load_config
+    from deepfm.pipeline import default_output, metrics_table, train
+
+    overrides = list(args.set or [])
+    if args.skip_bad_rows:
+        overrides.append("data.skip_bad_rows=true")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    cfg = load_config(args.config, overrides)
+    output = Path(args.output or cfg.output or default_output(args.config))
+    result = train(cfg, output, resume=args.resume, log=_log)
+    print(metrics_table(result.metrics))
+    print(f"\nModel written to {output}\n"
+          f"Next: deepfm predict {output} DATA --output predictions.csv   |   deepfm inspect {output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deepfm.predict import Predictor
+
+    pred = Predictor(args.model_dir, device=args.device)
+    m = pred.evaluate_file(args.data, skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        for k, v in m.items():
+            print(f"{k:12s} {v:,}" if isinstance(v, int) else f"{k:12s} {v:.6f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deepfm.predict import Predictor
+
+    pred = Predictor(args.model_dir, device=args.device)
+    rows = pred.predict_file(args.data, args.output, id_columns=args.id_column,
+                             skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+    _log(f"Wrote {rows:,} predictions to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from deepfm.artifact import load_model
+    from deepfm.config import config_to_dict
+
+    m = load_model(Path(args.model_dir))
+    vocabs = m.encoder.vocabularies_ or {}
+    fields = []
+    for f in m.config.fields:
+        entry = {"name": f.name, "kind": f.kind}
+        if f.kind == "numeric":
+            entry["numeric"] = f.numeric
+        if f.kind == "multi":
+            entry["combiner"] = f.combiner
+        if not f.is_scaled_numeric:
+            entry["vocab"] = f.vocab_name
+            entry["vocab_size"] = vocabs[f.vocab_name].size
+        fields.append(entry)
+    report = {"path": str(m.path), "versions": m.info.get("versions"), "created": m.info.get("created"),
+              "format_version": m.info.get("format_version"), "embedding_rows": m.layout.num_rows,
+              "parameters": sum(p.numel() for p in m.model.parameters()), "fields": fields,
+              "metrics": m.metrics, "config": config_to_dict(m.config)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"deepfm model {m.path}  (format {report['format_version']}, created {report['created']})")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in (report["versions"] or {}).items()))
+    print(f"embedding table: {m.layout.num_rows:,} rows x {m.config.model.embed_dim} (+1 linear); "
+          f"{report['parameters']:,} parameters")
+    mc = m.config.model
+    print(f"model: head={mc.head} linear={mc.use_linear} fm={mc.use_fm} deep={mc.use_deep} "
+          f"hidden={mc.hidden_units} dropout={mc.dropout} batch_norm={mc.batch_norm}")
+    print(f"\n{'field':16s} {'kind':18s} {'vocab':16s} {'size':>10s}")
+    for f in fields:
+        kind = f["kind"] + (f"/{f.get('numeric') or f.get('combiner')}" if f["kind"] != "categorical" else "")
+        print(f"{f['name']:16s} {kind:18s} {f.get('vocab', '-'):16s} {f.get('vocab_size', 2):>10,}")
+    print("\nmetrics:")
+    for split, vals in m.metrics.items():
+        print(f"  {split}: " + ", ".join(f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in vals.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from deepfm import __version__
+
+    p = argparse.ArgumentParser(prog="deepfm", description="DeepFM for click-through-rate prediction.")
+    p.add_argument("--version", action="version", version=f"deepfm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="prepare data, train, early-stop and write a model directory")
+    t.add_argument("config", help="YAML config (see README: config reference)")
+    t.add_argument("--output", "-o", help="model directory to write (default: runs/<config name>)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this output")
+    t.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed rows, count them and write them to a side file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="AUC, log loss, calibration (and gAUC) of a model on a labelled file")
+    e.add_argument("model_dir")
+    e.add_argument("data")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--skip-bad-rows", action="store_true")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="write probabilities (with id columns) for every row of a file")
+    r.add_argument("model_dir")
+    r.add_argument("data")
+    r.add_argument("--output", "-o", required=True, help="output .csv or .parquet")
+    r.add_argument("--id-column", action="append", metavar="NAME",
+                   help="column to carry through unchanged (repeatable; default: data.id_columns)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--skip-bad-rows", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("inspect", help="config, fields, vocabulary sizes, metrics and versions of a model")
+    i.add_argument("model_dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DeepFMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted. `deepfm train CONFIG --resume` continues from the last checkpoint.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

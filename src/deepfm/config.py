@@ -1,0 +1,282 @@
+"""Typed, frozen configuration read from YAML.
+
+Every section is a pydantic model that rejects unknown keys and wrong types, so a typo in a config is an
+error with the key's path, never a silently ignored setting. Each component receives only its own section.
+
+    data:    where the raw files are and how to read them
+    fields:  one entry per input field (kind, vocabulary, combiner, numeric handling)
+    model:   DeepFM shape
+    train:   optimiser, schedule, early stopping, precision
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deepfm.errors import ConfigError
+
+CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+PRESETS = {"criteo": CRITEO_COLUMNS}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Frozen):
+    """A seeded random split of one file into train / valid / test (fractions of rows)."""
+
+    valid: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 2017
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.valid + self.test >= 1.0:
+            raise ValueError("split.valid + split.test must leave rows for training (< 1.0)")
+        return self
+
+
+class DataConfig(_Frozen):
+    format: Literal["tsv", "csv", "parquet", "libffm", "libsvm"] = "csv"
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    split: SplitConfig | None = None
+    header: bool = True
+    columns: list[str] | None = None
+    preset: Literal["criteo"] | None = None
+    label: str = "label"
+    id_columns: list[str] = []
+    group_column: str | None = None
+    multi_value_separator: str = "^"
+    weight_separator: str = ":"
+    cache_dir: str = ".cache/deepfm"
+    skip_bad_rows: bool = False
+    chunk_rows: int = Field(262_144, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.preset and self.columns:
+            raise ValueError("give either data.preset or data.columns, not both")
+        if self.format in ("tsv", "csv") and not self.header and not (self.columns or self.preset):
+            raise ValueError("a file without header needs data.columns (or data.preset: criteo)")
+        if self.split is not None and (self.valid or self.test):
+            raise ValueError("data.split splits data.train; do not also give data.valid / data.test")
+        if len(self.multi_value_separator) != 1 or len(self.weight_separator) != 1:
+            raise ValueError("separators must be single characters")
+        return self
+
+    @property
+    def column_names(self) -> list[str] | None:
+        return list(PRESETS[self.preset]) if self.preset else self.columns
+
+
+FieldKind = Literal["categorical", "numeric", "multi"]
+
+
+class FieldConfig(_Frozen):
+    """One input field. ``names`` expands into one field per name with the same settings."""
+
+    name: str | None = None
+    names: list[str] | None = None
+    kind: FieldKind = "categorical"
+    # vocabulary: fields naming the same vocab share one vocabulary and one block of embedding rows
+    vocab: str | None = None
+    min_count: int = Field(1, ge=1)
+    hash_buckets: int | None = Field(None, gt=0)
+    # numeric handling: "scale" (the paper: embedding times value), "standardize" ((x-mean)/std fitted on
+    # train, then scaled), "log_bucket" (floor(ln(x)^2) for x > 2, else int(x): a categorical token)
+    numeric: Literal["scale", "standardize", "log_bucket"] = "log_bucket"
+    log1p: bool = False
+    # multi-valued fields: pooling of tag vectors weighted by their values
+    combiner: Literal["sum", "mean", "sqrtn"] = "mean"
+    max_len: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_name(self) -> FieldConfig:
+        if (self.name is None) == (self.names is None):
+            raise ValueError("each field needs exactly one of 'name' or 'names'")
+        if self.names is not None and self.vocab is None and len(self.names) > 1:
+            pass  # each expanded field gets its own vocabulary named after it
+        return self
+
+    def expand(self) -> list[FieldConfig]:
+        names = [self.name] if self.name is not None else list(self.names or [])
+        return [self.model_copy(update={"name": n, "names": None}) for n in names]
+
+    @property
+    def vocab_name(self) -> str:
+        return self.vocab or str(self.name)
+
+    @property
+    def is_scaled_numeric(self) -> bool:
+        return self.kind == "numeric" and self.numeric in ("scale", "standardize")
+
+
+class ModelConfig(_Frozen):
+    embed_dim: int = Field(16, gt=0)
+    hidden_units: list[Annotated[int, Field(gt=0)]] = [400, 400, 400]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+    use_linear: bool = True
+    use_fm: bool = True
+    use_deep: bool = True
+    # "sum": the paper, y = bias + sum(linear) + sum(bi-interaction) + dnn.
+    # "project": the seed note, linear and FM vectors each go through a dense layer to one logit.
+    head: Literal["sum", "project"] = "sum"
+    init_std: float = Field(1e-4, gt=0.0)
+
+    @model_validator(mode="after")
+    def _some_part(self) -> ModelConfig:
+        if not (self.use_linear or self.use_fm or self.use_deep):
+            raise ValueError("at least one of use_linear, use_fm, use_deep must be true")
+        return self
+
+
+class TrainConfig(_Frozen):
+    batch_size: int = Field(4096, gt=0)
+    eval_batch_size: int = Field(16384, gt=0)
+    epochs: int = Field(10, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    optimizer: Literal["adam", "adagrad", "proximal_adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    # sparse embedding gradients: only the rows a batch touches are updated (SparseAdam / sparse Adagrad)
+    sparse: bool = True
+    embedding_l2: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    l1: float = Field(0.0, ge=0.0)
+    l2: float = Field(0.0, ge=0.0)
+    patience: int = Field(2, ge=0)
+    lr_plateau_factor: float = Field(0.1, gt=0.0, le=1.0)
+    lr_plateau_patience: int = Field(0, ge=0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    seed: int = 2017
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    num_threads: int | None = Field(None, gt=0)
+    shuffle: bool = True
+    shuffle_block_rows: int = Field(32, gt=0)
+    checkpoint_every_steps: int = Field(1000, gt=0)
+    prefetch_batches: int = Field(4, ge=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _opt(self) -> TrainConfig:
+        if (self.l1 or self.l2) and self.optimizer != "proximal_adagrad":
+            raise ValueError("train.l1 / train.l2 are the proximal_adagrad optimiser's; "
+                             "use embedding_l2 or weight_decay with adam/adagrad")
+        return self
+
+
+class Config(_Frozen):
+    data: DataConfig
+    fields: list[FieldConfig]
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    output: str | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _expand(cls, fields: list[FieldConfig]) -> list[FieldConfig]:
+        out = [f for spec in fields for f in spec.expand()]
+        if not out:
+            raise ValueError("fields must name at least one field")
+        seen: set[str] = set()
+        for f in out:
+            if f.name in seen:
+                raise ValueError(f"field '{f.name}' is declared twice")
+            seen.add(str(f.name))
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        by_vocab: dict[str, FieldConfig] = {}
+        for f in self.fields:
+            if f.name == self.data.label:
+                raise ValueError(f"field '{f.name}' is the label column")
+            if f.is_scaled_numeric:
+                if f.vocab is not None:
+                    raise ValueError(f"field '{f.name}': a scaled numeric field has no vocabulary to share")
+                continue
+            first = by_vocab.setdefault(f.vocab_name, f)
+            if (first.min_count, first.hash_buckets) != (f.min_count, f.hash_buckets):
+                raise ValueError(f"fields '{first.name}' and '{f.name}' share vocab '{f.vocab_name}' "
+                                 "but differ in min_count / hash_buckets")
+        cols = self.data.column_names
+        if cols is not None:
+            missing = [n for n in [self.data.label, *(f.name for f in self.fields)] if n not in cols]
+            if missing:
+                raise ValueError(f"data.columns lacks {missing}")
+        return self
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``section.key=value`` strings -> (key, YAML-parsed value)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value) if value else ""))
+    return out
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key (check the spelling; see the config reference in README.md)" \
+            if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
+                     overrides: list[str] | None = None) -> Config:
+    raw = copy.deepcopy(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config. Relative data paths are resolved against the config file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping with data / fields / model / train")
+    data = raw.get("data")
+    if isinstance(data, dict):
+        base = path.resolve().parent
+        for key in ("train", "valid", "test", "cache_dir"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str(base / data[key])
+    return config_from_dict(raw, str(path), overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude={"fields": {"__all__": {"names"}}})

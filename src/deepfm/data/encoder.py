@@ -1,0 +1,311 @@
+"""The encoder: raw columns -> typed model inputs. One piece of code for preparation, predict and serve.
+
+``Encoder.fit`` streams the training split once to fit vocabularies (with min count) and numeric
+statistics; ``Encoder.transform`` turns a chunk of raw rows into an ``EncodedChunk`` of numpy arrays:
+
+    labels      float32 [N]          0/1 (None when the data has no label column)
+    cat_ids     int64   [N, Fc]      local ids of categorical (and log-bucketed numeric) fields
+    num_values  float32 [N, Fn]      scaled numeric fields; NaN marks a missing value
+    multi       per multi-valued field: ids int64 [nnz], weights float32 [nnz], lengths int64 [N]
+
+Everything is vectorised over the chunk with polars; a bad value raises ``DataError`` naming the file, the
+line and the field, or, under ``skip_bad_rows``, drops the row and reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from deepfm.config import DataConfig, FieldConfig
+from deepfm.data.readers import BadRows, RawChunk
+from deepfm.data.vocab import Vocabulary, VocabularyCounter
+from deepfm.errors import DataError
+from deepfm.layout import TableLayout
+
+MISSING = ""
+
+
+@dataclass
+class MultiValues:
+    ids: np.ndarray  # int64 [nnz]
+    weights: np.ndarray  # float32 [nnz]
+    lengths: np.ndarray  # int64 [N]
+
+
+@dataclass
+class EncodedChunk:
+    labels: np.ndarray | None
+    cat_ids: np.ndarray
+    num_values: np.ndarray
+    multi: list[MultiValues]
+    kept: np.ndarray  # bool [N_raw]: rows of the raw chunk that were encoded (all True unless skipping)
+
+    def __len__(self) -> int:
+        return int(self.cat_ids.shape[0])
+
+
+@dataclass
+class NumericStats:
+    mean: float
+    std: float
+
+
+def _as_float(col: pl.Series) -> pl.Series:
+    if col.dtype == pl.Utf8:
+        return col.str.strip_chars().replace("", None).cast(pl.Float64, strict=False)
+    return col.cast(pl.Float64, strict=False)
+
+
+def _bad_numbers(raw: pl.Series, parsed: pl.Series) -> np.ndarray:
+    """Rows where a value was given but is not a number."""
+    if raw.dtype == pl.Utf8:
+        given = raw.str.strip_chars().fill_null("") != ""
+    else:
+        given = raw.is_not_null()
+    return (given & parsed.is_null()).to_numpy() | (parsed.is_nan().fill_null(False).to_numpy()
+                                                     & given.to_numpy())
+
+
+def _bucket(values: pl.Series) -> pl.Series:
+    """The Criteo winners' / BARS numeric bucketing: floor(ln(x)^2) for x > 2, else int(x); missing -> ''."""
+    frame = pl.DataFrame({"v": values})
+    b = frame.select(
+        pl.when(pl.col("v") > 2).then((pl.col("v").log() ** 2).floor()).otherwise(pl.col("v"))
+        .cast(pl.Int64, strict=False).cast(pl.Utf8).fill_null(MISSING).alias("b"))
+    return b["b"]
+
+
+class Encoder:
+    """Fitted state (vocabularies, numeric statistics) plus the code that applies it."""
+
+    def __init__(self, fields: list[FieldConfig], data: DataConfig,
+                 vocabularies: dict[str, Vocabulary] | None = None,
+                 numeric: dict[str, NumericStats] | None = None) -> None:
+        self.fields = fields
+        self.data = data
+        self.cat_fields = [f for f in fields if f.kind == "categorical"
+                           or (f.kind == "numeric" and f.numeric == "log_bucket")]
+        self.num_fields = [f for f in fields if f.is_scaled_numeric]
+        self.multi_fields = [f for f in fields if f.kind == "multi"]
+        self.vocabularies_ = vocabularies
+        self.numeric_ = numeric
+
+    # ---------------------------------------------------------------- fitting
+    @property
+    def input_columns(self) -> list[str]:
+        return [str(f.name) for f in self.fields]
+
+    def fit(self, chunks: Iterable[RawChunk], bad: BadRows | None = None) -> Encoder:
+        counters: dict[str, VocabularyCounter] = {}
+        for f in self.cat_fields + self.multi_fields:
+            counters.setdefault(f.vocab_name, VocabularyCounter(f.vocab_name, f.min_count, f.hash_buckets))
+        sums = {str(f.name): [0.0, 0.0, 0] for f in self.num_fields if f.numeric == "standardize"}
+        rows = 0
+        for chunk in chunks:
+            chunk, _ = self._drop_bad(chunk, bad)
+            rows += len(chunk)
+            for f in self.cat_fields:
+                counters[f.vocab_name].update(self._tokens(chunk, f))
+            for f in self.multi_fields:
+                _, tags, _ = self._multi_long(chunk, f)
+                counters[f.vocab_name].update(tags)
+            for name, acc in sums.items():
+                f = next(x for x in self.num_fields if x.name == name)
+                v = self._numbers(chunk, f).drop_nulls()
+                acc[0] += float(v.sum())
+                acc[1] += float((v * v).sum())
+                acc[2] += v.len()
+        if rows == 0:
+            raise DataError("the training split has no rows to fit vocabularies on")
+        self.vocabularies_ = {name: c.build() for name, c in counters.items()}
+        self.numeric_ = {}
+        for name, (s, ss, n) in sums.items():
+            mean = s / n if n else 0.0
+            var = max(ss / n - mean * mean, 0.0) if n else 1.0
+            self.numeric_[name] = NumericStats(mean, math.sqrt(var) if var > 0 else 1.0)
+        return self
+
+    # ---------------------------------------------------------------- layout
+    def layout(self) -> TableLayout:
+        vocabs = self._fitted()[0]
+        blocks: dict[str, tuple[int, int]] = {}
+        row = 0
+        for f in self.cat_fields + self.multi_fields:
+            if f.vocab_name not in blocks:
+                blocks[f.vocab_name] = (row, vocabs[f.vocab_name].size)
+                row += vocabs[f.vocab_name].size
+        num_offsets = []
+        for _ in self.num_fields:
+            num_offsets.append(row)
+            row += 2
+        return TableLayout(
+            num_rows=row,
+            cat_fields=tuple(str(f.name) for f in self.cat_fields),
+            cat_offsets=tuple(blocks[f.vocab_name][0] for f in self.cat_fields),
+            num_fields=tuple(str(f.name) for f in self.num_fields),
+            num_offsets=tuple(num_offsets),
+            multi_fields=tuple(str(f.name) for f in self.multi_fields),
+            multi_offsets=tuple(blocks[f.vocab_name][0] for f in self.multi_fields),
+            multi_combiners=tuple(f.combiner for f in self.multi_fields),
+            vocab_blocks=blocks,
+        )
+
+    # ---------------------------------------------------------------- transform
+    def transform(self, chunk: RawChunk, *, labels: bool = True, bad: BadRows | None = None) -> EncodedChunk:
+        """Encode a raw chunk. ``labels=False`` for data without a label column (predict, serve)."""
+        vocabs, stats = self._fitted()
+        chunk, kept = self._drop_bad(chunk, bad, check_label=labels)
+        n = len(chunk)
+        label_arr = self._labels(chunk) if labels else None
+        cat = np.empty((n, len(self.cat_fields)), dtype=np.int64)
+        for j, f in enumerate(self.cat_fields):
+            cat[:, j] = vocabs[f.vocab_name].encode(self._tokens(chunk, f))
+        num = np.empty((n, len(self.num_fields)), dtype=np.float32)
+        for j, f in enumerate(self.num_fields):
+            v = self._numbers(chunk, f)
+            if f.numeric == "standardize":
+                s = stats[str(f.name)]
+                v = (v - s.mean) / s.std
+            num[:, j] = v.fill_null(float("nan")).to_numpy().astype(np.float32)
+        multi = []
+        for f in self.multi_fields:
+            rows, tags, weights = self._multi_long(chunk, f)
+            ids = vocabs[f.vocab_name].encode(tags)
+            lengths = np.bincount(rows, minlength=n).astype(np.int64) if len(rows) else np.zeros(n, np.int64)
+            multi.append(MultiValues(ids.astype(np.int64), weights.astype(np.float32), lengths))
+        return EncodedChunk(label_arr, cat, num, multi, kept)
+
+    # ---------------------------------------------------------------- helpers
+    def _fitted(self) -> tuple[dict[str, Vocabulary], dict[str, NumericStats]]:
+        if self.vocabularies_ is None or self.numeric_ is None:
+            raise RuntimeError("Encoder is not fitted: call fit() or load one with Encoder.load()")
+        return self.vocabularies_, self.numeric_
+
+    def _column(self, chunk: RawChunk, name: str) -> pl.Series:
+        if name not in chunk.frame.columns:
+            if self.data.format in ("libffm", "libsvm"):
+                return pl.Series(name, [None] * len(chunk), dtype=pl.Utf8)
+            raise DataError(f"column '{name}' is missing; columns are {chunk.frame.columns}",
+                            path=chunk.path, field=name)
+        return chunk.frame[name]
+
+    def _tokens(self, chunk: RawChunk, f: FieldConfig) -> pl.Series:
+        col = self._column(chunk, str(f.name))
+        if f.kind == "numeric":  # log_bucket
+            return _bucket(self._numbers(chunk, f))
+        if col.dtype == pl.Utf8:
+            return col.fill_null(MISSING)
+        if col.dtype.is_float():
+            # a float id column (Parquet) is only exact while integral; keep the integer text
+            as_int = col.cast(pl.Int64, strict=False)
+            if ((as_int.cast(pl.Float64) != col) & col.is_not_null()).any():
+                return col.cast(pl.Utf8).fill_null(MISSING)
+            return as_int.cast(pl.Utf8).fill_null(MISSING)
+        return col.cast(pl.Utf8).fill_null(MISSING)
+
+    def _numbers(self, chunk: RawChunk, f: FieldConfig) -> pl.Series:
+        v = _as_float(self._column(chunk, str(f.name)))
+        if f.log1p:
+            v = (v.clip(lower_bound=0.0) + 1.0).log()
+        return v
+
+    def _labels(self, chunk: RawChunk) -> np.ndarray:
+        v = _as_float(self._column(chunk, self.data.label))
+        return v.to_numpy().astype(np.float32)
+
+    def _multi_long(self, chunk: RawChunk, f: FieldConfig) -> tuple[np.ndarray, pl.Series, np.ndarray]:
+        """Long form of a multi-valued field: (row index int64 [nnz], tags, weights float64 [nnz])."""
+        col = self._column(chunk, str(f.name))
+        frame = pl.DataFrame({"cell": col, "row": np.arange(len(col), dtype=np.int64)})
+        if col.dtype == pl.Utf8:
+            sep, wsep = self.data.multi_value_separator, self.data.weight_separator
+            long = (frame.with_columns(pl.col("cell").fill_null("").str.split(sep)).explode("cell")
+                    .filter(pl.col("cell").is_not_null() & (pl.col("cell") != "")))
+            pattern = f"^(.*){re.escape(wsep)}([^{re.escape(wsep)}]*)$"
+            has_w = long["cell"].str.contains(re.escape(wsep), literal=False)
+            tag = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 1)).otherwise(pl.col("cell"))
+            wtxt = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 2)).otherwise(pl.lit("1"))
+            long = long.with_columns(has_w.alias("has_w")).select(
+                "row", tag.alias("tag"), wtxt.alias("wtxt"))
+            long = long.with_columns(pl.col("wtxt").cast(pl.Float64, strict=False).alias("w"))
+            bad = long.filter(pl.col("w").is_null() | pl.col("w").is_nan())
+            if bad.height:
+                r = bad.row(0, named=True)
+                raise DataError(f"weight '{r['wtxt']}' of tag '{r['tag']}' is not a number",
+                                path=chunk.path, line=int(chunk.lines[r["row"]]), field=str(f.name))
+        elif isinstance(col.dtype, pl.List):
+            long = frame.explode("cell").filter(pl.col("cell").is_not_null())
+            inner = col.dtype.inner
+            if isinstance(inner, pl.Struct):
+                names = [fld.name for fld in inner.fields]
+                if len(names) != 2:
+                    raise DataError("a list-of-struct multi-valued column needs two fields (tag, weight)",
+                                    path=chunk.path, field=str(f.name))
+                long = long.select("row", pl.col("cell").struct.field(names[0]).cast(pl.Utf8).alias("tag"),
+                                   pl.col("cell").struct.field(names[1]).cast(pl.Float64).alias("w"))
+            else:
+                long = long.select("row", pl.col("cell").cast(pl.Utf8).alias("tag"), pl.lit(1.0).alias("w"))
+        else:
+            raise DataError(f"a multi-valued field needs a text or list column, found {col.dtype}",
+                            path=chunk.path, field=str(f.name))
+        if f.max_len is not None:
+            long = long.filter(pl.int_range(pl.len()).over("row") < f.max_len)
+        return (long["row"].to_numpy().astype(np.int64), long["tag"].fill_null(MISSING),
+                long["w"].to_numpy().astype(np.float64))
+
+    def _drop_bad(self, chunk: RawChunk, bad: BadRows | None,
+                  check_label: bool = True) -> tuple[RawChunk, np.ndarray]:
+        """Validate labels and numeric cells; raise on the first bad row, or drop and report bad rows."""
+        n = len(chunk)
+        problems: list[tuple[np.ndarray, str, str]] = []  # (bad mask, field, reason)
+        if check_label:
+            raw = self._column(chunk, self.data.label)
+            v = _as_float(raw)
+            not_binary = ~(v.is_in([0.0, 1.0]).fill_null(False).to_numpy())
+            if not_binary.any():
+                problems.append((not_binary, self.data.label, "label must be 0 or 1"))
+        for f in self.fields:
+            if f.kind != "numeric":
+                continue
+            raw = self._column(chunk, str(f.name))
+            mask = _bad_numbers(raw, _as_float(raw))
+            if mask.any():
+                problems.append((mask, str(f.name), "is not a number"))
+        kept = np.ones(n, dtype=bool)
+        if not problems:
+            return chunk, kept
+        if bad is None:
+            first = min(int(np.argmax(m)) for m, _, _ in problems)
+            for m, name, reason in problems:
+                if m[first]:
+                    value = self._column(chunk, name)[first]
+                    raise DataError(f"value {value!r} {reason}" if "label" not in reason
+                                    else f"{reason}, found {value!r}",
+                                    path=chunk.path, line=int(chunk.lines[first]), field=name)
+        assert bad is not None
+        for m, name, reason in problems:
+            for i in np.nonzero(m & kept)[0]:
+                bad.add(chunk.path, int(chunk.lines[i]), f"field '{name}': {reason}",
+                        json.dumps(chunk.frame.row(int(i)), default=str))
+            kept &= ~m
+        frame = chunk.frame.filter(pl.Series(kept))
+        return RawChunk(chunk.path, frame, chunk.lines[kept], chunk.row_start), kept
+
+    # ---------------------------------------------------------------- persistence
+    def to_json(self) -> dict:
+        vocabs, stats = self._fitted()
+        return {"vocabularies": {k: v.to_json() for k, v in vocabs.items()},
+                "numeric": {k: {"mean": s.mean, "std": s.std} for k, s in stats.items()}}
+
+    @classmethod
+    def from_json(cls, fields: list[FieldConfig], data: DataConfig, obj: dict) -> Encoder:
+        vocabs = {k: Vocabulary.from_json(k, v) for k, v in obj["vocabularies"].items()}
+        stats = {k: NumericStats(float(v["mean"]), float(v["std"])) for k, v in obj["numeric"].items()}
+        return cls(fields, data, vocabs, stats)

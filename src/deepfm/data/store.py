@@ -1,0 +1,292 @@
+"""Prepared data: typed arrays on disk plus a manifest, memory-mapped for training, cached by fingerprint.
+
+One folder per (data files, field schema) fingerprint under ``data.cache_dir``::
+
+    manifest.json          rows per split, dtypes, shapes, table layout, bad-row count, fingerprint
+    encoder.json           fitted vocabularies and numeric statistics
+    <split>/labels.bin     float32 [N]
+    <split>/cat_ids.bin    int32 [N, Fc] (int64 when the table has >= 2^31 rows): local ids, never floats
+    <split>/num_values.bin float32 [N, Fn], NaN = missing
+    <split>/multi<k>_ids.bin int32 [nnz], multi<k>_weights.bin float32 [nnz], multi<k>_offsets.bin int64 [N+1]
+    <split>/group.bin      int64 [N] (hash of the group column, for gAUC; only when data.group_column is set)
+
+The folder is written under a temporary name and renamed when complete, so a crash never leaves a
+half-written cache that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from deepfm.config import Config
+from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
+from deepfm.data.hashing import fnv1a64
+from deepfm.data.readers import BadRows, RawChunk, read_chunks
+from deepfm.errors import DataError
+from deepfm.layout import TableLayout
+from deepfm.progress import progress_bar
+
+STORE_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class SplitArrays:
+    """Memory-mapped arrays of one split (see the module docstring for shapes and dtypes)."""
+
+    labels: np.ndarray
+    cat_ids: np.ndarray
+    num_values: np.ndarray
+    multi: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (ids, weights, offsets)
+    group: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class PreparedData:
+    path: Path
+    manifest: dict
+    encoder: Encoder
+    layout: TableLayout
+    splits: dict[str, SplitArrays]
+    reused: bool = False
+
+
+def _file_stamp(path: str) -> dict:
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        if st.st_size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read(1 << 20))
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "head_tail_sha256": h.hexdigest()}
+
+
+def fingerprint(cfg: Config) -> str:
+    data = cfg.data.model_dump(mode="json", exclude={"cache_dir", "chunk_rows", "id_columns"})
+    files = {k: _file_stamp(v) for k in SPLITS if (v := getattr(cfg.data, k))}
+    payload = {"store_version": STORE_VERSION, "data": data,
+               "fields": [f.model_dump(mode="json", exclude={"names"}) for f in cfg.fields], "files": files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def split_of_rows(row_index: np.ndarray, valid: float, test: float, seed: int) -> np.ndarray:
+    """Seeded split assignment of rows (0 train, 1 valid, 2 test) from their index in the file.
+
+    A counter-based hash (splitmix64) of (seed, row index): independent of how the file is chunked.
+    """
+    with np.errstate(over="ignore"):
+        z = row_index.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.where(u < valid, 1, np.where(u < valid + test, 2, 0)).astype(np.int8)
+
+
+def _subset(chunk: RawChunk, mask: np.ndarray) -> RawChunk:
+    return RawChunk(chunk.path, chunk.frame.filter(pl.Series(mask)), chunk.lines[mask], chunk.row_start)
+
+
+class _SplitWriter:
+    """Appends encoded chunks to the raw binary files of one split."""
+
+    def __init__(self, folder: Path, id_dtype: np.dtype, n_multi: int, with_group: bool) -> None:
+        folder.mkdir(parents=True)
+        self.folder, self.id_dtype = folder, id_dtype
+        self.rows = 0
+        self.nnz = [0] * n_multi
+        self.cat_width = self.num_width = 0
+        self.with_group = with_group
+        self._fh: dict[str, object] = {}
+
+    def _write(self, name: str, arr: np.ndarray) -> None:
+        fh = self._fh.get(name)
+        if fh is None:
+            fh = self._fh[name] = open(self.folder / f"{name}.bin", "wb")  # noqa: SIM115
+            if name.endswith("_offsets"):
+                fh.write(np.zeros(1, np.int64).tobytes())  # type: ignore[attr-defined]
+        fh.write(np.ascontiguousarray(arr).tobytes())  # type: ignore[attr-defined]
+
+    def append(self, enc: EncodedChunk, group: np.ndarray | None) -> None:
+        assert enc.labels is not None
+        self.cat_width, self.num_width = enc.cat_ids.shape[1], enc.num_values.shape[1]
+        self._write("labels", enc.labels.astype(np.float32))
+        self._write("cat_ids", enc.cat_ids.astype(self.id_dtype))
+        self._write("num_values", enc.num_values.astype(np.float32))
+        for k, mv in enumerate(enc.multi):
+            self._write(f"multi{k}_ids", mv.ids.astype(self.id_dtype))
+            self._write(f"multi{k}_weights", mv.weights.astype(np.float32))
+            self._write(f"multi{k}_offsets", self.nnz[k] + np.cumsum(mv.lengths, dtype=np.int64))
+            self.nnz[k] += int(mv.lengths.sum())
+        if self.with_group and group is not None:
+            self._write("group", group.astype(np.int64))
+        self.rows += len(enc)
+
+    def close(self) -> dict:
+        for fh in self._fh.values():
+            fh.close()  # type: ignore[attr-defined]
+        # a split without rows still gets its (empty) files
+        for name in ["labels", "cat_ids", "num_values"] + [f"multi{k}_{s}" for k in range(len(self.nnz))
+                                                           for s in ("ids", "weights", "offsets")]:
+            p = self.folder / f"{name}.bin"
+            if not p.exists():
+                p.write_bytes(np.zeros(1, np.int64).tobytes() if name.endswith("_offsets") else b"")
+        return {"rows": self.rows, "nnz": self.nnz, "cat_width": self.cat_width, "num_width": self.num_width,
+                "group": self.with_group}
+
+
+def _open_split(folder: Path, meta: dict, id_dtype: np.dtype, n_multi: int) -> SplitArrays:
+    n = meta["rows"]
+
+    def mm(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
+
+    multi = [(mm(f"multi{k}_ids", id_dtype, (meta["nnz"][k],)),
+              mm(f"multi{k}_weights", np.dtype(np.float32), (meta["nnz"][k],)),
+              np.memmap(folder / f"multi{k}_offsets.bin", dtype=np.int64, mode="r", shape=(n + 1,)))
+             for k in range(n_multi)]
+    return SplitArrays(
+        labels=mm("labels", np.dtype(np.float32), (n,)),
+        cat_ids=mm("cat_ids", id_dtype, (n, meta["cat_width"])),
+        num_values=mm("num_values", np.dtype(np.float32), (n, meta["num_width"])),
+        multi=multi,
+        group=mm("group", np.dtype(np.int64), (n,)) if meta.get("group") and n else None,
+    )
+
+
+def load_prepared(path: Path, cfg: Config) -> PreparedData:
+    manifest = json.loads((path / "manifest.json").read_text())
+    encoder = Encoder.from_json(cfg.fields, cfg.data, json.loads((path / "encoder.json").read_text()))
+    layout = TableLayout.from_json(manifest["layout"])
+    id_dtype = np.dtype(manifest["id_dtype"])
+    splits = {name: _open_split(path / name, meta, id_dtype, len(layout.multi_fields))
+              for name, meta in manifest["splits"].items()}
+    return PreparedData(path, manifest, encoder, layout, splits, reused=True)
+
+
+def _train_chunks(cfg: Config, bad: BadRows | None) -> Iterator[RawChunk]:
+    for chunk in read_chunks(cfg.data.train, cfg.data, bad):
+        if cfg.data.split is not None:
+            s = cfg.data.split
+            assign = split_of_rows(chunk.row_start + np.arange(len(chunk)), s.valid, s.test, s.seed)
+            chunk = _subset(chunk, assign == 0)
+        yield chunk
+
+
+def prepare(cfg: Config, progress: bool = True, log=print) -> PreparedData:
+    """Fit the encoder on the training split and write every split as typed arrays (or reuse the cache)."""
+    for name in SPLITS:
+        path = getattr(cfg.data, name)
+        if path is not None and not os.path.isfile(path):
+            raise DataError(f"{name} file not found (check data.{name}; relative paths are read from the "
+                            "config's folder)", path=path)
+    fp = fingerprint(cfg)
+    root = Path(cfg.data.cache_dir)
+    final = root / fp
+    if (final / "manifest.json").is_file():
+        log(f"Reusing prepared data {final}")
+        return load_prepared(final, cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{fp}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _prepare_into(tmp, cfg, fp, progress, log)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    data = load_prepared(final, cfg)
+    data.reused = False
+    if data.manifest["bad_rows"]:
+        log(f"Skipped {data.manifest['bad_rows']} bad row(s); they are listed in {final / 'bad_rows.txt'} "
+            f"(first: {data.manifest['bad_row_examples'][0][:200]})")
+    return data
+
+
+def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> None:
+    t0 = time.perf_counter()
+    bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
+    encoder = Encoder(cfg.fields, cfg.data)
+    # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
+    encoder.fit(progress_bar(_train_chunks(cfg, BadRows() if bad is not None else None),
+                             desc="fit vocabularies", enabled=progress, unit="chunk"))
+    layout = encoder.layout()
+    id_dtype = np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
+    n_multi = len(layout.multi_fields)
+    with_group = cfg.data.group_column is not None
+    writers: dict[str, _SplitWriter] = {}
+
+    def writer(name: str) -> _SplitWriter:
+        if name not in writers:
+            writers[name] = _SplitWriter(folder / name, id_dtype, n_multi, with_group)
+        return writers[name]
+
+    sources = [("train", cfg.data.train)] + [(s, getattr(cfg.data, s)) for s in ("valid", "test")
+                                              if getattr(cfg.data, s)]
+    total_rows = 0
+    for split_name, path in sources:
+        chunks = progress_bar(read_chunks(path, cfg.data, bad), desc=f"encode {split_name}",
+                              enabled=progress, unit="chunk")
+        for chunk in chunks:
+            total_rows += len(chunk)
+            enc = encoder.transform(chunk, bad=bad)
+            group = None
+            if with_group:
+                gcol = chunk.frame[cfg.data.group_column].filter(pl.Series(enc.kept))
+                group = fnv1a64(gcol.cast(pl.Utf8).to_arrow()).view(np.int64)
+            if split_name == "train" and cfg.data.split is not None:
+                s = cfg.data.split
+                assign = split_of_rows(chunk.row_start + np.arange(len(chunk)), s.valid, s.test, s.seed)
+                assign = assign[enc.kept]
+                for code, name in enumerate(SPLITS):
+                    m = assign == code
+                    writer(name).append(_select(enc, m), group[m] if group is not None else None)
+            else:
+                writer(split_name).append(enc, group)
+    if bad is not None:
+        bad.close()
+    splits = {name: w.close() for name, w in writers.items()}
+    if splits.get("train", {}).get("rows", 0) == 0:
+        raise DataError("no training rows left after preparation", path=cfg.data.train)
+    manifest = {
+        "store_version": STORE_VERSION, "fingerprint": fp, "id_dtype": id_dtype.name,
+        "layout": layout.to_json(), "splits": splits, "rows_read": total_rows,
+        "bad_rows": bad.count if bad is not None else 0,
+        "seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (folder / "encoder.json").write_text(json.dumps(encoder.to_json()))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if bad is not None and bad.count:
+        manifest["bad_row_examples"] = bad.examples
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _select(enc: EncodedChunk, mask: np.ndarray) -> EncodedChunk:
+    multi = []
+    for mv in enc.multi:
+        row_of = np.repeat(np.arange(len(mv.lengths)), mv.lengths)
+        keep = mask[row_of]
+        multi.append(MultiValues(mv.ids[keep], mv.weights[keep], mv.lengths[mask]))
+    assert enc.labels is not None
+    return EncodedChunk(enc.labels[mask], enc.cat_ids[mask], enc.num_values[mask], multi, enc.kept)

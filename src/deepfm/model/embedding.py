@@ -1,0 +1,92 @@
+"""One embedding store for the linear, FM and DNN parts.
+
+A single table ``[rows, D + 1]``: columns ``:D`` are the latent vectors ``v`` (FM and DNN), column ``D`` is
+the first-order weight ``w`` (linear part), so one gather yields both. Single-valued fields are looked up in
+one gather of a ``[B, F_single]`` index tensor (local id + per-field offset); multi-valued fields in one
+gather over all their tags, pooled per (field, row) bag with the field's combiner.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepfm.layout import TableLayout
+
+COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
+
+
+class FieldEmbedding(nn.Module):
+    """Inputs (see ``ModelInput``) -> per-field vectors, first-order terms and the FM square term.
+
+    Returns ``fields [B, F, D]`` (each field's value-scaled / pooled vector), ``linear [B, F]`` (each field's
+    first-order term), ``self_square [B, D]`` (sum over every individual feature of ``(x_i v_i)^2``: for a
+    multi-valued field each tag counts as its own feature with value ``c_j``, its combiner-normalised weight,
+    so the FM term stays exact) and ``penalty`` (sum of squared looked-up vectors / B, for embedding L2).
+    """
+
+    def __init__(self, layout: TableLayout, embed_dim: int, *, init_std: float = 1e-4,
+                 sparse: bool = False) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.sparse = sparse
+        self.weight = nn.Parameter(torch.empty(layout.num_rows, embed_dim + 1))
+        self.register_buffer("cat_offsets", torch.tensor(layout.cat_offsets, dtype=torch.long))
+        self.register_buffer("num_offsets", torch.tensor(layout.num_offsets, dtype=torch.long))
+        self.register_buffer("multi_offsets", torch.tensor(layout.multi_offsets, dtype=torch.long))
+        self.register_buffer("multi_combiners", torch.tensor([COMBINERS[c] for c in layout.multi_combiners],
+                                                             dtype=torch.long))
+        self.num_multi = len(layout.multi_fields)
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.weight[:, : self.embed_dim], std=self.init_std)
+            self.weight[:, self.embed_dim].zero_()
+
+    def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
+                multi_weights: torch.Tensor, multi_bags: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.embed_dim
+        batch = cat_ids.shape[0]
+        missing = torch.isnan(num_values)
+        ids = torch.cat([cat_ids + self.cat_offsets, self.num_offsets + missing.long()], dim=1)
+        rows = F.embedding(ids, self.weight, sparse=self.sparse)  # [B, Fs, D+1]
+        penalty = rows[..., :d].pow(2).sum() / max(batch, 1)
+        if num_values.shape[1]:
+            values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
+                                torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
+            rows = rows * values.unsqueeze(-1)
+        fields, linear = rows[..., :d], rows[..., d]
+        self_square = fields.pow(2).sum(dim=1)  # [B, D]
+        if self.num_multi:
+            pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_ids, multi_weights, multi_bags)
+            fields = torch.cat([fields, pooled[..., :d]], dim=1)
+            linear = torch.cat([linear, pooled[..., d]], dim=1)
+            self_square = self_square + multi_square
+            penalty = penalty + multi_penalty
+        return fields, linear, self_square, penalty
+
+    def _pool_multi(self, batch: int, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, n_bags = self.embed_dim, self.num_multi * batch
+        field_of_tag = torch.div(bags, batch, rounding_mode="floor")
+        rows = F.embedding(ids + self.multi_offsets[field_of_tag], self.weight, sparse=self.sparse)
+        penalty = rows[:, :d].pow(2).sum() / max(batch, 1)
+        # combiner normalisation per bag: sum -> 1, mean -> sum(w), sqrtn -> sqrt(sum(w^2))
+        w_sum = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device).index_add(0, bags, weights)
+        w2_sum = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device).index_add(
+            0, bags, weights * weights)
+        combiner = self.multi_combiners.repeat_interleave(batch)  # [M*B]
+        denom = torch.where(combiner == 1, w_sum, torch.where(combiner == 2, w2_sum.sqrt(),
+                                                              torch.ones_like(w_sum)))
+        denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+        scaled = rows * (weights / denom[bags]).unsqueeze(-1)  # [nnz, D+1], c_j * (v_j, w_j)
+        pooled = torch.zeros(n_bags, d + 1, dtype=rows.dtype, device=rows.device).index_add(0, bags, scaled)
+        pooled = pooled.view(self.num_multi, batch, d + 1).transpose(0, 1)  # [B, M, D+1]
+        row_of_tag = bags - field_of_tag * batch
+        square = torch.zeros(batch, d, dtype=rows.dtype, device=rows.device).index_add(
+            0, row_of_tag, scaled[:, :d].pow(2))
+        return pooled, square, penalty

@@ -1,0 +1,108 @@
+"""The whole training job, as the CLI and the Python API run it:
+
+config -> prepare (or reuse) data -> build DeepFM -> Trainer.fit -> evaluate valid/test -> plots ->
+model directory (atomic).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepfm.artifact import save_model
+from deepfm.config import Config
+from deepfm.data.store import PreparedData, prepare
+from deepfm.metrics import summarize
+from deepfm.model import DeepFM
+from deepfm.plots import plot_calibration, plot_history, plot_roc
+from deepfm.train.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, Any]]
+    data: PreparedData
+    trainer: Trainer
+
+
+def default_output(config_path: str | None) -> Path:
+    stem = Path(config_path).stem if config_path else "model"
+    return Path("runs") / stem
+
+
+def run_dir_for(output: Path) -> Path:
+    """Checkpoints of a training run in progress, next to the model directory they will become."""
+    return output.parent / f".{output.name}.run"
+
+
+def build_model(cfg: Config, data: PreparedData) -> DeepFM:
+    torch.manual_seed(cfg.train.seed)
+    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse)
+
+
+def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None) -> TrainResult:
+    data = prepare(cfg, progress=cfg.train.progress, log=log)
+    splits = data.splits
+    log(f"Data: {', '.join(f'{k} {len(v):,} rows' for k, v in splits.items())}; "
+        f"embedding table {data.layout.num_rows:,} rows x {cfg.model.embed_dim + 1} "
+        f"({len(data.layout.field_order)} fields)")
+    model = build_model(cfg, data)
+    run_dir = run_dir_for(Path(output))
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks)
+    state = trainer.fit(splits["train"], splits.get("valid"), resume=resume)
+
+    metrics: dict[str, dict[str, float]] = {}
+    preds: dict[str, np.ndarray] = {}
+    for name in ("valid", "test"):
+        split = splits.get(name)
+        if split is not None and len(split):
+            preds[name] = trainer.predict(split)
+            metrics[name] = summarize(np.asarray(split.labels), preds[name],
+                                      None if split.group is None else np.asarray(split.group))
+    metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plots: dict[str, Path] = {}
+        if state.history:
+            plot_history(state.history, Path(tmp) / "history.png")
+            plots["plots/history.png"] = Path(tmp) / "history.png"
+        final = "test" if "test" in preds else ("valid" if "valid" in preds else None)
+        if final is not None:
+            labels = np.asarray(splits[final].labels)
+            if 0 < labels.sum() < len(labels):
+                plot_roc(labels, preds[final], Path(tmp) / "roc.png", title=f"ROC ({final})")
+                plot_calibration(labels, preds[final], Path(tmp) / "calibration.png",
+                                 title=f"Calibration ({final})")
+                plots["plots/roc.png"] = Path(tmp) / "roc.png"
+                plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
+        save_model(Path(output), config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
+                   metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
+                   extra_files=plots)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainResult(Path(output), metrics, state.history, data, trainer)
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    rows = [(name, m) for name, m in metrics.items() if "auc" in m]
+    if not rows:
+        return "(no validation or test split: no metrics)"
+    extra = ["gauc"] if any("gauc" in m for _, m in rows) else []
+    head = ["split", "rows", "AUC", "log loss", "calibration"] + [e.upper() for e in extra]
+    lines = [head]
+    for name, m in rows:
+        lines.append([name, f"{m['rows']:,}", f"{m['auc']:.5f}", f"{m['logloss']:.5f}",
+                      f"{m['calibration']:.3f}"] + [f"{m[e]:.5f}" for e in extra])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(lines[0]), sep] + [fmt(r) for r in lines[1:]])

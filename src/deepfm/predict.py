@@ -1,0 +1,201 @@
+"""Batch prediction and evaluation from a model directory: raw file -> the same encoder -> probabilities.
+
+Streams the input chunk by chunk, so the data may exceed memory; the caller's id columns are carried
+through unchanged next to a ``probability`` column; the output file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from deepfm.artifact import LoadedModel, load_model
+from deepfm.config import DataConfig
+from deepfm.data.loader import ModelInput, input_from_chunk
+from deepfm.data.readers import BadRows, RawChunk, check_readable, read_chunks
+from deepfm.errors import DataError
+from deepfm.metrics import group_auc, summarize
+from deepfm.progress import progress_bar
+from deepfm.train.trainer import autocast, resolve_device, resolve_precision, sigmoid
+
+
+@dataclass
+class Scored:
+    chunk: RawChunk  # the rows that were scored (bad rows already dropped)
+    probs: np.ndarray  # float64 [N]
+    labels: np.ndarray | None
+
+
+def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bool]:
+    """The training data config adapted to a new file: format by extension, and whether it has labels."""
+    ext = Path(path).suffix.lower()
+    fmt = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".csv": "csv"}.get(ext, train_data.format)
+    update: dict = {"format": fmt, "train": path, "valid": None, "test": None, "split": None}
+    if fmt == "parquet":
+        update.update(header=True, columns=None, preset=None)
+        cols = pq.ParquetFile(path).schema_arrow.names
+        return train_data.model_copy(update=update), train_data.label in cols
+    if fmt in ("csv", "tsv"):
+        if fmt != train_data.format:
+            update.update(header=True, columns=None, preset=None)
+        cfg = train_data.model_copy(update=update)
+        sep = "\t" if fmt == "tsv" else ","
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline().rstrip("\r\n").split(sep)
+        if cfg.header:
+            return cfg, train_data.label in [c.strip() for c in first]
+        names = list(cfg.column_names or [])
+        if len(first) == len(names) - 1 and train_data.label in names:  # headerless file without labels
+            return cfg.model_copy(update={"preset": None, "columns": [c for c in names
+                                                                      if c != train_data.label]}), False
+        return cfg, True
+    return train_data.model_copy(update=update), True
+
+
+class Predictor:
+    """A loaded model plus its encoder. ``predict_proba`` on DataFrames, ``score_file`` on files."""
+
+    def __init__(self, model_dir: str | Path | LoadedModel, device: str = "auto", precision: str = "fp32",
+                 batch_size: int = 16384) -> None:
+        self.device = resolve_device(device)
+        self.loaded = model_dir if isinstance(model_dir, LoadedModel) else load_model(Path(model_dir),
+                                                                                       self.device)
+        self.loaded.model.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = batch_size
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @torch.no_grad()
+    def _probs(self, chunk: RawChunk, labels: bool, bad: BadRows | None) -> tuple[RawChunk, np.ndarray,
+                                                                                    np.ndarray | None]:
+        enc = self.loaded.encoder.transform(chunk, labels=labels, bad=bad)
+        if not enc.kept.all():
+            chunk = RawChunk(chunk.path, chunk.frame.filter(pl.Series(enc.kept)), chunk.lines[enc.kept],
+                             chunk.row_start)
+        inp = input_from_chunk(enc).to(self.device)
+        out = []
+        model = self.loaded.model
+        for lo in range(0, len(inp), self.batch_size):
+            part = _slice_input(inp, lo, min(lo + self.batch_size, len(inp)))
+            with autocast(self.device, self.precision):
+                out.append(model(*part.tensors()).float())
+        logits = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+        return chunk, sigmoid(logits), enc.labels
+
+    def score_chunks(self, path: str, *, need_labels: bool = False, skip_bad_rows: bool = False,
+                     bad: BadRows | None = None, progress: bool = True) -> Iterator[Scored]:
+        check_readable(path)
+        data, has_labels = infer_data_config(self.config.data, path)
+        if need_labels and not has_labels:
+            raise DataError(f"has no label column '{data.label}' to evaluate against", path=path)
+        if skip_bad_rows and bad is None:
+            bad = BadRows()
+        encoder = self.loaded.encoder
+        saved = encoder.data
+        encoder.data = data
+        try:
+            for chunk in progress_bar(read_chunks(path, data, bad if skip_bad_rows else None),
+                                      desc="score", enabled=progress, unit="chunk"):
+                kept_chunk, probs, labels = self._probs(chunk, has_labels, bad if skip_bad_rows else None)
+                yield Scored(kept_chunk, probs, labels)
+        finally:
+            encoder.data = saved
+
+    def predict_proba(self, frame) -> np.ndarray:
+        """Probabilities for the rows of a pandas or polars DataFrame holding the training columns."""
+        df = frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+        if self.config.data.label in df.columns:
+            df = df.drop(self.config.data.label)
+        chunk = RawChunk("<dataframe>", df, np.arange(1, df.height + 1, dtype=np.int64), 0)
+        return self._probs(chunk, labels=False, bad=None)[1]
+
+    def evaluate_file(self, path: str, *, skip_bad_rows: bool = False, progress: bool = True) -> dict:
+        labels, probs, groups = [], [], []
+        gcol = self.config.data.group_column
+        for s in self.score_chunks(path, need_labels=True, skip_bad_rows=skip_bad_rows, progress=progress):
+            assert s.labels is not None
+            labels.append(s.labels)
+            probs.append(s.probs)
+            if gcol is not None:
+                if gcol not in s.chunk.frame.columns:
+                    raise DataError(f"group column '{gcol}' (for gAUC) is missing", path=path, field=gcol)
+                groups.append(s.chunk.frame[gcol].cast(pl.Utf8).to_numpy())
+        if not labels:
+            raise DataError("no rows to evaluate", path=path)
+        y, p = np.concatenate(labels), np.concatenate(probs)
+        out = summarize(y, p)
+        if groups:
+            out["gauc"] = group_auc(y, p, np.concatenate(groups))
+        return out
+
+    def predict_file(self, path: str, output: str, *, id_columns: list[str] | None = None,
+                     skip_bad_rows: bool = False, progress: bool = True) -> int:
+        """Write ``id columns + probability`` for every row of ``path`` to ``output`` (.csv or .parquet)."""
+        ids = list(id_columns if id_columns is not None else self.config.data.id_columns)
+        out_path = Path(output)
+        fmt = "parquet" if out_path.suffix.lower() in (".parquet", ".pq") else "csv"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
+        os.close(fd)
+        rows = 0
+        writer = None
+        bad = BadRows(out_path.with_name(out_path.name + ".bad_rows.txt")) if skip_bad_rows else None
+        try:
+            with open(tmp, "wb") as fh:
+                for s in self.score_chunks(path, skip_bad_rows=skip_bad_rows, bad=bad, progress=progress):
+                    missing = [c for c in ids if c not in s.chunk.frame.columns]
+                    if missing:
+                        raise DataError(f"id column(s) {missing} not found; columns are "
+                                        f"{s.chunk.frame.columns}", path=path)
+                    cols = {c: s.chunk.frame[c] for c in ids} if ids else \
+                        {"row": pl.Series((s.chunk.lines - (1 if self._has_header(path) else 0) - 1))}
+                    out = pl.DataFrame(cols).with_columns(pl.Series("probability", s.probs))
+                    if fmt == "csv":
+                        out.write_csv(fh, include_header=rows == 0)
+                    else:
+                        table = out.to_arrow()
+                        if writer is None:
+                            writer = pq.ParquetWriter(fh, table.schema)
+                        writer.write_table(table)
+                    rows += out.height
+                if writer is not None:
+                    writer.close()
+                elif fmt == "parquet":
+                    pq.write_table(pa.table({"probability": pa.array([], pa.float64())}), fh)
+            os.replace(tmp, out_path)
+        finally:
+            if bad is not None:
+                bad.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return rows
+
+    def _has_header(self, path: str) -> bool:
+        data, _ = infer_data_config(self.config.data, path)
+        return data.format in ("csv", "tsv") and data.header
+
+
+def _slice_input(inp: ModelInput, lo: int, hi: int) -> ModelInput:
+    """Rows ``lo:hi`` of a ModelInput (multi-valued bags re-based)."""
+    if lo == 0 and hi == len(inp):
+        return inp
+    b = len(inp)
+    field = torch.div(inp.multi_bags, b, rounding_mode="floor")
+    row = inp.multi_bags - field * b
+    keep = (row >= lo) & (row < hi)
+    bags = field[keep] * (hi - lo) + (row[keep] - lo)
+    order = torch.argsort(bags, stable=True)
+    return ModelInput(inp.cat_ids[lo:hi], inp.num_values[lo:hi], inp.multi_ids[keep][order],
+                      inp.multi_weights[keep][order], bags[order])

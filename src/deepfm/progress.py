@@ -1,0 +1,20 @@
+"""Progress bars (tqdm) that switch off cleanly when not wanted or when output is not a terminal."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress_bar(items: Iterable[T], *, desc: str, enabled: bool = True, total: int | None = None,
+                 unit: str = "it") -> Iterator[T]:
+    if not enabled:
+        yield from items
+        return
+    yield from tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False,
+                    file=sys.stderr, mininterval=0.5)

@@ -1,0 +1,271 @@
+"""The training loop, apart from the model: batches, optimisers, mixed precision, evaluation, early
+stopping, learning-rate reduction on plateau, checkpoints and resume.
+
+Checkpoints live in ``run_dir``: ``last/`` (written every ``checkpoint_every_steps`` steps and after each
+epoch: weights, optimiser state, RNG state, position in the epoch) and ``best/`` (weights of the best
+validation AUC). Each is a folder swapped in atomically. Batch order depends only on ``(seed, epoch)``,
+so a run killed mid-epoch and resumed replays exactly the batches it had left and ends with the same
+model as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from deepfm.config import TrainConfig
+from deepfm.data.loader import ModelInput, iterate_batches, num_batches
+from deepfm.data.store import SplitArrays
+from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text, load_state,
+                       optimizer_state_from_json, save_state)
+from deepfm.metrics import summarize
+from deepfm.progress import progress_bar
+from deepfm.train.optim import build_optimizers
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off on CUDA with bf16 and on CPUs with AMX or AVX512-BF16; elsewhere it is slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        return bool(cpu is not None and (getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                                         or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()))
+    return False
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    if spec == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return spec
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches, device: torch.device, precision: str) -> np.ndarray:
+    """Logits of every batch, concatenated (float64 numpy)."""
+    model.eval()
+    out = []
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out.append(model(*batch.tensors()).float())
+    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    batch: int = 0  # next batch of ``epoch`` to run
+    step: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    epoch_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+class Trainer:
+    """Trains a model on prepared splits. ``callbacks`` get ``(trainer, state)`` after every step."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
+                 callbacks: list[Callable[[Trainer, TrainState], None]] | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model = model.to(self.device)
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.callbacks = callbacks or []
+        self.optimizers = build_optimizers(self.model, cfg)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        def fill(tmp: Path) -> None:
+            atomic_save_tensors(self.model.state_dict(), tmp / "model.safetensors")
+            save_state(tmp / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers],
+                                            "rng": torch.get_rng_state()})
+            st = self.state.__dict__.copy()
+            atomic_write_text(tmp / "state.json", json.dumps(st))
+
+        atomic_directory(self.run_dir / "last", fill)
+
+    def _load_checkpoint(self) -> bool:
+        last = self.run_dir / "last"
+        if not (last / "state.json").is_file():
+            return False
+        self.model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(self.device)))
+        saved = load_state(last / "optimizers")
+        for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(optimizer_state_from_json(st))
+        torch.set_rng_state(saved["rng"])
+        self.state = TrainState(**json.loads((last / "state.json").read_text()))
+        return True
+
+    def _save_best(self) -> None:
+        atomic_save_tensors(self.model.state_dict(), self.run_dir / "best.safetensors")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, train: SplitArrays, valid: SplitArrays | None = None, *, resume: bool = False) -> TrainState:
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self._load_checkpoint():
+            self.log(f"Resuming from {self.run_dir / 'last'}: epoch {self.state.epoch + 1}, "
+                     f"batch {self.state.batch}, step {self.state.step}")
+        else:
+            torch.manual_seed(cfg.seed)
+        self.log(f"Training on {self.device} ({self.precision}), {len(train):,} rows, "
+                 f"batch {cfg.batch_size}, optimiser {cfg.optimizer}{' (sparse embeddings)' if cfg.sparse else ''}")
+        per_epoch = num_batches(len(train), cfg.batch_size)
+        st = self.state
+        while st.epoch < cfg.epochs and not st.finished:
+            self._train_epoch(train, per_epoch)
+            if st.finished:
+                break
+            self._end_epoch(valid)
+        st.finished = True
+        self._save_checkpoint()
+        best = self.run_dir / "best.safetensors"
+        if best.is_file():
+            self.model.load_state_dict(load_file(str(best), device=str(self.device)))
+        return st
+
+    def _train_epoch(self, train: SplitArrays, per_epoch: int) -> None:
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        t0 = time.perf_counter()
+        batches = iterate_batches(train, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
+                                  block_rows=cfg.shuffle_block_rows, start_batch=st.batch,
+                                  prefetch=cfg.prefetch_batches, pin_memory=self.device.type == "cuda")
+        bar = progress_bar(batches, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", enabled=cfg.progress,
+                           total=per_epoch - st.batch, unit="batch")
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_acc = 0
+        for batch in bar:
+            loss = self._step(batch.to(self.device, non_blocking=True))
+            loss_acc += loss.detach().double() * len(batch)
+            n_acc += len(batch)
+            st.batch += 1
+            st.step += 1
+            for cb in self.callbacks:
+                cb(self, st)
+            if cfg.max_steps is not None and st.step >= cfg.max_steps:
+                st.finished = True
+            if st.step % cfg.checkpoint_every_steps == 0 or st.finished:
+                st.loss_sum += float(loss_acc)
+                st.loss_count += n_acc
+                loss_acc.zero_()
+                n_acc = 0
+                st.epoch_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self._save_checkpoint()
+            if st.finished:
+                break
+        st.loss_sum += float(loss_acc)
+        st.loss_count += n_acc
+        st.epoch_seconds += time.perf_counter() - t0
+
+    def _step(self, batch: ModelInput) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits, penalty = self.model.forward_with_penalty(*batch.tensors())
+        assert batch.labels is not None
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
+        total = loss + self.cfg.embedding_l2 * penalty if self.cfg.embedding_l2 else loss
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def _end_epoch(self, valid: SplitArrays | None) -> None:
+        cfg, st = self.cfg, self.state
+        record: dict[str, Any] = {
+            "epoch": st.epoch + 1, "step": st.step,
+            "train_logloss": st.loss_sum / max(st.loss_count, 1),
+            "lr": self.optimizers[0].param_groups[0]["lr"],
+            "seconds": round(st.epoch_seconds, 3),
+            "samples_per_s": round(st.loss_count / st.epoch_seconds, 1) if st.epoch_seconds else None,
+        }
+        improved = True
+        if valid is not None and len(valid):
+            m = self.evaluate(valid)
+            record.update({f"valid_{k}": v for k, v in m.items() if k != "rows"})
+            improved = m["auc"] > st.best_auc
+        if improved:
+            st.best_auc = record.get("valid_auc", st.best_auc)
+            st.best_epoch = st.epoch + 1
+            st.bad_epochs = 0
+            self._save_best()
+        else:
+            st.bad_epochs += 1
+            if st.bad_epochs > cfg.lr_plateau_patience:
+                self._reduce_lr()
+            if st.bad_epochs > cfg.patience:
+                self.log(f"Early stopping: no validation AUC gain for {st.bad_epochs} epoch(s); "
+                         f"best was epoch {st.best_epoch} (AUC {st.best_auc:.5f})")
+                st.finished = True
+        st.history.append(record)
+        self.log(_format_record(record))
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
+        st.epoch += 1
+        st.batch = 0
+        st.loss_sum, st.loss_count, st.epoch_seconds = 0.0, 0, 0.0
+        self._save_checkpoint()
+
+    def _reduce_lr(self) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = max(group["lr"] * self.cfg.lr_plateau_factor, self.cfg.min_lr)
+        self.log(f"Validation AUC did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
+
+    def predict(self, split: SplitArrays) -> np.ndarray:
+        """Probabilities for every row of a prepared split, in row order."""
+        batches = iterate_batches(split, self.cfg.eval_batch_size, prefetch=self.cfg.prefetch_batches)
+        return sigmoid(predict_logits(self.model, batches, self.device, self.precision))
+
+    def evaluate(self, split: SplitArrays) -> dict[str, float]:
+        probs = self.predict(split)
+        return summarize(np.asarray(split.labels), probs, None if split.group is None else np.asarray(split.group))
+
+
+def _format_record(r: dict[str, Any]) -> str:
+    parts = [f"epoch {r['epoch']}", f"train logloss {r['train_logloss']:.5f}"]
+    if "valid_auc" in r:
+        parts += [f"valid AUC {r['valid_auc']:.5f}", f"valid logloss {r['valid_logloss']:.5f}"]
+    if r.get("samples_per_s"):
+        parts.append(f"{r['samples_per_s']:,.0f} samples/s")
+    return " | ".join(parts)
