@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CRITEO = ROOT / "examples" / "criteo"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def criteo_dir() -> Path:
+    return CRITEO / "data"
+
+
+def criteo_config_dict(tmp_path: Path, **train) -> dict:
+    """The example's Criteo config as a dict, with a private cache and small, fast settings."""
+    import yaml
+
+    raw = yaml.safe_load((CRITEO / "config.yaml").read_text())
+    for key in ("train", "valid", "test"):
+        raw["data"][key] = str(CRITEO / raw["data"][key])
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")
+    raw["train"].update({"progress": False, **train})
+    return raw
+
+
+@pytest.fixture
+def write_text(tmp_path: Path):
+    def write(name: str, text: str) -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return write
