@@ -80,12 +80,18 @@ def make_input(cat_ids: np.ndarray, num_values: np.ndarray, multi: list[tuple[np
         ids, weights = np.zeros(0, np.int64), np.zeros(0, np.float32)
     bags = _bags([m[2] for m in multi], b)
     return ModelInput(
-        torch.from_numpy(np.ascontiguousarray(cat_ids, dtype=np.int64)),
-        torch.from_numpy(np.ascontiguousarray(num_values, dtype=np.float32)),
-        torch.from_numpy(ids), torch.from_numpy(weights), torch.from_numpy(bags),
-        None if labels is None else torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32)),
-        None if group is None else torch.from_numpy(np.ascontiguousarray(group, dtype=np.int64)),
+        _tensor(cat_ids, np.int64), _tensor(num_values, np.float32), _tensor(ids, np.int64),
+        _tensor(weights, np.float32), torch.from_numpy(bags),
+        None if labels is None else _tensor(labels, np.float32),
+        None if group is None else _tensor(group, np.int64),
     )
+
+
+def _tensor(arr: np.ndarray, dtype: type) -> torch.Tensor:
+    """A tensor owning its memory (slices of read-only memory maps are copied once, converted as needed)."""
+    if arr.dtype == dtype and arr.flags.c_contiguous and arr.flags.writeable:
+        return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, dtype=dtype, order="C"))
 
 
 def input_from_chunk(enc: EncodedChunk) -> ModelInput:

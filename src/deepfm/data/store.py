@@ -229,8 +229,9 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
     bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
     encoder = Encoder(cfg.fields, cfg.data)
     # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
-    encoder.fit(progress_bar(_train_chunks(cfg, BadRows() if bad is not None else None),
-                             desc="fit vocabularies", enabled=progress, unit="chunk"))
+    fit_bad = BadRows() if bad is not None else None
+    encoder.fit(progress_bar(_train_chunks(cfg, fit_bad), desc="fit vocabularies", enabled=progress,
+                             unit="chunk"), bad=fit_bad)
     layout = encoder.layout()
     id_dtype = np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
     n_multi = len(layout.multi_fields)
