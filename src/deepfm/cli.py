@@ -27,13 +27,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("data.skip_bad_rows=true")
     if args.no_progress:
         overrides.append("train.progress=false")
+    if args.nproc and args.nproc > 1:
+        return _launch_torchrun(args)
     cfg = load_config(args.config, overrides)
     output = Path(args.output or cfg.output or default_output(args.config))
     result = train(cfg, output, resume=args.resume, log=_log)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print(metrics_table(result.metrics))
     print(f"\nModel written to {output}\n"
           f"Next: deepfm predict {output} DATA --output predictions.csv   |   deepfm inspect {output}")
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``deepfm train --nproc N``: the same command under torchrun on this machine (gloo on CPU, NCCL on GPU)."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    if i is not None:
+        del argv[i:i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "deepfm", *argv]
+    _log("Launching: " + " ".join(cmd))
+    return subprocess.call(cmd)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -117,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows, count them and write them to a side file")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (torchrun + DistributedDataParallel)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="AUC, log loss, calibration (and gAUC) of a model on a labelled file")

@@ -165,6 +165,8 @@ class TrainConfig(_Frozen):
     checkpoint_every_steps: int = Field(1000, gt=0)
     prefetch_batches: int = Field(4, ge=1)
     progress: bool = True
+    # under torchrun: a rank that waits longer than this for the others fails instead of hanging
+    dist_timeout_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
     def _opt(self) -> TrainConfig:

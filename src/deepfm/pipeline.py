@@ -21,6 +21,7 @@ from deepfm.data.store import PreparedData, prepare
 from deepfm.metrics import summarize
 from deepfm.model import DeepFM
 from deepfm.plots import plot_calibration, plot_history, plot_roc
+from deepfm.train import distributed as ddp
 from deepfm.train.trainer import Trainer
 
 
@@ -48,17 +49,35 @@ def build_model(cfg: Config, data: PreparedData) -> DeepFM:
     return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse)
 
 
-def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None) -> TrainResult:
-    data = prepare(cfg, progress=cfg.train.progress, log=log)
+def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None) -> TrainResult | None:
+    """Run the whole job. Under ``torchrun`` every rank calls this; rank 0 returns the result, others None."""
+    dist = ddp.from_env()
+    if dist.enabled:
+        ddp.init(dist, ddp.device_for(dist, cfg.train.device), cfg.train.dist_timeout_s)
+    try:
+        return _train(cfg, Path(output), resume=resume, log=log if dist.is_main else (lambda _m: None),
+                      callbacks=callbacks, dist=dist)
+    finally:
+        if dist.enabled:
+            ddp.shutdown()
+
+
+def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp.DistContext) -> TrainResult | None:
+    if dist.is_main:
+        data = prepare(cfg, progress=cfg.train.progress, log=log)
+    dist.barrier()  # the others wait for rank 0's preparation, then map the same files
+    if not dist.is_main:
+        data = prepare(cfg, progress=False, log=lambda _m: None)
     splits = data.splits
     log(f"Data: {', '.join(f'{k} {len(v):,} rows' for k, v in splits.items())}; "
         f"embedding table {data.layout.num_rows:,} rows x {cfg.model.embed_dim + 1} "
         f"({len(data.layout.field_order)} fields)")
     model = build_model(cfg, data)
-    run_dir = run_dir_for(Path(output))
-    if not resume and run_dir.exists():
+    run_dir = run_dir_for(output)
+    if not resume and run_dir.exists() and dist.is_main:
         shutil.rmtree(run_dir)
-    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks)
+    dist.barrier()
+    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist)
     state = trainer.fit(splits["train"], splits.get("valid"), resume=resume)
 
     metrics: dict[str, dict[str, float]] = {}
@@ -69,7 +88,10 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
             preds[name] = trainer.predict(split)
             metrics[name] = summarize(np.asarray(split.labels), preds[name],
                                       None if split.group is None else np.asarray(split.group))
-    metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step}
+    metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
+                        "ranks": dist.world_size}
+    if not dist.is_main:
+        return None
 
     with tempfile.TemporaryDirectory() as tmp:
         plots: dict[str, Path] = {}
@@ -85,11 +107,11 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
                                  title=f"Calibration ({final})")
                 plots["plots/roc.png"] = Path(tmp) / "roc.png"
                 plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
-        save_model(Path(output), config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
+        save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
                    metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
                    extra_files=plots)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return TrainResult(Path(output), metrics, state.history, data, trainer)
+    return TrainResult(output, metrics, state.history, data, trainer)
 
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -117,16 +117,34 @@ def _slice_csr(ids: np.ndarray, weights: np.ndarray, offsets: np.ndarray, lo: in
     return ids[a:b], weights[a:b], np.diff(offsets[lo:hi + 1])
 
 
-def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
-               block_rows: int) -> list[np.ndarray | tuple[int, int]]:
-    """The rows of each batch of an epoch: ``(lo, hi)`` slices in order, or sorted row arrays when shuffled."""
+def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, block_rows: int,
+               rank: int = 0, world_size: int = 1) -> list[np.ndarray | tuple[int, int]]:
+    """The rows of each batch of an epoch: ``(lo, hi)`` slices in order, or sorted row arrays when shuffled.
+
+    With ``world_size > 1`` every global batch is cut into ``world_size`` contiguous parts and this rank
+    gets part ``rank``: the ranks together see exactly the batches one process would.
+    """
     if not shuffle:
-        return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-    rng = np.random.default_rng([seed, epoch])
-    n_blocks = -(-n // block_rows)
-    order = (rng.permutation(n_blocks)[:, None] * block_rows + np.arange(block_rows)).ravel()
-    order = order[order < n]
-    return [np.sort(order[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
+        plan: list = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+    else:
+        rng = np.random.default_rng([seed, epoch])
+        n_blocks = -(-n // block_rows)
+        order = (rng.permutation(n_blocks)[:, None] * block_rows + np.arange(block_rows)).ravel()
+        order = order[order < n]
+        plan = [np.sort(order[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
+        if len(plan) > 1 and len(plan[-1]) < 2 * world_size:
+            plan.pop()  # a training batch needs >= 2 rows per rank (batch norm); drop a tiny remainder
+    if world_size == 1:
+        return plan
+    out: list[np.ndarray | tuple[int, int]] = []
+    for rows in plan:
+        if isinstance(rows, tuple):
+            lo, hi = rows
+            per = -(-(hi - lo) // world_size)
+            out.append((min(lo + rank * per, hi), min(lo + (rank + 1) * per, hi)))
+        else:
+            out.append(np.array_split(rows, world_size)[rank])
+    return out
 
 
 def load_batch(split: SplitArrays, rows: np.ndarray | tuple[int, int]) -> ModelInput:
@@ -142,10 +160,19 @@ def load_batch(split: SplitArrays, rows: np.ndarray | tuple[int, int]) -> ModelI
 
 def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                     epoch: int = 0, block_rows: int = 32, start_batch: int = 0, prefetch: int = 4,
-                    pin_memory: bool = False) -> Iterator[ModelInput]:
-    """Yield the batches of one epoch from ``start_batch`` on, loaded by a background thread."""
-    plan = batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                      block_rows=block_rows)[start_batch:]
+                    pin_memory: bool = False, rank: int = 0, world_size: int = 1,
+                    rows: tuple[int, int] | None = None) -> Iterator[ModelInput]:
+    """Yield the batches of one epoch from ``start_batch`` on, loaded by a background thread.
+
+    ``rank``/``world_size`` give this rank its part of every batch (training); ``rows`` restricts an
+    unshuffled pass to the rows ``[lo, hi)`` (a rank's shard for evaluation).
+    """
+    if rows is not None:
+        lo, hi = rows
+        plan: list = [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)][start_batch:]
+    else:
+        plan = batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                          block_rows=block_rows, rank=rank, world_size=world_size)[start_batch:]
     if not plan:
         return
     q: queue.Queue = queue.Queue(maxsize=prefetch)

@@ -32,6 +32,7 @@ from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text,
                        optimizer_state_from_json, save_state)
 from deepfm.metrics import summarize
 from deepfm.progress import progress_bar
+from deepfm.train import distributed as ddp
 from deepfm.train.optim import build_optimizers
 
 
@@ -95,23 +96,54 @@ class TrainState:
     finished: bool = False
 
 
+class _WithPenalty(nn.Module):
+    """``forward`` = the model's ``forward_with_penalty``, so that DDP wraps the call training makes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_penalty(*inputs)
+
+
 class Trainer:
-    """Trains a model on prepared splits. ``callbacks`` get ``(trainer, state)`` after every step."""
+    """Trains a model on prepared splits. ``callbacks`` get ``(trainer, state)`` after every step.
+
+    Under ``torchrun`` (``dist`` with several ranks) each rank trains on its part of every global batch;
+    the dense layers are synchronised by DDP and the sparse embedding gradient by ``allreduce_sparse_grad``.
+    Only rank 0 writes checkpoints and metrics; every rank evaluates its shard and all see the exact AUC.
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
-                 callbacks: list[Callable[[Trainer, TrainState], None]] | None = None) -> None:
+                 callbacks: list[Callable[[Trainer, TrainState], None]] | None = None,
+                 dist: ddp.DistContext = ddp.SINGLE) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = dist
+        self.device = ddp.device_for(dist, cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.run_dir = Path(run_dir)
-        self.log = log
+        self.log = log if dist.is_main else (lambda _msg: None)
         self.callbacks = callbacks or []
         self.optimizers = build_optimizers(self.model, cfg)
         self.state = TrainState()
+        self._step_module: nn.Module = _WithPenalty(self.model)
+        self._sparse_table = cfg.sparse and hasattr(self.model, "embedding")
+        if dist.enabled:
+            table = ["model.embedding.weight"] if self._sparse_table else []
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self._step_module, table)
+            if table:
+                ddp.broadcast_parameters(self._step_module, table)
+            self._step_module = torch.nn.parallel.DistributedDataParallel(
+                self._step_module, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+
         def fill(tmp: Path) -> None:
             atomic_save_tensors(self.model.state_dict(), tmp / "model.safetensors")
             save_state(tmp / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers],
@@ -134,6 +166,8 @@ class Trainer:
         return True
 
     def _save_best(self) -> None:
+        if not self.dist.is_main:
+            return
         atomic_save_tensors(self.model.state_dict(), self.run_dir / "best.safetensors")
 
     # ------------------------------------------------------------------ loop
@@ -146,8 +180,9 @@ class Trainer:
             self.log(f"Resuming from {self.run_dir / 'last'}: epoch {self.state.epoch + 1}, "
                      f"batch {self.state.batch}, step {self.state.step}")
         else:
-            torch.manual_seed(cfg.seed)
-        self.log(f"Training on {self.device} ({self.precision}), {len(train):,} rows, "
+            torch.manual_seed(cfg.seed + self.dist.rank)  # dropout masks differ per rank
+        ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
+        self.log(f"Training on {self.device}{ranks} ({self.precision}), {len(train):,} rows, "
                  f"batch {cfg.batch_size}, optimiser {cfg.optimizer}{' (sparse embeddings)' if cfg.sparse else ''}")
         per_epoch = num_batches(len(train), cfg.batch_size)
         st = self.state
@@ -158,6 +193,7 @@ class Trainer:
             self._end_epoch(valid)
         st.finished = True
         self._save_checkpoint()
+        self.dist.barrier()  # rank 0 has written best.safetensors
         best = self.run_dir / "best.safetensors"
         if best.is_file():
             self.model.load_state_dict(load_file(str(best), device=str(self.device)))
@@ -169,8 +205,10 @@ class Trainer:
         t0 = time.perf_counter()
         batches = iterate_batches(train, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
                                   block_rows=cfg.shuffle_block_rows, start_batch=st.batch,
-                                  prefetch=cfg.prefetch_batches, pin_memory=self.device.type == "cuda")
-        bar = progress_bar(batches, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", enabled=cfg.progress,
+                                  prefetch=cfg.prefetch_batches, pin_memory=self.device.type == "cuda",
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        bar = progress_bar(batches, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
+                           enabled=cfg.progress and self.dist.is_main,
                            total=per_epoch - st.batch, unit="batch")
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         n_acc = 0
@@ -200,25 +238,29 @@ class Trainer:
 
     def _step(self, batch: ModelInput) -> torch.Tensor:
         with autocast(self.device, self.precision):
-            logits, penalty = self.model.forward_with_penalty(*batch.tensors())
+            logits, penalty = self._step_module(*batch.tensors())
         assert batch.labels is not None
-        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
+        # sum / rows rather than mean: a rank's part of a batch may be empty and must still join the step
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, reduction="sum") / max(len(batch), 1)
         total = loss + self.cfg.embedding_l2 * penalty if self.cfg.embedding_l2 else loss
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.dist.enabled and self._sparse_table:
+            ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
         for opt in self.optimizers:
             opt.step()
         return loss
 
     def _end_epoch(self, valid: SplitArrays | None) -> None:
         cfg, st = self.cfg, self.state
+        loss_sum, loss_count = ddp.allreduce_sum([st.loss_sum, float(st.loss_count)], self.dist)
         record: dict[str, Any] = {
             "epoch": st.epoch + 1, "step": st.step,
-            "train_logloss": st.loss_sum / max(st.loss_count, 1),
+            "train_logloss": loss_sum / max(loss_count, 1),
             "lr": self.optimizers[0].param_groups[0]["lr"],
             "seconds": round(st.epoch_seconds, 3),
-            "samples_per_s": round(st.loss_count / st.epoch_seconds, 1) if st.epoch_seconds else None,
+            "samples_per_s": round(loss_count / st.epoch_seconds, 1) if st.epoch_seconds else None,
         }
         improved = True
         if valid is not None and len(valid):
@@ -240,7 +282,8 @@ class Trainer:
                 st.finished = True
         st.history.append(record)
         self.log(_format_record(record))
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
         st.epoch += 1
         st.batch = 0
         st.loss_sum, st.loss_count, st.epoch_seconds = 0.0, 0, 0.0
@@ -253,9 +296,12 @@ class Trainer:
         self.log(f"Validation AUC did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
 
     def predict(self, split: SplitArrays) -> np.ndarray:
-        """Probabilities for every row of a prepared split, in row order."""
-        batches = iterate_batches(split, self.cfg.eval_batch_size, prefetch=self.cfg.prefetch_batches)
-        return sigmoid(predict_logits(self.model, batches, self.device, self.precision))
+        """Probabilities for every row of a prepared split, in row order (every rank gets all of them)."""
+        shard = ddp.shard_bounds(len(split), self.dist)
+        batches = iterate_batches(split, self.cfg.eval_batch_size, prefetch=self.cfg.prefetch_batches,
+                                  rows=shard)
+        local = sigmoid(predict_logits(self.model, batches, self.device, self.precision))
+        return ddp.gather_rows(local, self.dist)
 
     def evaluate(self, split: SplitArrays) -> dict[str, float]:
         probs = self.predict(split)

@@ -1,0 +1,35 @@
+"""Run under torchrun by test_distributed.py: train a config, optionally failing or stopping on a rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from deepfm.config import config_from_dict
+from deepfm.pipeline import train
+
+
+class Stop(Exception):
+    pass
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    rank = int(os.environ.get("RANK", "0"))
+
+    def hook(trainer, state):
+        if spec.get("fail_rank") == rank and state.step == spec.get("fail_step"):
+            raise RuntimeError(f"injected failure on rank {rank} at step {state.step}")
+        if spec.get("stop_step") == state.step:
+            raise Stop
+
+    try:
+        train(config_from_dict(spec["config"]), spec["output"], resume=spec.get("resume", False),
+              log=lambda m: print(m, flush=True), callbacks=[hook])
+    except Stop:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
