@@ -194,20 +194,3 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", output: str | Path | 
             shutil.copyfile(src, out.parent / name)
     (out.parent / "export.json").write_text(json.dumps(manifest(loaded, fmt, out.name), indent=1))
     return out
-
-
-def cmd_export(args) -> int:
-    out = export_model(args.model_dir, args.format, args.output)
-    print(f"Exported {args.format} model to {out} (vocabularies and export.json beside it; "
-          "see docs/serving.md for the input encoding)")
-    return 0
-
-
-def register(sub) -> None:
-    """Add ``deepfm export`` to the CLI's subcommands."""
-    x = sub.add_parser("export", help="export a model as ONNX or TorchScript over encoded inputs")
-    x.add_argument("model_dir")
-    x.add_argument("--format", "-f", choices=FORMATS, default="onnx")
-    x.add_argument("--output", "-o", help="file to write (default: MODEL_DIR/export/model.onnx or "
-                                          "model.torchscript.pt); vocabularies are copied beside it")
-    x.set_defaults(func=cmd_export)
