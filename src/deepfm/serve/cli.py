@@ -33,6 +33,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from deepfm.serve.app import app_from_env
 
         app = app_from_env()
+        import gc
+
+        gc.collect()
+        gc.set_threshold(50_000, 20, 100)  # request garbage is short-lived: collect young objects rarely
+        gc.freeze()  # the loaded model's objects leave the collector's scans: fewer latency spikes
         print(f"Serving {args.model_dir} on http://{args.host}:{args.port}  (POST /v1/predict, GET /docs)",
               file=sys.stderr, flush=True)
         uvicorn.run(app, **opts)
