@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    from deepfm.serve.cli import register  # deepfm serve, deepfm export
+
+    register(sub)
     return p
 
 

@@ -1,0 +1,203 @@
+"""Load test of ``deepfm serve`` on loopback: throughput, p50, p99 and errors per scenario.
+
+    python bench/serve_load.py MODEL_DIR [--data examples/criteo/data/test.tsv] [--seconds 10]
+
+Starts ``deepfm serve MODEL_DIR`` on 127.0.0.1 (a free port) in a second process, waits for /healthz, and
+drives it from this process with a minimal asyncio HTTP/1.1 keep-alive client (low client overhead, so the
+latencies are the server's plus loopback). Scenarios, each bounded by a request count and by --seconds:
+
+    single-c1     1-row requests, concurrency 1
+    single-c16    1-row requests, concurrency 16
+    batch100-c4   100-row requests, concurrency 4
+
+Loopback only: the server is bound to 127.0.0.1 and the client refuses any other host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def load_rows(path: Path, model_dir: Path) -> list[dict]:
+    import polars as pl
+    import yaml
+
+    cfg = yaml.safe_load((model_dir / "config.yaml").read_text())
+    data = cfg["data"]
+    fields = [f["name"] for f in cfg["fields"]]
+    if path.suffix == ".tsv" and not data.get("header", True):
+        from deepfm.config import CRITEO_COLUMNS
+
+        df = pl.read_csv(path, separator="\t", has_header=False, new_columns=data.get("columns") or CRITEO_COLUMNS,
+                         infer_schema_length=0)
+    else:
+        df = pl.read_csv(path, separator="\t" if path.suffix == ".tsv" else ",", infer_schema_length=0)
+    numeric = {f["name"] for f in cfg["fields"] if f.get("kind") == "numeric"}
+    rows = []
+    for r in df.select(fields).iter_rows(named=True):
+        rows.append({k: (float(v) if k in numeric else v) for k, v in r.items() if v not in (None, "")})
+    return rows
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        assert self.writer is not None and self.reader is not None
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            if line.lower().startswith("content-length:"):
+                length = int(line.split(":", 1)[1])
+        payload = await self.reader.readexactly(length)
+        return status, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def scenario(port: int, bodies: list[bytes], concurrency: int, count: int, seconds: float,
+                   rows_per_request: int) -> dict:
+    lat: list[float] = []
+    errors = {"http": 0, "transport": 0}
+    deadline = time.perf_counter() + seconds
+    issued = 0
+
+    async def worker() -> None:
+        nonlocal issued
+        conn = Conn(port)
+        await conn.open()
+        try:
+            while issued < count and time.perf_counter() < deadline:
+                body = bodies[issued % len(bodies)]
+                issued += 1
+                t0 = time.perf_counter()
+                try:
+                    status, _ = await conn.post("/v1/predict", body)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors["transport"] += 1
+                    conn.close()
+                    conn = Conn(port)
+                    await conn.open()
+                    continue
+                lat.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors["http"] += 1
+        finally:
+            conn.close()
+
+    # warm-up, not measured
+    conn = Conn(port)
+    await conn.open()
+    for b in bodies[:50]:
+        await conn.post("/v1/predict", b)
+    conn.close()
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    arr = sorted(lat)
+
+    def pct(p: float) -> float:
+        return arr[min(len(arr) - 1, int(p * len(arr)))] * 1000 if arr else float("nan")
+
+    return {"requests": len(lat), "rows_per_request": rows_per_request, "concurrency": concurrency,
+            "seconds": round(wall, 2), "req_per_s": round(len(lat) / wall, 1),
+            "rows_per_s": round(len(lat) * rows_per_request / wall, 1), "p50_ms": round(pct(0.50), 3),
+            "p99_ms": round(pct(0.99), 3), "max_ms": round(arr[-1] * 1000, 3) if arr else None,
+            "errors": errors["http"] + errors["transport"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--data", type=Path, default=Path("examples/criteo/data/test.tsv"))
+    ap.add_argument("--seconds", type=float, default=10.0, help="time limit per scenario")
+    ap.add_argument("--requests", type=int, default=5000, help="request limit per single-row scenario")
+    ap.add_argument("--serve-args", default="", help="extra arguments for deepfm serve, e.g. '--workers 2'")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    rows = load_rows(args.data, args.model_dir)
+    random.Random(0).shuffle(rows)
+    singles = [json.dumps({"rows": [{"id": i, "features": r}]}).encode() for i, r in enumerate(rows)]
+    batches = [json.dumps({"rows": [{"id": j, "features": rows[(i + j) % len(rows)]} for j in range(100)]}).encode()
+               for i in range(0, len(rows), 37)]
+
+    port = free_port()
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "deepfm", "serve", str(args.model_dir), "--host", HOST, "--port", str(port),
+           *args.serve_args.split()]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            try:
+                with socket.create_connection((HOST, port), timeout=0.5) as s:
+                    s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+                    if b" 200 " in s.recv(1024):
+                        break
+            except OSError:
+                time.sleep(0.1)
+            if server.poll() is not None:
+                print(server.stderr.read().decode(), file=sys.stderr)
+                return 1
+        else:
+            print("server did not come up", file=sys.stderr)
+            return 1
+        results = {"loadavg_before": os.getloadavg()}
+        print(f"load average before: {results['loadavg_before']} on {os.cpu_count()} cores "
+              "(other processes on the machine inflate the tail latencies)", flush=True)
+        plan = [("single-c1", singles, 1, args.requests, 1), ("single-c16", singles, 16, args.requests, 1),
+                ("batch100-c4", batches, 4, max(200, args.requests // 10), 100)]
+        for name, bodies, conc, count, per in plan:
+            results[name] = asyncio.run(scenario(port, bodies, conc, count, args.seconds, per))
+            r = results[name]
+            print(f"{name:12s} {r['requests']:6d} req  {r['req_per_s']:8.1f} req/s  {r['rows_per_s']:9.1f} rows/s  "
+                  f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  max {r['max_ms']:8.3f} ms  "
+                  f"errors {r['errors']}", flush=True)
+        results["loadavg_after"] = os.getloadavg()
+        print(f"load average after: {results['loadavg_after']}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

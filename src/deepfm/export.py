@@ -1,0 +1,196 @@
+"""``deepfm export``: a trained model as ONNX or TorchScript over *encoded* inputs, for serving elsewhere.
+
+The exported graph takes what ``Encoder.transform`` + ``input_from_chunk`` produce (see docs/serving.md):
+
+    cat_ids        int64   [B, Fc]   local vocabulary ids of the categorical (and log-bucketed) fields
+    num_values     float32 [B, Fn]   scaled numeric fields, NaN = missing
+    multi_ids      int64   [nnz]     local ids of the tags of multi-valued fields   (only if the model has any)
+    multi_weights  float32 [nnz]     their weights                                  (only if the model has any)
+    multi_bags     int64   [nnz]     field_index * B + row, sorted ascending        (only if the model has any)
+
+and returns ``logits`` float32 [B] and ``probabilities`` float32 [B]; the batch ``B`` and ``nnz`` are dynamic.
+``encoder.json``, ``layout.json``, ``config.yaml`` are copied beside the file and ``export.json`` lists
+the inputs, the field order along each axis and the vocabulary of each field.
+
+The exporter does not run ``DeepFM.forward`` itself: ``index_add`` (used to pool multi-valued tags) exports
+to an ONNX scatter that drops duplicate indices, and ``repeat_interleave`` by the batch size freezes the batch.
+``ExportableDeepFM`` computes the same function with ``scatter_add`` and ``expand`` over the *same*
+parameters (no copy); ``tests/test_export.py`` checks it against the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepfm.artifact import LoadedModel, load_model
+from deepfm.errors import DeepFMError
+from deepfm.model import DeepFM
+
+FORMATS = ("onnx", "torchscript")
+SIDE_FILES = ("encoder.json", "layout.json", "config.yaml", "deepfm.json")
+OPSET = 17
+
+
+class ExportError(DeepFMError):
+    """The model could not be exported."""
+
+
+class ExportableDeepFM(nn.Module):
+    """``DeepFM.forward`` (no penalty) written with exportable ops; returns (logits, probabilities)."""
+
+    def __init__(self, model: DeepFM) -> None:
+        super().__init__()
+        self.model = model
+        self.has_multi = model.embedding.num_multi > 0
+
+    def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor | None = None,
+                multi_weights: torch.Tensor | None = None, multi_bags: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        emb = m.embedding
+        d = emb.embed_dim
+        missing = torch.isnan(num_values)
+        ids = torch.cat([cat_ids + emb.cat_offsets, emb.num_offsets + missing.long()], dim=1)
+        rows = F.embedding(ids, emb.weight)  # [B, Fs, D+1]
+        if num_values.shape[1]:
+            values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
+                                torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
+            rows = rows * values.unsqueeze(-1)
+        fields, linear = rows[..., :d], rows[..., d]
+        self_square = fields.pow(2).sum(dim=1)
+        if self.has_multi:
+            assert multi_ids is not None and multi_weights is not None and multi_bags is not None
+            pooled, multi_square = self._pool_multi(cat_ids, multi_ids, multi_weights, multi_bags)
+            fields = torch.cat([fields, pooled[..., :d]], dim=1)
+            linear = torch.cat([linear, pooled[..., d]], dim=1)
+            self_square = self_square + multi_square
+        logit = m.bias.expand(fields.shape[0])
+        if m.cfg.use_linear:
+            logit = logit + (linear.sum(1) if m.linear_proj is None else m.linear_proj(linear).squeeze(-1))
+        if m.cfg.use_fm:
+            bi = m.fm(fields, self_square)
+            logit = logit + (bi.sum(1) if m.fm_proj is None else m.fm_proj(bi).squeeze(-1))
+        if m.dnn is not None:
+            logit = logit + m.dnn(fields.flatten(1)).float()
+        return logit, torch.sigmoid(logit)
+
+    def _pool_multi(self, cat_ids: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.model.embedding
+        d, n_multi = emb.embed_dim, emb.num_multi
+        batch = cat_ids.shape[0]
+        n_bags = n_multi * batch
+        field_of_tag = torch.div(bags, batch, rounding_mode="floor")
+        rows = F.embedding(ids + emb.multi_offsets[field_of_tag], emb.weight)  # [nnz, D+1]
+        zeros = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device)
+        w_sum = zeros.scatter_add(0, bags, weights)
+        w2_sum = zeros.scatter_add(0, bags, weights * weights)
+        combiner = emb.multi_combiners.unsqueeze(1).expand(n_multi, batch).reshape(-1)  # [M*B]
+        denom = torch.where(combiner == 1, w_sum, torch.where(combiner == 2, w2_sum.sqrt(),
+                                                              torch.ones_like(w_sum)))
+        denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+        scaled = rows * (weights / denom[bags]).unsqueeze(-1)
+        pooled = torch.zeros(n_bags, d + 1, dtype=rows.dtype, device=rows.device).scatter_add(
+            0, bags.unsqueeze(1).expand(-1, d + 1), scaled)
+        pooled = pooled.reshape(n_multi, batch, d + 1).transpose(0, 1)  # [B, M, D+1]
+        row_of_tag = bags - field_of_tag * batch
+        square = torch.zeros(batch, d, dtype=rows.dtype, device=rows.device).scatter_add(
+            0, row_of_tag.unsqueeze(1).expand(-1, d), scaled[:, :d].pow(2))
+        return pooled, square
+
+
+def input_names(loaded: LoadedModel) -> list[str]:
+    names = ["cat_ids", "num_values"]
+    if loaded.layout.multi_fields:
+        names += ["multi_ids", "multi_weights", "multi_bags"]
+    return names
+
+
+def example_inputs(loaded: LoadedModel, batch: int = 5, tags_per_bag: int = 2) -> tuple[torch.Tensor, ...]:
+    """A small valid batch to trace with (every id 1 or 0, one missing numeric value)."""
+    lay = loaded.layout
+    cat = torch.ones(batch, len(lay.cat_fields), dtype=torch.long)
+    num = torch.full((batch, len(lay.num_fields)), 0.5, dtype=torch.float32)
+    if num.numel():
+        num[0, 0] = float("nan")
+    out: tuple[torch.Tensor, ...] = (cat, num)
+    m = len(lay.multi_fields)
+    if m:
+        bags = torch.arange(m * batch, dtype=torch.long).repeat_interleave(tags_per_bag)
+        out += (torch.ones(len(bags), dtype=torch.long), torch.full((len(bags),), 0.5), bags)
+    return out
+
+
+def default_output(model_dir: Path, fmt: str) -> Path:
+    return Path(model_dir) / "export" / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+
+
+def manifest(loaded: LoadedModel, fmt: str, file_name: str) -> dict:
+    lay = loaded.layout
+    fields = {str(f.name): f for f in loaded.config.fields}
+    inputs = [{"name": "cat_ids", "dtype": "int64", "shape": ["batch", len(lay.cat_fields)]},
+              {"name": "num_values", "dtype": "float32", "shape": ["batch", len(lay.num_fields)]}]
+    if lay.multi_fields:
+        inputs += [{"name": "multi_ids", "dtype": "int64", "shape": ["nnz"]},
+                   {"name": "multi_weights", "dtype": "float32", "shape": ["nnz"]},
+                   {"name": "multi_bags", "dtype": "int64", "shape": ["nnz"]}]
+    return {
+        "format": fmt, "file": file_name, "opset": OPSET if fmt == "onnx" else None,
+        "inputs": inputs,
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch"]},
+                    {"name": "probabilities", "dtype": "float32", "shape": ["batch"]}],
+        "cat_fields": [{"name": n, "vocab": fields[n].vocab_name, "kind": fields[n].kind,
+                        "numeric": fields[n].numeric if fields[n].kind == "numeric" else None,
+                        "log1p": fields[n].log1p} for n in lay.cat_fields],
+        "num_fields": [{"name": n, "numeric": fields[n].numeric, "log1p": fields[n].log1p} for n in lay.num_fields],
+        "multi_fields": [{"name": n, "vocab": fields[n].vocab_name, "combiner": fields[n].combiner,
+                          "max_len": fields[n].max_len} for n in lay.multi_fields],
+        "encoding": "see docs/serving.md; encoder.json holds the vocabularies (id = index in tokens + 1, "
+                    "0 = unseen) and numeric statistics",
+    }
+
+
+def export_model(model_dir: str | Path, fmt: str = "onnx", output: str | Path | None = None) -> Path:
+    """Export ``model_dir`` to ``output`` (default ``MODEL_DIR/export/model.onnx`` or ``.torchscript.pt``)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    loaded = load_model(Path(model_dir))
+    out = Path(output) if output is not None else default_output(Path(model_dir), fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ExportableDeepFM(loaded.model).eval()
+    args = example_inputs(loaded)
+    names = input_names(loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "onnx":
+            try:
+                import onnx  # noqa: F401  (the exporter needs it)
+            except ImportError:
+                raise ExportError("ONNX export needs the 'onnx' package: pip install 'deepfm[export]'") from None
+            dynamic = {"cat_ids": {0: "batch"}, "num_values": {0: "batch"}, "logits": {0: "batch"},
+                       "probabilities": {0: "batch"}}
+            for n in names[2:]:
+                dynamic[n] = {0: "nnz"}
+            tmp = out.with_name(out.name + ".tmp")
+            torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
+                              output_names=["logits", "probabilities"], dynamic_axes=dynamic)
+            tmp.replace(out)
+        else:
+            with torch.no_grad():
+                traced = torch.jit.trace(wrapper, args, check_trace=False)
+            tmp = out.with_name(out.name + ".tmp")
+            torch.jit.save(traced, str(tmp))
+            tmp.replace(out)
+    for name in SIDE_FILES:
+        src = Path(model_dir) / name
+        if src.is_file() and src.resolve() != (out.parent / name).resolve():
+            shutil.copyfile(src, out.parent / name)
+    (out.parent / "export.json").write_text(json.dumps(manifest(loaded, fmt, out.name), indent=1))
+    return out
