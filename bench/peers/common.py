@@ -137,6 +137,8 @@ class StepTimer:
             "steps": n_steps,
             "train_samples_per_s_median": float(np.median(self.batch / use)) if use.size else float("nan"),
             "step_ms_median": float(np.median(use) * 1e3) if use.size else float("nan"),
+            "step_ms_p10_p90": [float(np.percentile(use, 10) * 1e3), float(np.percentile(use, 90) * 1e3)] if use.size else None,
+            "warmup_steps_ms": [float(g * 1e3) for g in gaps[:WARMUP_STEPS]],
             "epoch_wall_s": float(st[-1] - st[0]) if n_steps else float("nan"),
         }
 
@@ -184,6 +186,9 @@ def claim_stdout() -> None:
 
 
 def emit(result: dict, args) -> None:
+    # Load average at the end: flags runs that shared the cores with other work.
+    result["loadavg_1m_5m"] = [round(x, 2) for x in os.getloadavg()[:2]]
+    result["cpus"] = os.cpu_count()
     line = json.dumps(result, sort_keys=False)
     out = _REAL_STDOUT or sys.stdout
     out.write(line + "\n")

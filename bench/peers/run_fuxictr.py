@@ -156,7 +156,11 @@ def main():
     t_inf = time.perf_counter() - t1
     import pandas as pd
     y_test = pd.read_parquet(test_path, columns=["label"])["label"].to_numpy()
-    batch = next(iter(test_gen))
+    it = iter(test_gen)
+    batch = {k: v.clone() for k, v in next(it).items()}
+    del it
+    import ray
+    ray.shutdown()          # no Ray work may run in the background while timing latency
     model.eval()
     lat = common.latency(lambda inp: model.forward(inp),
                          lambda bs: {k: v[:bs].contiguous() for k, v in batch.items()})

@@ -3,6 +3,7 @@
 #
 #   bash bench/peers/setup.sh            # all peers
 #   bash bench/peers/setup.sh deepctr    # just one (deepctr | fuxictr | torchrec)
+#   CHECK=1 bash bench/peers/setup.sh    # ... then a 2-step training smoke run per peer
 #
 # torch==2.13.0 is installed FIRST in every venv (a CPU wheel from the local
 # wheel dir), and every later install runs with a constraints file pinning
@@ -14,24 +15,28 @@ BENCH="$(dirname "$HERE")"
 ENVS="$BENCH/.envs"
 PY="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-mkdir -p "$ENVS"
+mkdir -p "$ENVS" "$BENCH/.out"
 CONS="$ENVS/constraints.txt"
 echo "torch==$TORCH_VERSION" > "$CONS"
+
+# This machine's global pip config lists file:// indexes that do not exist; pip
+# warns about each of them for every package.  Drop just those lines.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 make_venv() {  # $1 = peer name
   local env="$ENVS/$1"
   if [ ! -x "$env/bin/python" ]; then
     "$PY" -m venv "$env"
   fi
-  "$env/bin/python" -m pip install -q --upgrade pip wheel >/dev/null
+  quiet_pip "$env/bin/python" -m pip install -q --upgrade pip wheel >/dev/null
   if ! "$env/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
-    "$env/bin/python" -m pip install -q "torch==$TORCH_VERSION"
+    quiet_pip "$env/bin/python" -m pip install -q "torch==$TORCH_VERSION"
   fi
 }
 
 pipc() {  # $1 = peer, rest = pip args; always constrained to our torch
   local env="$ENVS/$1"; shift
-  "$env/bin/python" -m pip install -q -c "$CONS" "$@"
+  quiet_pip "$env/bin/python" -m pip install -q -c "$CONS" "$@"
 }
 
 setup_deepctr() {
@@ -66,3 +71,16 @@ for p in "${peers[@]}"; do
   echo "== setting up $p"
   "setup_$p"
 done
+
+# CHECK=1 bash bench/peers/setup.sh : also run 2 training steps per peer on a
+# tiny generated file (proves each env imports, trains and predicts).
+if [ "${CHECK:-0}" = "1" ]; then
+  D="$BENCH/.data/check20k"
+  [ -f "${D}_train.tsv" ] || "$PY" "$BENCH/generate.py" --rows 20000 --seed 3 --out "$D.tsv" --split --quiet
+  for p in "${peers[@]}"; do
+    echo "== check $p"
+    "$ENVS/$p/bin/python" "$HERE/run_$p.py" --train "${D}_train.tsv" --test "${D}_test.tsv" \
+        --batch-size 1024 --max-steps 2 --workdir "$BENCH/.out/check_$p" 2>"$BENCH/.out/check_$p.log" \
+      || { echo "check $p FAILED, see $BENCH/.out/check_$p.log"; exit 1; }
+  done
+fi
