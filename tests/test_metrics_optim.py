@@ -69,3 +69,20 @@ def test_proximal_adagrad_sparse_rows_equal_dense_update():
     # rows the batch touched are updated identically; untouched rows do not move under the sparse update
     torch.testing.assert_close(sparse_p.detach()[[1, 4]], dense_p.detach()[[1, 4]])
     torch.testing.assert_close(sparse_p.detach()[[0, 2, 3, 5]], table[[0, 2, 3, 5]])
+
+
+def test_rowwise_adam_equals_torch_sparse_adam():
+    from deepfm.train.optim import RowwiseAdam
+
+    torch.manual_seed(0)
+    table = torch.randn(20, 4)
+    ours, ref = torch.nn.Parameter(table.clone()), torch.nn.Parameter(table.clone())
+    opt_ours, opt_ref = RowwiseAdam([ours], lr=0.01), torch.optim.SparseAdam([ref], lr=0.01)
+    for step in range(5):
+        ids = torch.randint(0, 20, (30,))  # repeated rows: gradients must be summed
+        target = torch.randn(30, 4)
+        for p, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(torch.nn.functional.embedding(ids, p, sparse=True), target).backward()
+            opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)

@@ -12,10 +12,9 @@ and returns ``logits`` float32 [B] and ``probabilities`` float32 [B]; the batch 
 ``encoder.json``, ``layout.json``, ``config.yaml`` are copied beside the file and ``export.json`` lists
 the inputs, the field order along each axis and the vocabulary of each field.
 
-The exporter does not run ``DeepFM.forward`` itself: ``index_add`` (used to pool multi-valued tags) exports
-to an ONNX scatter that drops duplicate indices, and ``repeat_interleave`` by the batch size freezes the batch.
-``ExportableDeepFM`` computes the same function with ``scatter_add`` and ``expand`` over the *same*
-parameters (no copy); ``tests/test_export.py`` checks it against the PyTorch model.
+The graph is ``DeepFM.forward`` itself (written with exportable ops: ``scatter_add`` with expanded indices,
+``expand`` rather than ``repeat_interleave`` by the batch size); ``tests/test_export.py`` checks onnxruntime
+and TorchScript against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepfm.artifact import LoadedModel, load_model
@@ -43,7 +41,7 @@ class ExportError(DeepFMError):
 
 
 class ExportableDeepFM(nn.Module):
-    """``DeepFM.forward`` (no penalty) written with exportable ops; returns (logits, probabilities)."""
+    """``DeepFM.forward`` with the probabilities as a second output; optional multi-valued inputs."""
 
     def __init__(self, model: DeepFM) -> None:
         super().__init__()
@@ -53,57 +51,11 @@ class ExportableDeepFM(nn.Module):
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor | None = None,
                 multi_weights: torch.Tensor | None = None, multi_bags: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        emb = m.embedding
-        d = emb.embed_dim
-        missing = torch.isnan(num_values)
-        ids = torch.cat([cat_ids + emb.cat_offsets, emb.num_offsets + missing.long()], dim=1)
-        rows = F.embedding(ids, emb.weight)  # [B, Fs, D+1]
-        if num_values.shape[1]:
-            values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
-                                torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
-            rows = rows * values.unsqueeze(-1)
-        fields, linear = rows[..., :d], rows[..., d]
-        self_square = fields.pow(2).sum(dim=1)
-        if self.has_multi:
-            assert multi_ids is not None and multi_weights is not None and multi_bags is not None
-            pooled, multi_square = self._pool_multi(cat_ids, multi_ids, multi_weights, multi_bags)
-            fields = torch.cat([fields, pooled[..., :d]], dim=1)
-            linear = torch.cat([linear, pooled[..., d]], dim=1)
-            self_square = self_square + multi_square
-        logit = m.bias.expand(fields.shape[0])
-        if m.cfg.use_linear:
-            logit = logit + (linear.sum(1) if m.linear_proj is None else m.linear_proj(linear).squeeze(-1))
-        if m.cfg.use_fm:
-            bi = m.fm(fields, self_square)
-            logit = logit + (bi.sum(1) if m.fm_proj is None else m.fm_proj(bi).squeeze(-1))
-        if m.dnn is not None:
-            logit = logit + m.dnn(fields.flatten(1)).float()
+        if multi_ids is None or multi_weights is None or multi_bags is None:
+            multi_ids = multi_bags = torch.zeros(0, dtype=torch.long, device=cat_ids.device)
+            multi_weights = torch.zeros(0, dtype=num_values.dtype, device=num_values.device)
+        logit = self.model(cat_ids, num_values, multi_ids, multi_weights, multi_bags)
         return logit, torch.sigmoid(logit)
-
-    def _pool_multi(self, cat_ids: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.model.embedding
-        d, n_multi = emb.embed_dim, emb.num_multi
-        batch = cat_ids.shape[0]
-        n_bags = n_multi * batch
-        field_of_tag = torch.div(bags, batch, rounding_mode="floor")
-        rows = F.embedding(ids + emb.multi_offsets[field_of_tag], emb.weight)  # [nnz, D+1]
-        zeros = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device)
-        w_sum = zeros.scatter_add(0, bags, weights)
-        w2_sum = zeros.scatter_add(0, bags, weights * weights)
-        combiner = emb.multi_combiners.unsqueeze(1).expand(n_multi, batch).reshape(-1)  # [M*B]
-        denom = torch.where(combiner == 1, w_sum, torch.where(combiner == 2, w2_sum.sqrt(),
-                                                              torch.ones_like(w_sum)))
-        denom = torch.where(denom == 0, torch.ones_like(denom), denom)
-        scaled = rows * (weights / denom[bags]).unsqueeze(-1)
-        pooled = torch.zeros(n_bags, d + 1, dtype=rows.dtype, device=rows.device).scatter_add(
-            0, bags.unsqueeze(1).expand(-1, d + 1), scaled)
-        pooled = pooled.reshape(n_multi, batch, d + 1).transpose(0, 1)  # [B, M, D+1]
-        row_of_tag = bags - field_of_tag * batch
-        square = torch.zeros(batch, d, dtype=rows.dtype, device=rows.device).scatter_add(
-            0, row_of_tag.unsqueeze(1).expand(-1, d), scaled[:, :d].pow(2))
-        return pooled, square
 
 
 def input_names(loaded: LoadedModel) -> list[str]:

@@ -37,11 +37,11 @@ class DeepFM(nn.Module):
                        batch_norm=cfg.batch_norm) if cfg.use_deep else None
 
     def forward_with_penalty(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
-                             multi_weights: torch.Tensor, multi_bags: torch.Tensor
+                             multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up."""
+        """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked)."""
         fields, linear, self_square, penalty = self.embedding(cat_ids, num_values, multi_ids, multi_weights,
-                                                              multi_bags)
+                                                              multi_bags, with_penalty)
         logit = self.bias.expand(fields.shape[0])
         if self.cfg.use_linear:
             logit = logit + (linear.sum(1) if self.linear_proj is None
@@ -55,4 +55,4 @@ class DeepFM(nn.Module):
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                 multi_weights: torch.Tensor, multi_bags: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_penalty(cat_ids, num_values, multi_ids, multi_weights, multi_bags)[0]
+        return self.forward_with_penalty(cat_ids, num_values, multi_ids, multi_weights, multi_bags, False)[0]

@@ -23,7 +23,8 @@ class FieldEmbedding(nn.Module):
     Returns ``fields [B, F, D]`` (each field's value-scaled / pooled vector), ``linear [B, F]`` (each field's
     first-order term), ``self_square [B, D]`` (sum over every individual feature of ``(x_i v_i)^2``: for a
     multi-valued field each tag counts as its own feature with value ``c_j``, its combiner-normalised weight,
-    so the FM term stays exact) and ``penalty`` (sum of squared looked-up vectors / B, for embedding L2).
+    so the FM term stays exact) and ``penalty`` (sum of squared looked-up vectors / B, for embedding L2;
+    computed only when ``with_penalty``, else 0).
     """
 
     def __init__(self, layout: TableLayout, embed_dim: int, *, init_std: float = 1e-4,
@@ -47,46 +48,52 @@ class FieldEmbedding(nn.Module):
             self.weight[:, self.embed_dim].zero_()
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
-                multi_weights: torch.Tensor, multi_bags: torch.Tensor
+                multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self.embed_dim
         batch = cat_ids.shape[0]
         missing = torch.isnan(num_values)
         ids = torch.cat([cat_ids + self.cat_offsets, self.num_offsets + missing.long()], dim=1)
         rows = F.embedding(ids, self.weight, sparse=self.sparse)  # [B, Fs, D+1]
-        penalty = rows[..., :d].pow(2).sum() / max(batch, 1)
+        penalty = rows[..., :d].pow(2).sum() / max(batch, 1) if with_penalty else rows.new_zeros(())
         if num_values.shape[1]:
             values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
                                 torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
             rows = rows * values.unsqueeze(-1)
-        fields, linear = rows[..., :d], rows[..., d]
+        # split, not two slices: its backward is one concatenation instead of two zero-filled copies
+        fields, linear = rows.split([d, 1], dim=-1)
+        linear = linear.squeeze(-1)
         self_square = fields.pow(2).sum(dim=1)  # [B, D]
         if self.num_multi:
-            pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_ids, multi_weights, multi_bags)
+            pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_ids, multi_weights, multi_bags,
+                                                                   with_penalty)
             fields = torch.cat([fields, pooled[..., :d]], dim=1)
             linear = torch.cat([linear, pooled[..., d]], dim=1)
             self_square = self_square + multi_square
             penalty = penalty + multi_penalty
         return fields, linear, self_square, penalty
 
-    def _pool_multi(self, batch: int, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pool_multi(self, batch: int, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor,
+                    with_penalty: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # scatter_add with expanded indices rather than index_add: faster on CPU, and it exports to ONNX
+        # correctly (index_add becomes a scatter that drops repeated indices)
         d, n_bags = self.embed_dim, self.num_multi * batch
         field_of_tag = torch.div(bags, batch, rounding_mode="floor")
         rows = F.embedding(ids + self.multi_offsets[field_of_tag], self.weight, sparse=self.sparse)
-        penalty = rows[:, :d].pow(2).sum() / max(batch, 1)
+        penalty = rows[:, :d].pow(2).sum() / max(batch, 1) if with_penalty else rows.new_zeros(())
         # combiner normalisation per bag: sum -> 1, mean -> sum(w), sqrtn -> sqrt(sum(w^2))
-        w_sum = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device).index_add(0, bags, weights)
-        w2_sum = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device).index_add(
-            0, bags, weights * weights)
-        combiner = self.multi_combiners.repeat_interleave(batch)  # [M*B]
+        zeros = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device)
+        w_sum = zeros.scatter_add(0, bags, weights)
+        w2_sum = zeros.scatter_add(0, bags, weights * weights)
+        combiner = self.multi_combiners.unsqueeze(1).expand(self.num_multi, batch).reshape(-1)  # [M*B]
         denom = torch.where(combiner == 1, w_sum, torch.where(combiner == 2, w2_sum.sqrt(),
                                                               torch.ones_like(w_sum)))
         denom = torch.where(denom == 0, torch.ones_like(denom), denom)
         scaled = rows * (weights / denom[bags]).unsqueeze(-1)  # [nnz, D+1], c_j * (v_j, w_j)
-        pooled = torch.zeros(n_bags, d + 1, dtype=rows.dtype, device=rows.device).index_add(0, bags, scaled)
-        pooled = pooled.view(self.num_multi, batch, d + 1).transpose(0, 1)  # [B, M, D+1]
+        pooled = torch.zeros(n_bags, d + 1, dtype=rows.dtype, device=rows.device).scatter_add(
+            0, bags.unsqueeze(1).expand(-1, d + 1), scaled)
+        pooled = pooled.reshape(self.num_multi, batch, d + 1).transpose(0, 1)  # [B, M, D+1]
         row_of_tag = bags - field_of_tag * batch
-        square = torch.zeros(batch, d, dtype=rows.dtype, device=rows.device).index_add(
-            0, row_of_tag, scaled[:, :d].pow(2))
+        square = torch.zeros(batch, d, dtype=rows.dtype, device=rows.device).scatter_add(
+            0, row_of_tag.unsqueeze(1).expand(-1, d), scaled[:, :d].pow(2))
         return pooled, square, penalty

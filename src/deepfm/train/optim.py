@@ -1,8 +1,8 @@
 """Optimisers: Adam (default), Adagrad and proximal Adagrad with L1/L2, each with sparse embedding updates.
 
 With ``sparse: true`` the embedding table gets sparse gradients and its own optimiser that touches only the
-rows in the batch (SparseAdam for Adam, Adagrad's sparse path, or ``ProximalAdagrad``); the dense layers
-use the dense variant. Dense Adam over a whole table costs ~30% of a step on this hardware.
+rows in the batch (``RowwiseAdam``: SparseAdam's lazy Adam, fused; Adagrad's sparse path; or
+``ProximalAdagrad``); the dense layers use the dense variant. Dense Adam over a whole table costs ~30% of a step on this hardware.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ class ProximalAdagrad(torch.optim.Optimizer):
                 accum = state["accum"]
                 grad = p.grad
                 if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
+                    rows, values = sparse_rows(grad)
                     acc_rows = accum[rows] + values * values
                     accum[rows] = acc_rows
                     p[rows] = self._prox(p[rows], values, lr / acc_rows.sqrt(), l1, l2)
@@ -59,6 +58,63 @@ class ProximalAdagrad(torch.optim.Optimizer):
         return v / (1.0 + lr_t * l2) if l2 > 0 else v
 
 
+def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-sparse gradient -> (unique row ids ``[U]``, summed gradient rows ``[U, D]``).
+
+    ``torch.unique`` sorts only the row ids; ``index_add`` sums duplicates. Cheaper than
+    ``Tensor.coalesce()``, which sorts and moves the whole value matrix.
+    """
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    rows, inverse = torch.unique(grad._indices()[0], return_inverse=True)
+    values = grad._values()
+    summed = torch.zeros((rows.numel(), *values.shape[1:]), dtype=values.dtype, device=values.device)
+    summed.scatter_add_(0, inverse.view(-1, *([1] * (values.dim() - 1))).expand_as(values), values)
+    return rows, summed
+
+
+class RowwiseAdam(torch.optim.Optimizer):
+    """Adam for embedding tables with sparse gradients: only the rows in the batch are read and written.
+
+    Same update as ``torch.optim.SparseAdam`` ("lazy Adam": moments of untouched rows are not decayed), but
+    fused into a few gathers and scatters of the touched rows; SparseAdam's sparse-tensor arithmetic cost
+    ~60% of a DeepFM step here. Bias correction uses one step count for the table, as SparseAdam does.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowwiseAdam takes sparse gradients; use Adam for dense parameters")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                rows, grad = sparse_rows(p.grad)
+                # index_select / index_copy_: several times faster on CPU than advanced indexing
+                m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
+                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                bias1 = 1 - beta1 ** state["step"]
+                bias2 = 1 - beta2 ** state["step"]
+                denom = v.div_(bias2).sqrt_().add_(eps)
+                w = p.index_select(0, rows).addcdiv_(m, denom, value=-lr / bias1)
+                p.index_copy_(0, rows, w)
+        return loss
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """One optimiser for the embedding table (sparse when ``cfg.sparse``) and one for the dense layers."""
     table = [p for n, p in model.named_parameters() if n.endswith("embedding.weight")]
@@ -66,7 +122,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     opts: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "adam":
         if cfg.sparse:
-            opts.append(torch.optim.SparseAdam(table, lr=cfg.lr))
+            opts.append(RowwiseAdam(table, lr=cfg.lr))
             opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
         else:
             opts.append(torch.optim.Adam([{"params": table, "weight_decay": 0.0},

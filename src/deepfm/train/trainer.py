@@ -99,12 +99,13 @@ class TrainState:
 class _WithPenalty(nn.Module):
     """``forward`` = the model's ``forward_with_penalty``, so that DDP wraps the call training makes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, with_penalty: bool) -> None:
         super().__init__()
         self.model = model
+        self.with_penalty = with_penalty
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_penalty(*inputs)
+        return self.model.forward_with_penalty(*inputs, with_penalty=self.with_penalty)
 
 
 class Trainer:
@@ -128,7 +129,7 @@ class Trainer:
         self.callbacks = callbacks or []
         self.optimizers = build_optimizers(self.model, cfg)
         self.state = TrainState()
-        self._step_module: nn.Module = _WithPenalty(self.model)
+        self._step_module: nn.Module = _WithPenalty(self.model, cfg.embedding_l2 > 0)
         self._sparse_table = cfg.sparse and hasattr(self.model, "embedding")
         if dist.enabled:
             table = ["model.embedding.weight"] if self._sparse_table else []
