@@ -58,28 +58,31 @@ class NumericStats:
 
 
 def _as_float(col: pl.Series) -> pl.Series:
-    if col.dtype == pl.Utf8:
+    return pl.DataFrame({"v": col}).select(_float_expr(pl.col("v"), col.dtype))["v"]
+
+
+def _float_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Numbers from a text or numeric column; an empty cell is missing (null)."""
+    if dtype == pl.Utf8:
         return col.str.strip_chars().replace("", None).cast(pl.Float64, strict=False)
     return col.cast(pl.Float64, strict=False)
 
 
-def _bad_numbers(raw: pl.Series, parsed: pl.Series) -> np.ndarray:
-    """Rows where a value was given but is not a number."""
-    if raw.dtype == pl.Utf8:
-        given = raw.str.strip_chars().fill_null("") != ""
-    else:
-        given = raw.is_not_null()
-    return (given & parsed.is_null()).to_numpy() | (parsed.is_nan().fill_null(False).to_numpy()
-                                                     & given.to_numpy())
+def _bad_number_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """True where a value was given but is not a (finite or infinite, non-NaN) number."""
+    parsed = _float_expr(col, dtype)
+    given = (col.str.strip_chars().fill_null("") != "") if dtype == pl.Utf8 else col.is_not_null()
+    return given & (parsed.is_null() | parsed.is_nan())
+
+
+def _bucket_expr(values: pl.Expr) -> pl.Expr:
+    """The Criteo winners' / BARS numeric bucketing: floor(ln(x)^2) for x > 2, else int(x); missing -> ''."""
+    return (pl.when(values > 2).then((values.log() ** 2).floor()).otherwise(values)
+            .cast(pl.Int64, strict=False).cast(pl.Utf8).fill_null(MISSING))
 
 
 def _bucket(values: pl.Series) -> pl.Series:
-    """The Criteo winners' / BARS numeric bucketing: floor(ln(x)^2) for x > 2, else int(x); missing -> ''."""
-    frame = pl.DataFrame({"v": values})
-    b = frame.select(
-        pl.when(pl.col("v") > 2).then((pl.col("v").log() ** 2).floor()).otherwise(pl.col("v"))
-        .cast(pl.Int64, strict=False).cast(pl.Utf8).fill_null(MISSING).alias("b"))
-    return b["b"]
+    return pl.DataFrame({"v": values}).select(_bucket_expr(pl.col("v")))["v"]
 
 
 class Encoder:
@@ -106,22 +109,26 @@ class Encoder:
         counters: dict[str, VocabularyCounter] = {}
         for f in self.cat_fields + self.multi_fields:
             counters.setdefault(f.vocab_name, VocabularyCounter(f.vocab_name, f.min_count, f.hash_buckets))
-        sums = {str(f.name): [0.0, 0.0, 0] for f in self.num_fields if f.numeric == "standardize"}
+        standardized = [f for f in self.num_fields if f.numeric == "standardize"]
+        sums = {str(f.name): [0.0, 0.0, 0] for f in standardized}
         rows = 0
         for chunk in chunks:
             chunk, _ = self._drop_bad(chunk, bad)
             rows += len(chunk)
+            tokens = self._token_frame(chunk, self.cat_fields)
             for f in self.cat_fields:
-                counters[f.vocab_name].update(self._tokens(chunk, f))
+                counters[f.vocab_name].update(tokens[str(f.name)])
             for f in self.multi_fields:
                 _, tags, _ = self._multi_long(chunk, f)
                 counters[f.vocab_name].update(tags)
-            for name, acc in sums.items():
-                f = next(x for x in self.num_fields if x.name == name)
-                v = self._numbers(chunk, f).drop_nulls()
-                acc[0] += float(v.sum())
-                acc[1] += float((v * v).sum())
-                acc[2] += v.len()
+            if standardized:
+                stats = chunk.frame.select(
+                    e for f in standardized for e in self._moment_exprs(chunk, f)).row(0)
+                for k, f in enumerate(standardized):
+                    acc = sums[str(f.name)]
+                    acc[0] += stats[3 * k] or 0.0
+                    acc[1] += stats[3 * k + 1] or 0.0
+                    acc[2] += stats[3 * k + 2] or 0
         if rows == 0:
             raise DataError("the training split has no rows to fit vocabularies on")
         self.vocabularies_ = {name: c.build() for name, c in counters.items()}
@@ -131,6 +138,11 @@ class Encoder:
             var = max(ss / n - mean * mean, 0.0) if n else 1.0
             self.numeric_[name] = NumericStats(mean, math.sqrt(var) if var > 0 else 1.0)
         return self
+
+    def _moment_exprs(self, chunk: RawChunk, f: FieldConfig) -> list[pl.Expr]:
+        v = self._number_expr(chunk, f)
+        name = str(f.name)
+        return [v.sum().alias(f"{name}__s"), (v * v).sum().alias(f"{name}__ss"), v.count().alias(f"{name}__n")]
 
     # ---------------------------------------------------------------- layout
     def layout(self) -> TableLayout:
@@ -164,16 +176,27 @@ class Encoder:
         chunk, kept = self._drop_bad(chunk, bad, check_label=labels)
         n = len(chunk)
         label_arr = self._labels(chunk) if labels else None
+        # one select for every field: polars evaluates the columns in parallel
         cat = np.empty((n, len(self.cat_fields)), dtype=np.int64)
-        for j, f in enumerate(self.cat_fields):
-            cat[:, j] = vocabs[f.vocab_name].encode(self._tokens(chunk, f))
-        num = np.empty((n, len(self.num_fields)), dtype=np.float32)
+        looked_up = [(j, f) for j, f in enumerate(self.cat_fields) if not vocabs[f.vocab_name].hash_buckets]
+        hashed = [(j, f) for j, f in enumerate(self.cat_fields) if vocabs[f.vocab_name].hash_buckets]
+        exprs = [vocabs[f.vocab_name].lookup_expr(self._token_expr(chunk, f)).alias(f"c{j}") for j, f in looked_up]
         for j, f in enumerate(self.num_fields):
-            v = self._numbers(chunk, f)
+            v = self._number_expr(chunk, f)
             if f.numeric == "standardize":
-                s = stats[str(f.name)]
-                v = (v - s.mean) / s.std
-            num[:, j] = v.fill_null(float("nan")).to_numpy().astype(np.float32)
+                st = stats[str(f.name)]
+                v = (v - st.mean) / st.std
+            exprs.append(v.cast(pl.Float32).fill_null(float("nan")).alias(f"n{j}"))
+        encoded = chunk.frame.select(exprs) if exprs else pl.DataFrame()
+        for j, _ in looked_up:
+            cat[:, j] = encoded[f"c{j}"].to_numpy()
+        if hashed:
+            tokens = self._token_frame(chunk, [f for _, f in hashed])
+            for j, f in hashed:
+                cat[:, j] = vocabs[f.vocab_name].encode(tokens[str(f.name)])
+        num = np.empty((n, len(self.num_fields)), dtype=np.float32)
+        for j in range(len(self.num_fields)):
+            num[:, j] = encoded[f"n{j}"].to_numpy()
         multi = []
         for f in self.multi_fields:
             rows, tags, weights = self._multi_long(chunk, f)
@@ -196,22 +219,33 @@ class Encoder:
                             path=chunk.path, field=name)
         return chunk.frame[name]
 
-    def _tokens(self, chunk: RawChunk, f: FieldConfig) -> pl.Series:
-        col = self._column(chunk, str(f.name))
+    def _dtype(self, chunk: RawChunk, name: str) -> pl.DataType:
+        self._column(chunk, name)  # a clear error for a missing column
+        return chunk.frame.schema[name]
+
+    def _token_expr(self, chunk: RawChunk, f: FieldConfig) -> pl.Expr:
+        """The vocabulary token (text) of each cell of a categorical or log-bucketed numeric field."""
+        name = str(f.name)
         if f.kind == "numeric":  # log_bucket
-            return _bucket(self._numbers(chunk, f))
-        if col.dtype == pl.Utf8:
+            return _bucket_expr(self._number_expr(chunk, f))
+        dtype = self._dtype(chunk, name)
+        col = pl.col(name)
+        if dtype == pl.Utf8:
             return col.fill_null(MISSING)
-        if col.dtype.is_float():
-            # a float id column (Parquet) is only exact while integral; keep the integer text
-            as_int = col.cast(pl.Int64, strict=False)
-            if ((as_int.cast(pl.Float64) != col) & col.is_not_null()).any():
-                return col.cast(pl.Utf8).fill_null(MISSING)
-            return as_int.cast(pl.Utf8).fill_null(MISSING)
+        if dtype.is_float():
+            # a float id column (Parquet): an integral value keeps its integer text, cell by cell
+            integral = col.cast(pl.Int64, strict=False).cast(pl.Utf8)
+            return pl.when(col == col.floor()).then(integral).otherwise(col.cast(pl.Utf8)).fill_null(MISSING)
         return col.cast(pl.Utf8).fill_null(MISSING)
 
-    def _numbers(self, chunk: RawChunk, f: FieldConfig) -> pl.Series:
-        v = _as_float(self._column(chunk, str(f.name)))
+    def _token_frame(self, chunk: RawChunk, fields: list[FieldConfig]) -> pl.DataFrame:
+        if not fields:
+            return pl.DataFrame()
+        return chunk.frame.select(self._token_expr(chunk, f).alias(str(f.name)) for f in fields)
+
+    def _number_expr(self, chunk: RawChunk, f: FieldConfig) -> pl.Expr:
+        name = str(f.name)
+        v = _float_expr(pl.col(name), self._dtype(chunk, name))
         if f.log1p:
             v = (v.clip(lower_bound=0.0) + 1.0).log()
         return v
@@ -264,20 +298,21 @@ class Encoder:
                   check_label: bool = True) -> tuple[RawChunk, np.ndarray]:
         """Validate labels and numeric cells; raise on the first bad row, or drop and report bad rows."""
         n = len(chunk)
-        problems: list[tuple[np.ndarray, str, str]] = []  # (bad mask, field, reason)
+        checks: list[tuple[pl.Expr, str, str]] = []  # (bad-row expression, field, reason)
         if check_label:
-            raw = self._column(chunk, self.data.label)
-            v = _as_float(raw)
-            not_binary = ~(v.is_in([0.0, 1.0]).fill_null(False).to_numpy())
-            if not_binary.any():
-                problems.append((not_binary, self.data.label, "label must be 0 or 1"))
+            label = self.data.label
+            parsed = _float_expr(pl.col(label), self._dtype(chunk, label))
+            checks.append((~parsed.is_in([0.0, 1.0]).fill_null(False), label, "label must be 0 or 1"))
         for f in self.fields:
-            if f.kind != "numeric":
-                continue
-            raw = self._column(chunk, str(f.name))
-            mask = _bad_numbers(raw, _as_float(raw))
-            if mask.any():
-                problems.append((mask, str(f.name), "is not a number"))
+            if f.kind == "numeric":
+                name = str(f.name)
+                checks.append((_bad_number_expr(pl.col(name), self._dtype(chunk, name)), name, "is not a number"))
+        problems: list[tuple[np.ndarray, str, str]] = []
+        if checks:
+            flags = chunk.frame.select(e.alias(f"_{k}") for k, (e, _, _) in enumerate(checks))
+            any_bad = flags.select(pl.all().any()).row(0)
+            problems = [(flags[f"_{k}"].to_numpy(), name, reason)
+                        for k, (_, name, reason) in enumerate(checks) if any_bad[k]]
         kept = np.ones(n, dtype=bool)
         if not problems:
             return chunk, kept

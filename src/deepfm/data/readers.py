@@ -46,10 +46,13 @@ class BadRows:
     side_file: Path | None = None
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    entries: list[tuple[str, int | None, str, str]] = field(default_factory=list)  # kept without a side file
     _handle: object | None = None
 
     def add(self, path: str, line: int | None, reason: str, text: str = "") -> None:
         self.count += 1
+        if self.side_file is None:
+            self.entries.append((path, line, reason, text))
         entry = f"{path}:{line if line is not None else '?'}: {reason}\t{text}"
         if len(self.examples) < 5:
             self.examples.append(entry)
@@ -147,15 +150,19 @@ def _read_delimited(path: str, data: DataConfig, bad: BadRows | None,
     def report_invalid() -> None:
         if invalid and bad is None:
             line, reason, text = invalid[0]
+            if line is None:  # the multi-threaded parser does not count lines: find it (error path only)
+                line = _find_line(path, text, header_lines)
             raise DataError(f"{reason}: {text[:200]!r}", path=path, line=line)
         for line, reason, text in invalid:
             assert bad is not None
             bad.add(path, line, reason, text)
         invalid.clear()
 
+    # Parse on all cores unless skipping bad rows: then every line number must be known, which pyarrow
+    # only reports single-threaded. A strict run stops at the first malformed row and locates it then.
     reader = pacsv.open_csv(
         path,
-        read_options=pacsv.ReadOptions(use_threads=False, block_size=BLOCK_BYTES, column_names=names,
+        read_options=pacsv.ReadOptions(use_threads=bad is None, block_size=BLOCK_BYTES, column_names=names,
                                        skip_rows=header_lines),
         parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid,
                                          ignore_empty_lines=False, quote_char='"' if sep == "," else False),
@@ -192,6 +199,14 @@ def _read_delimited(path: str, data: DataConfig, bad: BadRows | None,
         raise DataError("file has no data rows", path=path)
 
 
+def _find_line(path: str, text: str, header_lines: int) -> int | None:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if number > header_lines and line.rstrip("\r\n") == text:
+                return number
+    return None
+
+
 def _line_numbers(first: int, n: int, skipped: list[int]) -> np.ndarray:
     """The line numbers of ``n`` parsed rows that start at line ``first``, stepping over skipped lines."""
     span = np.arange(first, first + n + len(skipped), dtype=np.int64)
@@ -204,8 +219,9 @@ def _emit(path: str, frames: list[pl.DataFrame], lines: list[np.ndarray], row_st
     frame = frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
     all_lines = lines[0] if len(lines) == 1 else np.concatenate(lines)
     # a blank line is no row: drop rows whose every cell is empty (pyarrow keeps them as empty strings)
-    blank = frame.select(pl.all_horizontal(pl.all() == "")).to_series()
-    if blank.any():
+    first = frame.columns[0]
+    blank = frame.select(pl.all_horizontal(pl.all() == "")).to_series() if (frame[first] == "").any() else None
+    if blank is not None and blank.any():
         keep = ~blank.to_numpy()
         frame, all_lines = frame.filter(pl.Series(keep)), all_lines[keep]
     return RawChunk(path, frame, all_lines, row_start)

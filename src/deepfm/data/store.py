@@ -38,6 +38,7 @@ from deepfm.progress import progress_bar
 
 STORE_VERSION = 1
 SPLITS = ("train", "valid", "test")
+REREAD_ABOVE_BYTES = 2 << 30  # parsed training chunks kept in memory between the fit and encode passes
 
 
 @dataclass
@@ -229,8 +230,24 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
     bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
     encoder = Encoder(cfg.fields, cfg.data)
     # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
+    # The training file is read once when its parsed chunks fit in memory (kept for the encoding pass),
+    # twice otherwise. Bad rows are reported by whichever pass is the last to see them.
+    kept_chunks: list[RawChunk] | None = []
+    kept_bytes = 0
+
+    def remember(chunks: Iterator[RawChunk]) -> Iterator[RawChunk]:
+        nonlocal kept_chunks, kept_bytes
+        for chunk in chunks:
+            if kept_chunks is not None:
+                kept_bytes += chunk.frame.estimated_size()
+                if kept_bytes <= REREAD_ABOVE_BYTES and cfg.data.split is None:
+                    kept_chunks.append(chunk)
+                else:
+                    kept_chunks = None
+            yield chunk
+
     fit_bad = BadRows() if bad is not None else None
-    encoder.fit(progress_bar(_train_chunks(cfg, fit_bad), desc="fit vocabularies", enabled=progress,
+    encoder.fit(progress_bar(remember(_train_chunks(cfg, fit_bad)), desc="fit vocabularies", enabled=progress,
                              unit="chunk"), bad=fit_bad)
     layout = encoder.layout()
     id_dtype = np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
@@ -247,11 +264,16 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
                                               if getattr(cfg.data, s)]
     total_rows = 0
     for split_name, path in sources:
-        chunks = progress_bar(read_chunks(path, cfg.data, bad), desc=f"encode {split_name}",
-                              enabled=progress, unit="chunk")
+        reuse = split_name == "train" and kept_chunks is not None
+        if reuse and bad is not None and fit_bad is not None:  # report what the reading pass skipped
+            for entry in fit_bad.entries:
+                bad.add(*entry)
+        chunks = progress_bar(iter(kept_chunks) if reuse else read_chunks(path, cfg.data, bad),  # type: ignore
+                              desc=f"encode {split_name}", enabled=progress, unit="chunk")
         for chunk in chunks:
             total_rows += len(chunk)
-            enc = encoder.transform(chunk, bad=bad)
+            # a kept chunk is re-validated against a throwaway sink: its bad rows were reported above
+            enc = encoder.transform(chunk, bad=(BadRows() if bad is not None else None) if reuse else bad)
             group = None
             if with_group:
                 gcol = chunk.frame[cfg.data.group_column].filter(pl.Series(enc.kept))

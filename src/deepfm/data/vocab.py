@@ -36,16 +36,22 @@ class Vocabulary:
         values = values.cast(pl.Utf8).fill_null("")
         if self.hash_buckets:
             return bucketize(values.to_arrow(), self.hash_buckets)
+        return values.to_frame("t").select(self.lookup_expr(pl.col("t")))["t"].to_numpy()
+
+    def lookup_expr(self, tokens: pl.Expr) -> pl.Expr:
+        """Polars expression: token text -> id (Int64); unseen -> ``OOV_ID``. Not for hashed vocabularies."""
+        if self.hash_buckets:
+            raise ValueError("hashed vocabularies are encoded with encode(), not an expression")
+        lookup = self._table()
+        return tokens.replace_strict(lookup["token"], lookup["id"], default=OOV_ID, return_dtype=pl.Int64)
+
+    def _table(self) -> pl.DataFrame:
         if self._lookup is None:
             self._lookup = pl.DataFrame({
                 "token": pl.Series(self.tokens, dtype=pl.Utf8),
                 "id": pl.Series(np.arange(1, len(self.tokens) + 1), dtype=pl.Int64),
             })
-        if not self.tokens:
-            return np.zeros(len(values), dtype=np.int64)
-        ids = values.replace_strict(self._lookup["token"], self._lookup["id"], default=OOV_ID,
-                                    return_dtype=pl.Int64)
-        return ids.to_numpy()
+        return self._lookup
 
     def to_json(self) -> dict:
         return {"min_count": self.min_count, "hash_buckets": self.hash_buckets, "tokens": self.tokens}
