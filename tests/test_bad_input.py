@@ -34,7 +34,9 @@ def _train(cfg: Path, out: Path, *extra: str) -> int:
 @pytest.mark.parametrize("bad_line, message, field", [
     ("1\t5\n", "expected 3 columns, found 2", None),
     ("1\t5\tc1\textra\n", "expected 3 columns, found 4", None),
-    ("1\tabc\tc1\n", "'abc' is not a number", "I1"),
+    ("1\tabc\tc1\n", "'abc' is not a finite number", "I1"),
+    ("1\tinf\tc1\n", "'inf' is not a finite number", "I1"),
+    ("1\t1e39\tc1\n", "'1e39' is not a finite number", "I1"),
     ("2\t5\tc1\n", "label must be 0 or 1", "label"),
     ("yes\t5\tc1\n", "label must be 0 or 1", "label"),
 ])

@@ -217,7 +217,7 @@ BAD = [
     ({"rows": [{"features": {}}, {"features": {"C99": "a"}}]}, 422, ["row 1", "field 'C99'", "unknown field"]),
     ({"rows": [{"features": {"label": 1}}]}, 422, ["row 0", "field 'label'", "label column"]),
     ({"rows": [{"features": {}}, {"features": {}}, {"features": {"I3": "abc"}}]}, 422,
-     ["row 2", "field 'I3'", "'abc' is not a number"]),
+     ["row 2", "field 'I3'", "'abc' is not a finite number"]),
     ({"rows": [{"features": {"I3": [1, 2]}}]}, 422, ["row 0", "field 'I3'", "numeric field", "list"]),
     ({"rows": [{"features": {"I3": True}}]}, 422, ["row 0", "field 'I3'", "boolean"]),
     ({"rows": [{"features": {"C1": {"a": 1}}}]}, 422, ["row 0", "field 'C1'", "categorical", "object"]),

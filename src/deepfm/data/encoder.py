@@ -68,11 +68,14 @@ def _float_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return col.cast(pl.Float64, strict=False)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _bad_number_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
-    """True where a value was given but is not a (finite or infinite, non-NaN) number."""
+    """True where a value was given but is not a finite number that fits a float32 (NaN and inf included)."""
     parsed = _float_expr(col, dtype)
     given = (col.str.strip_chars().fill_null("") != "") if dtype == pl.Utf8 else col.is_not_null()
-    return given & (parsed.is_null() | parsed.is_nan())
+    return given & (parsed.is_null() | ~(parsed.abs() <= FLOAT32_MAX).fill_null(False))
 
 
 def _bucket_expr(values: pl.Expr) -> pl.Expr:
@@ -306,7 +309,8 @@ class Encoder:
         for f in self.fields:
             if f.kind == "numeric":
                 name = str(f.name)
-                checks.append((_bad_number_expr(pl.col(name), self._dtype(chunk, name)), name, "is not a number"))
+                checks.append((_bad_number_expr(pl.col(name), self._dtype(chunk, name)), name,
+                               "is not a finite number"))
         problems: list[tuple[np.ndarray, str, str]] = []
         if checks:
             flags = chunk.frame.select(e.alias(f"_{k}") for k, (e, _, _) in enumerate(checks))

@@ -19,6 +19,8 @@ import torch
 from deepfm.data.encoder import EncodedChunk
 from deepfm.data.store import SplitArrays
 
+RELEASE_EVERY = 64  # batches between drops of the touched memory-mapped pages
+
 
 @dataclass
 class ModelInput:
@@ -181,9 +183,11 @@ def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = Fals
 
     def work() -> None:
         try:
-            for rows in plan:
+            for k, rows in enumerate(plan):
                 if stop.is_set():
                     return
+                if k % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    split.release_pages()  # bounded memory on data larger than RAM
                 batch = load_batch(split, rows)
                 q.put(batch.pin_memory() if pin_memory else batch)
             q.put(done)

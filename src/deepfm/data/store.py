@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -53,6 +54,18 @@ class SplitArrays:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def release_pages(self) -> None:
+        """Drop the mapped pages this process has touched from its resident memory.
+
+        The pages stay in the OS page cache, so reading them again is cheap; without this, one epoch
+        over a file larger than RAM would count the whole file in the process's RSS.
+        """
+        arrays = [self.labels, self.cat_ids, self.num_values, self.group] + [a for m in self.multi for a in m]
+        for arr in arrays:
+            mapped = getattr(arr, "_mmap", None)
+            if mapped is not None and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
