@@ -22,5 +22,9 @@ example: setup
 test: setup
 	$(BIN)/python -m pytest tests
 
+# the speed benchmark against DeepCTR-Torch, FuxiCTR and torchrec (installs them in bench/.envs; long)
+bench: setup
+	$(BIN)/python bench/run_all.py
+
 clean:
 	rm -rf runs .cache examples/*/.cache

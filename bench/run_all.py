@@ -1,0 +1,166 @@
+"""One command for the whole speed benchmark: peers set up, data generated, every contender run one after
+another in one run (so the ratios hold on a noisy machine), and bench/RESULTS.md written.
+
+    make bench                     # = .venv/bin/python bench/run_all.py
+    .venv/bin/python bench/run_all.py --rows 250000 [--skip-setup] [--contenders deepfm-bf16,deepctr,...]
+                                       [--max-steps N] [--device cuda]
+
+Contenders: deepfm (its default precision: bf16 autocast where the CPU or GPU supports bf16, else fp32; the
+result line says which), deepfm-fp32, deepctr (DeepCTR-Torch 0.3.0), fuxictr (FuxiCTR 2.3.x), torchrec (torchrec 1.8.0).
+Same configuration for all: embedding 16, DNN 400-400-400, batch 4096, Adam 1e-3, one epoch.
+Before each contender the script waits (up to --quiet-wait s) for the 1-minute load average to drop
+below --quiet-load, and records the load in the JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEERS = {"deepctr": "run_deepctr.py", "fuxictr": "run_fuxictr.py", "torchrec": "run_torchrec.py"}
+ALL = ["deepfm", "deepfm-fp32", "deepctr", "fuxictr", "torchrec"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wait_quiet(load: float, max_wait: float) -> None:
+    t0 = time.time()
+    while os.getloadavg()[0] >= load and time.time() - t0 < max_wait:
+        time.sleep(5)
+
+
+def run_json(cmd: list[str], err_path: Path, timeout: float) -> dict | None:
+    log("$ " + " ".join(cmd))
+    with open(err_path, "w") as err:
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            log(f"  timed out after {timeout:.0f} s (see {err_path})")
+            return None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        log(f"  failed with exit code {proc.returncode} (see {err_path})")
+        return None
+    return json.loads(lines[-1])
+
+
+def ensure_data(rows: int, seed: int) -> Path:
+    stem = HERE / ".data" / f"g{rows}s{seed}"
+    if not Path(f"{stem}_test.tsv").is_file():
+        (HERE / ".data").mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(HERE / "generate.py"), "--rows", str(rows), "--seed", str(seed),
+                        "--out", f"{stem}.tsv", "--split"], check=True, cwd=ROOT)
+    return stem
+
+
+def fmt(v, spec: str = ",.0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def write_results(path: Path, results: list[dict], machine: dict | None, teacher: dict, command: str) -> None:
+    peers = [r for r in results if not r["name"].startswith("deepfm")]
+    best = {k: max((r.get(k) or 0) for r in peers) if peers else None
+            for k in ("train_samples_per_s_median", "infer_samples_per_s", "prep_rows_per_s")}
+    lines = ["# Benchmark results", "",
+             f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`.", ""]
+    if machine:
+        flags = ", ".join(k for k, v in (machine.get("flags") or {}).items() if v) or "?"
+        lines += [f"Machine: {machine.get('cpu_model', platform.processor())}, "
+                  f"{machine.get('logical_cpus', os.cpu_count())} logical CPUs, torch {machine.get('torch', '?')}, "
+                  f"device {machine.get('device', 'cpu')}. CPU flags: {flags}.", ""]
+    lines += ["| contender | prep rows/s | train samples/s (median) | epoch s | infer samples/s | "
+              "latency b1 ms (p50/p99) | latency b100 ms (p50/p99) | peak RSS MB | test AUC | test logloss | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lat = r.get("latency_ms", {})
+        b1, b100 = lat.get("b1", {}), lat.get("b100", {})
+        lines.append(
+            f"| {r['name']} | {fmt(r.get('prep_rows_per_s'))} | {fmt(r.get('train_samples_per_s_median'))} | "
+            f"{fmt(r.get('epoch_wall_s'), '.2f')} | {fmt(r.get('infer_samples_per_s'))} | "
+            f"{fmt(b1.get('median'), '.3f')} / {fmt(b1.get('p99'), '.3f')} | "
+            f"{fmt(b100.get('median'), '.3f')} / {fmt(b100.get('p99'), '.3f')} | {fmt(r.get('peak_rss_mb'))} | "
+            f"{fmt(r.get('test_auc'), '.4f')} | {fmt(r.get('test_logloss'), '.4f')} | "
+            f"{fmt((r.get('loadavg_1m_5m') or [None])[0], '.2f')} |")
+    if teacher:
+        lines += ["", f"Teacher (the hidden model that drew the labels) test AUC: {teacher.get('teacher_auc', '?')}: "
+                      "the ceiling any model can reach on this data."]
+    if best["train_samples_per_s_median"]:
+        lines += ["", "## Ratios against the fastest peer of the same run", "",
+                  "| contender | train | inference | preparation | AUC - best peer AUC |", "|---|---|---|---|---|"]
+        best_auc = max(r.get("test_auc") or 0 for r in peers)
+        for r in results:
+            if r["name"].startswith("deepfm"):
+                lines.append(
+                    f"| {r['name']} | {r['train_samples_per_s_median'] / best['train_samples_per_s_median']:.2f}x | "
+                    f"{r['infer_samples_per_s'] / best['infer_samples_per_s']:.2f}x | "
+                    f"{r['prep_rows_per_s'] / best['prep_rows_per_s']:.2f}x | {r['test_auc'] - best_auc:+.4f} |")
+    if machine:
+        lines += ["", "## Machine ceiling (bench/machine.py)", "", "```", json.dumps(machine, indent=1), "```"]
+    lines += ["", "Raw JSON lines: `bench/.out/results.jsonl`. Protocol: bench/README.md."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=250_000, help="generated rows (80/10/10 train/valid/test)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--contenders", default=",".join(ALL))
+    ap.add_argument("--skip-setup", action="store_true", help="do not (re)install the peers' venvs")
+    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quiet-load", type=float, default=1.0)
+    ap.add_argument("--quiet-wait", type=float, default=120.0)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per contender, seconds")
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    out = HERE / ".out"
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_setup and any(c in PEERS for c in contenders):
+        subprocess.run(["bash", str(HERE / "peers" / "setup.sh"), *[c for c in contenders if c in PEERS]],
+                       check=True, cwd=ROOT)
+    stem = ensure_data(args.rows, args.seed)
+    teacher = json.loads(Path(f"{stem}.json").read_text()) if Path(f"{stem}.json").is_file() else {}
+    teacher = teacher.get("splits", {}).get("test", teacher)
+    machine = run_json([sys.executable, str(HERE / "machine.py"), "--device", args.device], out / "machine.err", 600)
+    train, test = f"{stem}_train.tsv", f"{stem}_test.tsv"
+    common = ["--train", train, "--test", test, "--device", args.device]
+    if args.max_steps:
+        common += ["--max-steps", str(args.max_steps)]
+    results = []
+    for name in contenders:
+        wait_quiet(args.quiet_load, args.quiet_wait)
+        if name.startswith("deepfm"):
+            precision = name.split("-", 1)[1] if "-" in name else "auto"
+            cmd = [sys.executable, str(HERE / "run_deepfm.py"), *common, "--precision", precision]
+        elif name in PEERS:
+            python = HERE / ".envs" / name / "bin" / "python"
+            if not python.exists():
+                log(f"  {name}: no venv at {python.parent.parent}; run without --skip-setup to install it")
+                continue
+            cmd = [str(python), str(HERE / "peers" / PEERS[name]), *common]
+        else:
+            raise SystemExit(f"unknown contender {name!r}; choose from {ALL}")
+        r = run_json(cmd, out / f"{name}.err", args.timeout)
+        if r is not None:
+            results.append(r)
+            with open(out / "results.jsonl", "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+            log(f"  {name}: {r.get('train_samples_per_s_median', 0):,.0f} samples/s, AUC {r.get('test_auc', 0):.4f}")
+    command = "python bench/run_all.py " + " ".join(sys.argv[1:])
+    write_results(Path(args.results), results, machine, teacher, command.strip())
+    log(f"Wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
