@@ -39,7 +39,7 @@ from deepfm.progress import progress_bar
 
 STORE_VERSION = 1
 SPLITS = ("train", "valid", "test")
-REREAD_ABOVE_BYTES = 2 << 30  # parsed training chunks kept in memory between the fit and encode passes
+REREAD_ABOVE_BYTES = 1 << 30  # parsed training chunks kept in memory between the fit and encode passes
 
 
 @dataclass
