@@ -28,11 +28,19 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     if any("valid_logloss" in r for r in history):
         ax_loss.plot(epochs, [r.get("valid_logloss", np.nan) for r in history], "o-", label="valid")
         ax_auc.plot(epochs, [r.get("valid_auc", np.nan) for r in history], "o-", color="C1")
+        aucs = [r.get("valid_auc", -np.inf) for r in history]
+        best = epochs[int(np.argmax(aucs))]
+        for ax in (ax_loss, ax_auc):
+            ax.axvline(best, color="grey", ls=":", lw=1, label=f"best epoch ({best})")
+        ax_auc.legend(loc="lower right")
     ax_loss.set(title="Log loss", xlabel="epoch")
     ax_loss.legend()
     ax_auc.set(title="Validation AUC", xlabel="epoch")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_auc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
