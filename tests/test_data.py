@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from deepfm.config import DataConfig, FieldConfig, config_from_dict
 from deepfm.data.encoder import Encoder
@@ -180,3 +181,23 @@ def test_loader_covers_every_row_once_and_gathers_multi_values(tmp_path):
     assert lengths.tolist() == [int(r) % 4 for r in plan[0]]
     total = sum(len(b) for b in iterate_batches(split, 10, shuffle=True, seed=3, epoch=1, block_rows=4))
     assert total == 103
+
+
+def test_pread_path_reads_the_same_batches_as_the_memory_map(tmp_path, monkeypatch):
+    import deepfm.data.loader as loader
+
+    p = tmp_path / "m.csv"
+    rows = ["label,c,x,tags"] + [f"{i % 2},c{i % 7},{i * 0.5},{'^'.join(f't{j}:{j + 1}' for j in range(i % 4))}"
+                                 for i in range(157)]
+    p.write_text("\n".join(rows) + "\n")
+    cfg = config_from_dict({"data": {"format": "csv", "train": str(p), "cache_dir": str(tmp_path / "c")},
+                            "fields": [{"name": "c"}, {"name": "x", "kind": "numeric", "numeric": "scale"},
+                                       {"name": "tags", "kind": "multi"}]})
+    split = prepare(cfg, progress=False, log=lambda m: None).splits["train"]
+    plans = batch_rows(len(split), 40, shuffle=True, seed=2, epoch=0, block_rows=3) + [(10, 50)]
+    mapped = [load_batch(split, r) for r in plans]
+    monkeypatch.setattr(loader, "MAP_BELOW_BYTES", 0)  # force the pread path
+    for r, a in zip(plans, mapped):
+        b = load_batch(split, r)
+        for x, y in zip(a.tensors() + (a.labels,), b.tensors() + (b.labels,)):
+            assert x.dtype == y.dtype and torch.equal(torch.nan_to_num(x), torch.nan_to_num(y))

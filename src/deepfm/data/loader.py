@@ -1,13 +1,16 @@
 """Batches by slicing memory-mapped arrays, shuffled in blocks, prefetched on a background thread.
 
 Shuffling permutes blocks of ``block_rows`` consecutive rows (seeded by ``(seed, epoch)``), so a batch
-gathers a handful of contiguous runs from the memory maps instead of thousands of random rows: near
-random-order statistics at sequential-read speed, and a dataset larger than RAM trains with bounded memory.
+reads a hundred or so contiguous runs instead of thousands of random rows: near random-order statistics at
+sequential-read speed. A split larger than ``MAP_BELOW_BYTES`` is read with ``pread`` into each batch's
+arrays instead of through its memory map, so a dataset larger than RAM trains with bounded memory (mapped
+pages would count in the process's resident memory; with large page-cache folios one row maps 2 MB).
 The order depends only on ``(seed, epoch)``, so a resumed run can skip exactly the batches it already did.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -18,8 +21,6 @@ import torch
 
 from deepfm.data.encoder import EncodedChunk
 from deepfm.data.store import SplitArrays
-
-RELEASE_EVERY = 64  # batches between drops of the touched memory-mapped pages
 
 
 @dataclass
@@ -101,22 +102,66 @@ def input_from_chunk(enc: EncodedChunk) -> ModelInput:
                       enc.labels)
 
 
-def _gather_csr(ids: np.ndarray, weights: np.ndarray, offsets: np.ndarray,
-                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    starts, ends = offsets[rows], offsets[rows + 1]
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, ids.dtype), np.zeros(0, np.float32), lengths
-    first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    pos = first + np.arange(total)
-    return ids[pos], weights[pos], lengths
+_FILES: dict[str, int] = {}
+_FILES_LOCK = threading.Lock()
 
 
-def _slice_csr(ids: np.ndarray, weights: np.ndarray, offsets: np.ndarray, lo: int,
-               hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    a, b = int(offsets[lo]), int(offsets[hi])
-    return ids[a:b], weights[a:b], np.diff(offsets[lo:hi + 1])
+def _fd(path: str) -> int:
+    with _FILES_LOCK:
+        if path not in _FILES:
+            _FILES[path] = os.open(path, os.O_RDONLY)
+        return _FILES[path]
+
+
+def runs_of(rows: np.ndarray | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row indices (or a ``(lo, hi)`` slice) -> the ``[start, stop)`` runs of consecutive rows."""
+    if isinstance(rows, tuple):
+        return np.array([rows[0]], np.int64), np.array([rows[1]], np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+    return rows[np.r_[0, breaks]], rows[np.r_[breaks - 1, rows.size - 1]] + 1
+
+
+def take_runs(arr: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Rows ``[start, stop)`` of every run, concatenated, as a new array.
+
+    For a memory-mapped array the rows are read with ``pread`` into the new array rather than touched
+    through the mapping: mapped pages count in the process's resident memory (with large page-cache folios
+    one touched row can map 2 MB), pread's do not, so a file larger than RAM trains in bounded memory.
+    """
+    count = int((stops - starts).sum())
+    out = np.empty((count, *arr.shape[1:]), dtype=arr.dtype)
+    path = getattr(arr, "filename", None)
+    if count == 0:
+        return out
+    if path is None:
+        np.concatenate([arr[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)], out=out)
+        return out
+    row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    fd, base = _fd(path), int(arr.offset)
+    buf = memoryview(out.reshape(-1)).cast("B")
+    pos = 0
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        size = (b - a) * row_bytes
+        if os.preadv(fd, [buf[pos:pos + size]], base + a * row_bytes) != size:
+            raise OSError(f"{path}: short read (was the prepared data changed while training?)")
+        pos += size
+    return out
+
+
+def _take_csr(ids: np.ndarray, weights: np.ndarray, offsets: np.ndarray, starts: np.ndarray,
+              stops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tags of the rows in the runs: (ids, weights, lengths per row)."""
+    offs = take_runs(offsets, starts, stops + 1)  # each run's offsets, one more than its rows
+    run_len = stops - starts + 1
+    first = np.concatenate(([0], np.cumsum(run_len)[:-1]))
+    lengths = np.diff(offs)
+    keep = np.ones(lengths.size, dtype=bool)
+    keep[first[1:] - 1] = False  # the differences that straddle two runs
+    tag_starts, tag_stops = offs[first], offs[first + run_len - 1]
+    return take_runs(ids, tag_starts, tag_stops), take_runs(weights, tag_starts, tag_stops), lengths[keep]
 
 
 def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, block_rows: int,
@@ -149,15 +194,43 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
     return out
 
 
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+# Splits up to this size are read through their memory maps (fastest: fancy indexing, no syscalls); their
+# pages then count in the process's resident memory, bounded by this size. Larger splits are read with pread.
+MAP_BELOW_BYTES = min(4 << 30, _ram_bytes() // 4)
+
+
+def _gather_csr(ids: np.ndarray, weights: np.ndarray, offsets: np.ndarray,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    starts, ends = offsets[rows], offsets[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, ids.dtype), np.zeros(0, np.float32), lengths
+    first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    pos = first + np.arange(total)
+    return ids[pos], weights[pos], lengths
+
+
 def load_batch(split: SplitArrays, rows: np.ndarray | tuple[int, int]) -> ModelInput:
-    if isinstance(rows, tuple):
-        lo, hi = rows
-        multi = [_slice_csr(i, w, o, lo, hi) for i, w, o in split.multi]
-        group = None if split.group is None else split.group[lo:hi]
-        return make_input(split.cat_ids[lo:hi], split.num_values[lo:hi], multi, split.labels[lo:hi], group)
-    multi = [_gather_csr(i, w, o, rows) for i, w, o in split.multi]
-    group = None if split.group is None else split.group[rows]
-    return make_input(split.cat_ids[rows], split.num_values[rows], multi, split.labels[rows], group)
+    """The batch of the given rows (sorted indices or a ``(lo, hi)`` slice)."""
+    if split.nbytes <= MAP_BELOW_BYTES:
+        if isinstance(rows, tuple):
+            rows = np.arange(rows[0], rows[1], dtype=np.int64)
+        multi = [_gather_csr(i, w, o, rows) for i, w, o in split.multi]
+        group = None if split.group is None else split.group[rows]
+        return make_input(split.cat_ids[rows], split.num_values[rows], multi, split.labels[rows], group)
+    starts, stops = runs_of(rows)
+    multi = [_take_csr(i, w, o, starts, stops) for i, w, o in split.multi]
+    group = None if split.group is None else take_runs(split.group, starts, stops)
+    return make_input(take_runs(split.cat_ids, starts, stops), take_runs(split.num_values, starts, stops), multi,
+                      take_runs(split.labels, starts, stops), group)
 
 
 def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -186,8 +259,6 @@ def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = Fals
             for k, rows in enumerate(plan):
                 if stop.is_set():
                     return
-                if k % RELEASE_EVERY == RELEASE_EVERY - 1:
-                    split.release_pages()  # bounded memory on data larger than RAM
                 batch = load_batch(split, rows)
                 q.put(batch.pin_memory() if pin_memory else batch)
             q.put(done)

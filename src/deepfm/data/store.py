@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import time
@@ -55,17 +54,10 @@ class SplitArrays:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def release_pages(self) -> None:
-        """Drop the mapped pages this process has touched from its resident memory.
-
-        The pages stay in the OS page cache, so reading them again is cheap; without this, one epoch
-        over a file larger than RAM would count the whole file in the process's RSS.
-        """
+    @property
+    def nbytes(self) -> int:
         arrays = [self.labels, self.cat_ids, self.num_values, self.group] + [a for m in self.multi for a in m]
-        for arr in arrays:
-            mapped = getattr(arr, "_mmap", None)
-            if mapped is not None and hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+        return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
 @dataclass
