@@ -167,3 +167,32 @@ def test_libsvm_file_trains_end_to_end(tmp_path):
         "model": {"hidden_units": [16]}, "train": {"epochs": 8, "batch_size": 64, "lr": 0.01, "progress": False}})
     res = train(cfg, tmp_path / "m", **QUIET)
     assert res.metrics["valid"]["auc"] > 0.8
+
+
+def test_evaluate_reports_gauc_with_a_group_column(tmp_path, capsys):
+    import json as _json
+
+    from deepfm.cli import main
+    from deepfm.metrics import group_auc
+
+    rng = np.random.default_rng(5)
+    n = 1500
+    user = rng.integers(0, 40, n)
+    item = rng.integers(0, 30, n)
+    p = 1 / (1 + np.exp(-((item % 3 == 0) * 2.0 - 1.0 + (user % 2) * 0.5)))
+    y = (rng.random(n) < p).astype(int)
+    frame = pl.DataFrame({"label": y, "user": user.astype(str), "item": item.astype(str)})
+    frame[:1200].write_csv(tmp_path / "train.csv")
+    frame[1200:].write_csv(tmp_path / "test.csv")
+    cfg = config_from_dict({
+        "data": {"format": "csv", "train": str(tmp_path / "train.csv"), "valid": str(tmp_path / "test.csv"),
+                 "group_column": "user", "cache_dir": str(tmp_path / "c")},
+        "fields": [{"name": "user"}, {"name": "item"}],
+        "model": {"hidden_units": [16]}, "train": {"epochs": 3, "batch_size": 128, "lr": 0.01, "progress": False}})
+    res = train(cfg, tmp_path / "m", **QUIET)
+    assert "gauc" in res.metrics["valid"]
+    assert main(["evaluate", str(tmp_path / "m"), str(tmp_path / "test.csv"), "--json", "--no-progress"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    probs = Predictor(tmp_path / "m").predict_proba(frame[1200:])
+    assert out["gauc"] == pytest.approx(group_auc(y[1200:], probs, user[1200:]), abs=1e-9)
+    assert out["auc"] == pytest.approx(auc(y[1200:], probs), abs=1e-9) and out["rows"] == 300
