@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     from deepfm.serve.cli import register  # deepfm serve, deepfm export
 
     register(sub)
+    from deepfm.tune import register as register_tune  # deepfm tune (optuna, optional extra [tune])
+    register_tune(sub)
     return p
 
 

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Model-quality suite: deepfm against its peers on the same splits, several seeds, early stopping on valid.
+
+    python bench/quality/run.py --sets criteo,avazu,adult,synthetic --seeds 3 --rows 200000
+
+Every run is a subprocess (one thread) that prints one JSON line; results are appended to
+bench/.out/quality/results.jsonl and reused by the next invocation (same set/rows/contender/seed/settings),
+so an interrupted suite resumes.  The table (mean +- sample standard deviation over seeds of test AUC and
+log loss) goes to bench/quality/RESULTS.md (``--out``) and stdout.  See bench/quality/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import datasets  # noqa: E402
+
+ENVS = Path(os.environ.get("DEEPFM_PEER_ENVS", "/work/wt-bench/bench/.envs"))
+DEEPFM_PY = os.environ.get("DEEPFM_PYTHON", sys.executable)
+# Settings shared by every contender on a set: batch size (small sets need small batches: 4096 would be
+# 2 steps per epoch on 7k rows), the epoch cap and the early-stopping patience.  Everything else is each
+# library's own default.
+BATCH = {"criteo": 256, "avazu": 256, "adult": 512, "synthetic": 4096}
+EPOCHS, PATIENCE = 10, 2
+CONTENDERS = ("deepfm", "deepfm-tuned", "deepctr-torch", "fuxictr")
+SEED0 = 2017
+
+
+def command(contender: str, data: Path, set_name: str, seed: int) -> list[str] | None:
+    bs = BATCH[set_name]
+    if contender in ("deepfm", "deepfm-tuned"):
+        cmd = [DEEPFM_PY, str(HERE / "deepfm_quality.py"), "--data", str(data), "--seed", str(seed),
+               "--name", contender, "--set", f"train.epochs={EPOCHS}", "--set", f"train.patience={PATIENCE}"]
+        if contender == "deepfm-tuned":
+            cfg = HERE / "configs" / f"{set_name}.yaml"
+            if not cfg.is_file():
+                return None
+            return cmd + ["--config", str(cfg)]  # the tuned config's own batch size
+        return cmd + ["--set", f"train.batch_size={bs}"]
+    peer = {"deepctr-torch": "deepctr", "fuxictr": "fuxictr"}[contender]
+    py = ENVS / peer / "bin" / "python"
+    return [str(py), str(HERE / "peers" / f"{peer}_quality.py"), "--data", str(data), "--seed", str(seed),
+            "--batch-size", str(bs), "--epochs", str(EPOCHS), "--patience", str(PATIENCE), "--threads", "1"]
+
+
+def key_of(cmd: list[str], set_name: str, rows: int, contender: str, seed: int) -> str:
+    extra = ""
+    if "--config" in cmd:
+        extra = (HERE / "configs" / f"{set_name}.yaml").read_text()
+    h = hashlib.sha1((" ".join(cmd[1:]).replace(str(ROOT), "") + extra).encode()).hexdigest()[:10]
+    return f"{set_name}|{rows if set_name == 'synthetic' else ''}|{contender}|{seed}|{h}"
+
+
+def run_one(cmd: list[str], timeout: int, log_path: Path) -> dict | None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src"), "RAY_DEDUP_LOGS": "0"}
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        try:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if p.returncode == 0 and lines else None
+
+
+def fmt(vals: list[float], digits: int = 4) -> str:
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f}"
+
+
+def table(results: dict, sets: list[str], contenders: list[str], rows: int, seeds: int) -> str:
+    out = []
+    for s in sets:
+        d = datasets.set_dir(s, rows)
+        sc = datasets.load_schema(d)
+        r = sc["rows_per_split"]
+        out.append(f"\n### {s}  (train / valid / test rows: {r['train']:,} / {r['valid']:,} / {r['test']:,}; "
+                   f"batch {BATCH[s]} unless the tuned config says otherwise)\n")
+        out.append("| contender | seeds | test AUC (mean ± sd) | test log loss (mean ± sd) | valid AUC | "
+                   "epochs run | s / run |")
+        out.append("|---|---|---|---|---|---|---|")
+        for c in contenders:
+            rs = [results[k] for k in results if k.startswith(f"{s}|{rows if s == 'synthetic' else ''}|{c}|")]
+            rs = [x for x in rs if x.get("seed") in range(SEED0, SEED0 + seeds)]
+            if not rs:
+                continue
+            ep = [x.get("epochs_run") for x in rs if x.get("epochs_run")]
+            out.append(f"| {c} | {len(rs)} | {fmt([x['test_auc'] for x in rs])} | "
+                       f"{fmt([x['test_logloss'] for x in rs])} | {fmt([x['valid_auc'] for x in rs])} | "
+                       f"{statistics.fmean(ep):.1f} | {statistics.fmean(x['seconds'] for x in rs):.0f} |"
+                       if ep else "")
+        if s == "synthetic":
+            t = sc["teacher"]["test"]
+            out.append(f"| *teacher (ceiling)* | - | {t['teacher_auc']:.4f} | {t['teacher_logloss']:.4f} | "
+                       f"{sc['teacher']['valid']['teacher_auc']:.4f} | - | - |")
+            out.append(f"\n(constant-rate log loss on test: {t['base_logloss']:.4f}; click rate "
+                       f"{t['click_rate']:.3f})")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores (each run: 1 thread), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default="criteo,avazu,adult,synthetic")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=200_000, help="synthetic rows (80/10/10 split); the issue's 2M: 2000000")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    ap.add_argument("--results", default=str(ROOT / "bench" / ".out" / "quality" / "results.jsonl"))
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--table-only", action="store_true", help="no training: table from stored results")
+    args = ap.parse_args()
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    res_path = Path(args.results)
+    res_path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    if res_path.is_file():
+        for line in res_path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                results[rec["key"]] = rec
+    t_start = time.time()
+    for s in sets:
+        d = datasets.prepare(s, args.rows, log=lambda m: print(m, file=sys.stderr))
+        for seed in range(SEED0, SEED0 + args.seeds):
+            for c in contenders:
+                cmd = None if args.table_only else command(c, d, s, seed)
+                if cmd is None:
+                    continue
+                k = key_of(cmd, s, args.rows, c, seed)
+                if k in results:
+                    continue
+                t0 = time.time()
+                rec = run_one(cmd, args.timeout, res_path.parent / "runs.log")
+                if rec is None:
+                    print(f"[{s}] {c} seed {seed}: FAILED (see {res_path.parent / 'runs.log'})", file=sys.stderr)
+                    continue
+                rec.update(key=k, set=s, seed=seed, contender=c)
+                results[k] = rec
+                with open(res_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"[{s}] {c:14s} seed {seed}: test AUC {rec['test_auc']:.4f} logloss {rec['test_logloss']:.4f} "
+                      f"(valid AUC {rec['valid_auc']:.4f}, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    body = table(results, sets, contenders, args.rows, args.seeds)
+    cmdline = "python bench/quality/run.py " + " ".join(sys.argv[1:])
+    md = (f"# deepfm model-quality results\n\nCommand: `{cmdline}`  \n"
+          f"Machine: {machine()}  \nDate: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  \n"
+          f"Seeds: {args.seeds} ({SEED0}..{SEED0 + args.seeds - 1}); synthetic rows: {args.rows:,}; "
+          f"every contender: at most {EPOCHS} epochs, early stopping on validation AUC (patience {PATIENCE}), "
+          f"the best validation epoch's weights are tested. Spread = sample standard deviation over seeds.\n"
+          f"How the contenders are set up: bench/quality/README.md.\n{body}\n")
+    Path(args.out).write_text(md)
+    print(md)
+    print(f"suite wall time {time.time() - t_start:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
