@@ -277,7 +277,7 @@ class Trainer:
             st.bad_epochs += 1
             if st.bad_epochs > cfg.lr_plateau_patience:
                 self._reduce_lr()
-            if st.bad_epochs > cfg.patience:
+            if st.bad_epochs >= cfg.patience:  # as Keras / FuxiCTR: stop after `patience` epochs without gain
                 self.log(f"Early stopping: no validation AUC gain for {st.bad_epochs} epoch(s); "
                          f"best was epoch {st.best_epoch} (AUC {st.best_auc:.5f})")
                 st.finished = True
