@@ -364,9 +364,9 @@ _ARGS = None
 def _gen_block(b: int):
     """Block b (rows b*BLOCK ..): (teacher logits, labels, [(split, tsv bytes)])."""
     spec = _SPEC
-    seed, N, bounds = _ARGS
+    seed, N, bounds, first_block = _ARGS
     lo = b * BLOCK; hi = min(N, lo + BLOCK)
-    rng = np.random.default_rng([seed, 0xB10C, b])
+    rng = np.random.default_rng([seed, 0xB10C, b + first_block])
     ints, imiss, cats = spec.sample_block(rng, BLOCK)   # always a full block: prefix-stable
     z = spec.teacher_logit(ints, imiss, cats)
     y = (rng.random(BLOCK) < 1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.uint8)
@@ -388,6 +388,9 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="worker processes (output does not depend on it)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--first-block", type=int, default=0,
+                    help="start at this block of the seed's row stream (same teacher, rows unseen by a file "
+                         "that starts at block 0): e.g. a held-out test file for a big training file")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -410,7 +413,7 @@ def main(argv=None):
     nbytes = 0
     n_blocks = (N + BLOCK - 1) // BLOCK
     global _SPEC, _ARGS
-    _SPEC, _ARGS = spec, (args.seed, N, bounds)
+    _SPEC, _ARGS = spec, (args.seed, N, bounds, args.first_block)
     workers = max(1, min(args.workers, n_blocks))
     t1 = time.perf_counter()
     if workers > 1:

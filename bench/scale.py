@@ -38,10 +38,12 @@ def main() -> None:
     train, test = data / f"scale{args.rows}.tsv", data / f"scale_test{args.seed}.tsv"
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    for path, rows, seed in ((train, args.rows, args.seed), (test, 200_000, args.seed + 1)):
+    # the test file: same seed (same teacher), rows from far along the seed's stream (never in the train file)
+    for path, rows, first_block in ((train, args.rows, 0), (test, 200_000, 1_000_000)):
         if not path.is_file():
-            subprocess.run([sys.executable, str(HERE / "generate.py"), "--rows", str(rows), "--seed", str(seed),
-                            "--out", str(path), "--quiet"], check=True)
+            subprocess.run([sys.executable, str(HERE / "generate.py"), "--rows", str(rows), "--seed",
+                            str(args.seed), "--first-block", str(first_block), "--out", str(path), "--quiet"],
+                           check=True)
     stages["generate_s"] = round(time.perf_counter() - t0, 1)
 
     import torch

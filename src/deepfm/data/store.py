@@ -38,7 +38,10 @@ from deepfm.progress import progress_bar
 
 STORE_VERSION = 1
 SPLITS = ("train", "valid", "test")
-REREAD_ABOVE_BYTES = 1 << 30  # parsed training chunks kept in memory between the fit and encode passes
+# A training file up to this size is parsed once and its chunks kept in memory between the fitting and the
+# encoding pass (parsed text takes several times its file size); a larger one is read twice (measured on
+# 5M Criteo rows: keeping 1 GB of chunks raised peak RSS from 1.7 to 3.9 GB and saved 15% of the time).
+KEEP_PARSED_BELOW_FILE_BYTES = 256 << 20
 
 
 @dataclass
@@ -237,18 +240,13 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
     # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
     # The training file is read once when its parsed chunks fit in memory (kept for the encoding pass),
     # twice otherwise. Bad rows are reported by whichever pass is the last to see them.
-    kept_chunks: list[RawChunk] | None = []
-    kept_bytes = 0
+    small = os.path.getsize(cfg.data.train) <= KEEP_PARSED_BELOW_FILE_BYTES and cfg.data.split is None
+    kept_chunks: list[RawChunk] | None = [] if small else None
 
     def remember(chunks: Iterator[RawChunk]) -> Iterator[RawChunk]:
-        nonlocal kept_chunks, kept_bytes
         for chunk in chunks:
             if kept_chunks is not None:
-                kept_bytes += chunk.frame.estimated_size()
-                if kept_bytes <= REREAD_ABOVE_BYTES and cfg.data.split is None:
-                    kept_chunks.append(chunk)
-                else:
-                    kept_chunks = None
+                kept_chunks.append(chunk)
             yield chunk
 
     fit_bad = BadRows() if bad is not None else None
