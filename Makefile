@@ -10,7 +10,7 @@ $(BIN)/deepfm: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU build of torch first: a plain `pip install torch` would pull a multi-GB CUDA build
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev,serve,export]"
+	$(BIN)/pip install -q -e ".[dev,serve,export,tune]"
 	touch $(BIN)/deepfm
 
 setup: $(BIN)/deepfm
