@@ -268,6 +268,7 @@ class Trainer:
             m = self.evaluate(valid)
             record.update({f"valid_{k}": v for k, v in m.items() if k != "rows"})
             improved = m["auc"] > st.best_auc
+        self.log(_format_record(record))
         if improved:
             st.best_auc = record.get("valid_auc", st.best_auc)
             st.best_epoch = st.epoch + 1
@@ -282,7 +283,6 @@ class Trainer:
                          f"best was epoch {st.best_epoch} (AUC {st.best_auc:.5f})")
                 st.finished = True
         st.history.append(record)
-        self.log(_format_record(record))
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
         st.epoch += 1
