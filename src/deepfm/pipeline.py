@@ -72,11 +72,12 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
     log(f"Data: {', '.join(f'{k} {len(v):,} rows' for k, v in splits.items())}; "
         f"embedding table {data.layout.num_rows:,} rows x {cfg.model.embed_dim + 1} "
         f"({len(data.layout.field_order)} fields)")
-    steps = -(-len(splits["train"]) // cfg.train.batch_size)
-    if steps < 50:
-        log(f"Note: {len(splits['train']):,} training rows make only {steps} step(s) per epoch at batch "
-            f"{cfg.train.batch_size}; small data usually trains better with more steps, e.g. "
-            f"--set train.batch_size={max(32, 1 << max(5, (len(splits['train']) // 100).bit_length() - 1))}")
+    n_train = len(splits["train"])
+    suggested = min(4096, max(256, 1 << max(0, (n_train // 100).bit_length() - 1)))  # bench/quality/SWEEP.md
+    if n_train < 20 * cfg.train.batch_size and suggested < cfg.train.batch_size:
+        log(f"Note: {n_train:,} training rows make only {-(-n_train // cfg.train.batch_size)} step(s) per epoch "
+            f"at batch {cfg.train.batch_size}; small data trains better with more steps: try "
+            f"--set train.batch_size={suggested}")
     model = build_model(cfg, data)
     run_dir = run_dir_for(output)
     if not resume and run_dir.exists() and dist.is_main:
