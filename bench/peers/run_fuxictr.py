@@ -50,7 +50,6 @@ import common  # noqa: E402
 
 common.claim_stdout()   # fuxictr/ray/tqdm print to stdout
 
-import numpy as np  # noqa: E402
 
 import polars as pl
 import torch

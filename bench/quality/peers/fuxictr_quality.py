@@ -50,9 +50,8 @@ def main():
     import polars as pl
     import ray
     import fuxictr
-    from fuxictr.datasets.criteo import CustomizedFeatureProcessor
     from fuxictr.features import FeatureMap
-    from fuxictr.preprocess import FeatureProcessor, build_dataset
+    from fuxictr.preprocess import build_dataset
     from fuxictr.pytorch.dataloaders import RankDataLoader
     from fuxictr.pytorch.torch_utils import seed_everything
     sys.argv = sys.argv[:1]
