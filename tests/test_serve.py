@@ -28,7 +28,7 @@ from deepfm.config import CRITEO_COLUMNS  # noqa: E402
 from deepfm.data.loader import make_input  # noqa: E402
 from deepfm.data.readers import RawChunk  # noqa: E402
 from deepfm.serve.app import ServedModel, Settings, create_app  # noqa: E402
-from deepfm.serve.encode import _log_bucket_token  # noqa: E402
+from deepfm.data.records import log_bucket_token as _log_bucket_token  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TEST_TSV = models.CRITEO / "data" / "test.tsv"

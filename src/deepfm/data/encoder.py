@@ -209,6 +209,10 @@ class Encoder:
         return EncodedChunk(label_arr, cat, num, multi, kept)
 
     # ---------------------------------------------------------------- helpers
+    def fitted_state(self) -> tuple[dict[str, Vocabulary], dict[str, NumericStats]]:
+        """The fitted vocabularies (by vocabulary name) and numeric statistics (by field name)."""
+        return self._fitted()
+
     def _fitted(self) -> tuple[dict[str, Vocabulary], dict[str, NumericStats]]:
         if self.vocabularies_ is None or self.numeric_ is None:
             raise RuntimeError("Encoder is not fitted: call fit() or load one with Encoder.load()")

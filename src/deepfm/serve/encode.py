@@ -6,8 +6,9 @@
 2. ``frame_probs`` builds a polars DataFrame with one column per training field (absent / null -> missing,
    like an empty cell) and runs ``Predictor.predict_proba``: the batch-predict code path.
 3. ``FastEncoder`` encodes a few rows of plain values (numbers for numeric fields, lists for multi-valued
-   ones) in pure Python, for latency at batch 1; it reproduces ``Encoder.transform`` exactly (the tests
-   compare the arrays) and falls back to (2) for anything else (numeric text, multi-valued text form).
+   ones) with ``deepfm.data.records.RecordEncoder``, the encoder's per-record path, for latency at batch 1;
+   it reproduces ``Encoder.transform`` exactly (the tests compare the arrays) and falls back to (2) for
+   anything else (numeric text, multi-valued text form).
 
 A value's encoding never depends on the other rows of the request.
 """
@@ -20,12 +21,10 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import torch
 
 from deepfm.config import FieldConfig
-from deepfm.data.encoder import MISSING
-from deepfm.data.hashing import bucketize
+from deepfm.data.records import RecordEncoder
 from deepfm.data.loader import make_input
 from deepfm.errors import DataError
 from deepfm.predict import Predictor
@@ -289,35 +288,18 @@ def frame_probs(predictor: Predictor, rows: list[dict[str, Any]]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- the fast path
-def _log_bucket_token(v: float) -> str:
-    """``deepfm.data.encoder._bucket`` for one value: floor(ln(x)^2) for x > 2, else int(x)."""
-    b = math.floor(math.log(v) ** 2) if v > 2 else v
-    if not math.isfinite(b) or not (-(2.0 ** 63) <= b < 2.0 ** 63):
-        return MISSING
-    return str(int(b))
-
-
 class FastEncoder:
-    """``Encoder.transform`` for a few rows of plain values, in Python (no polars per-call overhead)."""
+    """A few rows of plain values -> probabilities through ``RecordEncoder`` (no polars per-call overhead)."""
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
+        self.records = RecordEncoder(predictor.loaded.encoder)
         enc = predictor.loaded.encoder
-        vocabs, stats = enc._fitted()
-        self.cat_fields = list(enc.cat_fields)
-        self.num_fields = list(enc.num_fields)
-        self.multi_fields = list(enc.multi_fields)
         self.numeric_names = {str(f.name) for f in enc.fields if f.kind == "numeric"}
-        self.multi_names = {str(f.name) for f in self.multi_fields}
-        self.lookups: dict[str, dict[str, int] | int] = {}
-        for f in self.cat_fields + self.multi_fields:
-            v = vocabs[f.vocab_name]
-            if f.vocab_name not in self.lookups:
-                self.lookups[f.vocab_name] = v.hash_buckets if v.hash_buckets else \
-                    {t: i + 1 for i, t in enumerate(v.tokens)}
-        self.stats = {name: (s.mean, s.std) for name, s in stats.items()}
+        self.multi_names = {str(f.name) for f in enc.multi_fields}
 
     def eligible(self, rows: list[dict[str, Any]]) -> bool:
+        """Numbers for numeric fields and lists for multi-valued ones; text forms take the batch path."""
         for r in rows:
             for name, v in r.items():
                 if name in self.numeric_names and isinstance(v, str):
@@ -326,61 +308,9 @@ class FastEncoder:
                     return False
         return True
 
-    def _ids(self, vocab: str, tokens: list[str]) -> np.ndarray:
-        lookup = self.lookups[vocab]
-        if isinstance(lookup, int):
-            return bucketize(pa.array(tokens, pa.string()), lookup)
-        return np.fromiter((lookup.get(t, 0) for t in tokens), dtype=np.int64, count=len(tokens))
-
     def encode(self, rows: list[dict[str, Any]]):
-        n = len(rows)
-        cat = np.empty((n, len(self.cat_fields)), dtype=np.int64)
-        for j, f in enumerate(self.cat_fields):
-            name = str(f.name)
-            if f.kind == "numeric":  # log_bucket
-                tokens = []
-                for r in rows:
-                    v = r.get(name)
-                    if v is None:
-                        tokens.append(MISSING)
-                        continue
-                    if f.log1p:
-                        v = math.log(max(v, 0.0) + 1.0)
-                    tokens.append(_log_bucket_token(v))
-            else:
-                tokens = [r.get(name) or MISSING for r in rows]
-            cat[:, j] = self._ids(f.vocab_name, tokens)
-        num = np.empty((n, len(self.num_fields)), dtype=np.float64)
-        for j, f in enumerate(self.num_fields):
-            name = str(f.name)
-            for i, r in enumerate(rows):
-                v = r.get(name)
-                if v is None:
-                    num[i, j] = math.nan
-                    continue
-                if f.log1p:
-                    v = math.log(max(v, 0.0) + 1.0)
-                if f.numeric == "standardize":
-                    mean, std = self.stats[name]
-                    v = (v - mean) / std
-                num[i, j] = v
-        multi = []
-        for f in self.multi_fields:
-            name = str(f.name)
-            tags: list[str] = []
-            weights: list[float] = []
-            lengths = np.zeros(n, dtype=np.int64)
-            for i, r in enumerate(rows):
-                m = r.get(name)
-                if m is None:
-                    continue
-                k = len(m.tags) if f.max_len is None else min(len(m.tags), f.max_len)
-                tags += m.tags[:k]
-                weights += m.weights[:k]
-                lengths[i] = k
-            ids = self._ids(f.vocab_name, tags) if tags else np.zeros(0, np.int64)
-            multi.append((ids, np.asarray(weights, dtype=np.float64).astype(np.float32), lengths))
-        return cat, num.astype(np.float32), multi
+        plain = [{k: ((v.tags, v.weights) if isinstance(v, Multi) else v) for k, v in r.items()} for r in rows]
+        return self.records.encode(plain)
 
     @torch.no_grad()
     def probs(self, rows: list[dict[str, Any]]) -> np.ndarray:
