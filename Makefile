@@ -17,7 +17,7 @@ setup: $(BIN)/deepfm
 
 example: setup
 	$(BIN)/deepfm train examples/criteo/config.yaml --output runs/criteo
-	$(BIN)/deepfm predict runs/criteo examples/criteo/data/test.tsv --output runs/criteo/../criteo-predictions.csv
+	$(BIN)/deepfm predict runs/criteo examples/criteo/data/test.tsv --output runs/criteo-predictions.csv
 
 test: setup
 	$(BIN)/python -m pytest tests
