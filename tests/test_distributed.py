@@ -91,3 +91,16 @@ def test_two_hosts_over_a_veth_pair(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
+
+
+def test_nproc_wrapper_launches_torchrun_with_the_same_arguments(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from deepfm.cli import main
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["train", "cfg.yaml", "--nproc", "3", "--set", "train.epochs=1", "--output", "out"]) == 0
+    (cmd,) = calls
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
+    assert cmd[6:] == ["deepfm", "train", "cfg.yaml", "--set", "train.epochs=1", "--output", "out"]

@@ -44,7 +44,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     """``deepfm train --nproc N``: the same command under torchrun on this machine (gloo on CPU, NCCL on GPU)."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(args.argv)
     i = argv.index("--nproc") if "--nproc" in argv else None
     if i is not None:
         del argv[i:i + 2]
@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args))
     except DeepFMError as err:
