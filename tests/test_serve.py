@@ -117,20 +117,23 @@ def test_server_equals_deepfm_predict_multi(multi_client, multi_dir, tmp_path):
     text_rows = as_json_rows(df)
     assert np.array_equal(probs_of(multi_client.post("/v1/predict", json={"rows": text_rows})), expected)
     # multi-valued fields as lists of tags / [tag, weight] pairs, numbers as numbers: identical
-    list_rows = []
-    for r in text_rows:
-        f = dict(r["features"])
-        for k in ("tags", "cats", "query"):
-            if k in f:
-                f[k] = text_to_pairs(f[k])
-        for k in ("price", "age", "clicks"):
-            if k in f:
-                f[k] = float(f[k])
-        list_rows.append({"id": r["id"], "features": f})
+    list_rows = [{"id": r["id"], "features": _list_form(r["features"])} for r in text_rows]
     assert np.array_equal(probs_of(multi_client.post("/v1/predict", json={"rows": list_rows})), expected)
     # text and list forms mixed in one request
     mixed = [t if i % 2 else li for i, (t, li) in enumerate(zip(text_rows, list_rows))]
     assert np.array_equal(probs_of(multi_client.post("/v1/predict", json={"rows": mixed})), expected)
+
+
+def _list_form(features: dict) -> dict:
+    """The synthetic model's row with multi-valued fields as [tag, weight] lists and numbers as numbers."""
+    f = dict(features)
+    for k in ("tags", "cats", "query"):
+        if k in f:
+            f[k] = text_to_pairs(f[k])
+    for k in ("price", "age", "clicks"):
+        if k in f:
+            f[k] = float(f[k])
+    return f
 
 
 def _encoder_arrays(served: ServedModel, rows: list[dict]):
@@ -157,16 +160,8 @@ def test_fast_path_identical_to_encoder(which, criteo_dir, multi_dir):
         raw = [r["features"] for r in as_json_rows(criteo_frame(), numeric=tuple(f"I{i}" for i in range(1, 14)))]
     else:
         served = ServedModel.load(multi_dir)
-        raw = []
-        for r in as_json_rows(pl.read_csv(models.workdir() / "multi-data" / "valid.csv", infer_schema_length=0)):
-            f = dict(r["features"])
-            for k in ("tags", "cats", "query"):
-                if k in f:
-                    f[k] = text_to_pairs(f[k])
-            for k in ("price", "age", "clicks"):
-                if k in f:
-                    f[k] = float(f[k])
-            raw.append(f)
+        valid = pl.read_csv(models.workdir() / "multi-data" / "valid.csv", infer_schema_length=0)
+        raw = [_list_form(r["features"]) for r in as_json_rows(valid)]
         raw += [{"price": -5.0, "age": 0, "clicks": 2.5, "tags": [], "cats": ["t1", "t1", "t2"]},
                 {"clicks": -1e30, "price": 1e-300, "query": [["q1", 0.0]], "user": 17, "site": 3.5}]
     rows = served.validate(raw)

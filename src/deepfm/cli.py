@@ -121,6 +121,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scoring_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that score a data file with a model (evaluate, predict)."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed rows, count them and write them to a side file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deepfm import __version__
 
@@ -145,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model_dir")
     e.add_argument("data")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--skip-bad-rows", action="store_true")
-    e.add_argument("--no-progress", action="store_true")
+    _scoring_args(e)
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="write probabilities (with id columns) for every row of a file")
@@ -156,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", required=True, help="output .csv or .parquet")
     r.add_argument("--id-column", action="append", metavar="NAME",
                    help="column to carry through unchanged (repeatable; default: data.id_columns)")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--skip-bad-rows", action="store_true")
-    r.add_argument("--no-progress", action="store_true")
+    _scoring_args(r)
     r.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="config, fields, vocabulary sizes, metrics and versions of a model")
