@@ -30,7 +30,7 @@ ip -n "$h1" link set dfm-veth1 up
 
 run_node() {  # namespace, node rank, interface, whether this node hosts the rendezvous store, its address
   # --local-addr: both namespaces share one hostname, so each node must say which address is its own
-  ip netns exec "$1" env GLOO_SOCKET_IFNAME="$3" OMP_NUM_THREADS=1 timeout 240 \
+  ip netns exec "$1" env GLOO_SOCKET_IFNAME="$3" OMP_NUM_THREADS=1 timeout -k 10 200 \
     "$python" -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --node-rank "$2" --local-addr "$5" \
       --rdzv-backend c10d --rdzv-endpoint "10.231.0.1:$port" --rdzv-id deepfm-two-hosts \
       --rdzv-conf "is_host=$4,join_timeout=60" --max-restarts 0 \

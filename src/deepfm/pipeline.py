@@ -55,8 +55,12 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
     if dist.enabled:
         ddp.init(dist, ddp.device_for(dist, cfg.train.device), cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, Path(output), resume=resume, log=log if dist.is_main else (lambda _m: None),
-                      callbacks=callbacks, dist=dist)
+        result = _train(cfg, Path(output), resume=resume, log=log if dist.is_main else (lambda _m: None),
+                        callbacks=callbacks, dist=dist)
+        # leave together: a rank that tears down its process group while rank 0 is still writing the model
+        # directory can abort ("terminate called without an active exception") and fail the whole job
+        dist.barrier()
+        return result
     finally:
         if dist.enabled:
             ddp.shutdown()
