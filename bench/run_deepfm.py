@@ -64,7 +64,7 @@ def main() -> None:
     model = build_model(cfg, data)
     stamps: list[float] = []
     trainer = Trainer(model, cfg.train, work / "run", log=common.log,
-                      callbacks=[lambda _t, _s: stamps.append(time.perf_counter())])
+                      callbacks=[lambda _t, _s: (common.sync(), stamps.append(time.perf_counter()))])
     start = time.perf_counter()
     trainer.fit(data.splits["train"])
     st = np.array([start] + stamps)
@@ -74,6 +74,7 @@ def main() -> None:
     if use.size == 0:
         use = gaps[1:]
 
+    common.sync()
     t0 = time.perf_counter()
     probs = trainer.predict(data.splits["test"])
     infer_s = time.perf_counter() - t0

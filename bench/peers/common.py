@@ -23,6 +23,7 @@ Metrics (identical definition for every peer):
 * ``latency_ms``: model forward on already-encoded inputs, model.eval(),
   torch.no_grad(), batch 1 and batch 100, ~200 timed calls after 20 warm-up
   calls; median and p99.
+* On CUDA every timestamp above is taken after ``torch.cuda.synchronize()``.
 * ``peak_rss_mb``: resource.getrusage(RUSAGE_SELF).ru_maxrss of the runner
   process (worker processes a library may spawn are not included; see
   ``peak_rss_children_mb``).
@@ -43,6 +44,14 @@ import numpy as np
 WARMUP_STEPS = 5
 LAT_WARMUP = 20
 LAT_CALLS = 200
+
+# On CUDA, kernels run asynchronously: every timestamp waits for the device first (setup_torch sets this),
+# so a step's time is its real time on the GPU for every contender alike.
+_sync = lambda: None  # noqa: E731
+
+
+def sync() -> None:
+    _sync()
 
 INT_COLS = [f"I{i}" for i in range(1, 14)]
 CAT_COLS = [f"C{i}" for i in range(1, 27)]
@@ -71,9 +80,12 @@ def setup_torch(args) -> int:
     torch.set_num_threads(n)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
+    global _sync
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         log("cuda requested but not available; using cpu")
         args.device = "cpu"
+    if args.device.startswith("cuda"):
+        _sync = torch.cuda.synchronize
     return n
 
 
@@ -112,6 +124,7 @@ class StepTimer:
 
         def step(*a, **k):
             r = self._orig(*a, **k)
+            _sync()
             self.stamps.append(time.perf_counter())
             if self.max_steps and len(self.stamps) == self.max_steps and self.on_max:
                 self.on_max()
@@ -156,6 +169,7 @@ def latency(forward, make_input, sizes=(1, 100)) -> dict:
             for i in range(LAT_CALLS):
                 t0 = time.perf_counter()
                 forward(inp)
+                _sync()
                 ts[i] = time.perf_counter() - t0
             out[f"b{bs}"] = {"median": float(np.median(ts) * 1e3), "p99": float(np.percentile(ts, 99) * 1e3)}
     return out

@@ -147,8 +147,10 @@ class Trainer:
 
         def fill(tmp: Path) -> None:
             atomic_save_tensors(self.model.state_dict(), tmp / "model.safetensors")
-            save_state(tmp / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers],
-                                            "rng": torch.get_rng_state()})
+            rng = {"rng": torch.get_rng_state()}
+            if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+                rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            save_state(tmp / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers], **rng})
             st = self.state.__dict__.copy()
             atomic_write_text(tmp / "state.json", json.dumps(st))
 
@@ -163,6 +165,8 @@ class Trainer:
         for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(optimizer_state_from_json(st))
         torch.set_rng_state(saved["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
         self.state = TrainState(**json.loads((last / "state.json").read_text()))
         return True
 
