@@ -78,10 +78,14 @@ def _bad_number_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return given & (parsed.is_null() | ~(parsed.abs() <= FLOAT32_MAX).fill_null(False))
 
 
+def bucket_int_expr(values: pl.Expr) -> pl.Expr:
+    """The Criteo winners' / BARS numeric bucketing: floor(ln(x)^2) for x > 2, else int(x) (Int64; null if missing)."""
+    return pl.when(values > 2).then((values.log() ** 2).floor()).otherwise(values).cast(pl.Int64, strict=False)
+
+
 def _bucket_expr(values: pl.Expr) -> pl.Expr:
-    """The Criteo winners' / BARS numeric bucketing: floor(ln(x)^2) for x > 2, else int(x); missing -> ''."""
-    return (pl.when(values > 2).then((values.log() ** 2).floor()).otherwise(values)
-            .cast(pl.Int64, strict=False).cast(pl.Utf8).fill_null(MISSING))
+    """The bucket's vocabulary token: its integer as text; missing -> ''."""
+    return bucket_int_expr(values).cast(pl.Utf8).fill_null(MISSING)
 
 
 def _bucket(values: pl.Series) -> pl.Series:
@@ -109,11 +113,8 @@ class Encoder:
         return [str(f.name) for f in self.fields]
 
     def fit(self, chunks: Iterable[RawChunk], bad: BadRows | None = None) -> Encoder:
-        counters: dict[str, VocabularyCounter] = {}
-        for f in self.cat_fields + self.multi_fields:
-            counters.setdefault(f.vocab_name, VocabularyCounter(f.vocab_name, f.min_count, f.hash_buckets))
-        standardized = [f for f in self.num_fields if f.numeric == "standardize"]
-        sums = {str(f.name): [0.0, 0.0, 0] for f in standardized}
+        counters = self.counters()
+        sums = {str(f.name): [0.0, 0.0, 0] for f in self.num_fields if f.numeric == "standardize"}
         rows = 0
         for chunk in chunks:
             chunk, _ = self._drop_bad(chunk, bad)
@@ -124,23 +125,19 @@ class Encoder:
             for f in self.multi_fields:
                 _, tags, _ = self._multi_long(chunk, f)
                 counters[f.vocab_name].update(tags)
-            if standardized:
-                stats = chunk.frame.select(
-                    e for f in standardized for e in self._moment_exprs(chunk, f)).row(0)
-                for k, f in enumerate(standardized):
-                    acc = sums[str(f.name)]
-                    acc[0] += stats[3 * k] or 0.0
-                    acc[1] += stats[3 * k + 1] or 0.0
-                    acc[2] += stats[3 * k + 2] or 0
+            self.accumulate_moments(chunk, sums)
         if rows == 0:
             raise DataError("the training split has no rows to fit vocabularies on")
         self.vocabularies_ = {name: c.build() for name, c in counters.items()}
-        self.numeric_ = {}
-        for name, (s, ss, n) in sums.items():
-            mean = s / n if n else 0.0
-            var = max(ss / n - mean * mean, 0.0) if n else 1.0
-            self.numeric_[name] = NumericStats(mean, math.sqrt(var) if var > 0 else 1.0)
+        self.fit_numeric(sums)
         return self
+
+    def counters(self) -> dict[str, VocabularyCounter]:
+        """One empty counter per vocabulary (fields sharing a vocabulary share its counter)."""
+        counters: dict[str, VocabularyCounter] = {}
+        for f in self.cat_fields + self.multi_fields:
+            counters.setdefault(f.vocab_name, VocabularyCounter(f.vocab_name, f.min_count, f.hash_buckets))
+        return counters
 
     def _moment_exprs(self, chunk: RawChunk, f: FieldConfig) -> list[pl.Expr]:
         v = self._number_expr(chunk, f)
@@ -184,12 +181,7 @@ class Encoder:
         looked_up = [(j, f) for j, f in enumerate(self.cat_fields) if not vocabs[f.vocab_name].hash_buckets]
         hashed = [(j, f) for j, f in enumerate(self.cat_fields) if vocabs[f.vocab_name].hash_buckets]
         exprs = [vocabs[f.vocab_name].lookup_expr(self._token_expr(chunk, f)).alias(f"c{j}") for j, f in looked_up]
-        for j, f in enumerate(self.num_fields):
-            v = self._number_expr(chunk, f)
-            if f.numeric == "standardize":
-                st = stats[str(f.name)]
-                v = (v - st.mean) / st.std
-            exprs.append(v.cast(pl.Float32).fill_null(float("nan")).alias(f"n{j}"))
+        exprs += self.numeric_exprs(chunk)
         encoded = chunk.frame.select(exprs) if exprs else pl.DataFrame()
         for j, _ in looked_up:
             cat[:, j] = encoded[f"c{j}"].to_numpy()
@@ -207,6 +199,37 @@ class Encoder:
             lengths = np.bincount(rows, minlength=n).astype(np.int64) if len(rows) else np.zeros(n, np.int64)
             multi.append(MultiValues(ids.astype(np.int64), weights.astype(np.float32), lengths))
         return EncodedChunk(label_arr, cat, num, multi, kept)
+
+    def numeric_exprs(self, chunk: RawChunk) -> list[pl.Expr]:
+        """Expressions ``n0, n1, ...``: the values of the scaled numeric fields (float32, NaN if missing)."""
+        stats = self._fitted()[1]
+        exprs = []
+        for j, f in enumerate(self.num_fields):
+            v = self._number_expr(chunk, f)
+            if f.numeric == "standardize":
+                st = stats[str(f.name)]
+                v = (v - st.mean) / st.std
+            exprs.append(v.cast(pl.Float32).fill_null(float("nan")).alias(f"n{j}"))
+        return exprs
+
+    def fit_numeric(self, sums: dict[str, list]) -> None:
+        """Numeric statistics from accumulated ``[sum, sum of squares, count]`` per standardized field."""
+        self.numeric_ = {}
+        for name, (s, ss, n) in sums.items():
+            mean = s / n if n else 0.0
+            var = max(ss / n - mean * mean, 0.0) if n else 1.0
+            self.numeric_[name] = NumericStats(mean, math.sqrt(var) if var > 0 else 1.0)
+
+    def accumulate_moments(self, chunk: RawChunk, sums: dict[str, list]) -> None:
+        standardized = [f for f in self.num_fields if f.numeric == "standardize"]
+        if not standardized:
+            return
+        stats = chunk.frame.select(e for f in standardized for e in self._moment_exprs(chunk, f)).row(0)
+        for k, f in enumerate(standardized):
+            acc = sums.setdefault(str(f.name), [0.0, 0.0, 0])
+            acc[0] += stats[3 * k] or 0.0
+            acc[1] += stats[3 * k + 1] or 0.0
+            acc[2] += stats[3 * k + 2] or 0
 
     # ---------------------------------------------------------------- helpers
     def fitted_state(self) -> tuple[dict[str, Vocabulary], dict[str, NumericStats]]:

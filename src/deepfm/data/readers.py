@@ -122,8 +122,8 @@ def _header_names(path: str, sep: str) -> list[str]:
     return [c.strip() for c in first.split(sep)]
 
 
-def _read_delimited(path: str, data: DataConfig, bad: BadRows | None,
-                    columns: list[str] | None) -> Iterator[RawChunk]:
+def delimited_columns(path: str, data: DataConfig, columns: list[str] | None = None) -> tuple[list[str], int, str]:
+    """(column names, header lines to skip, separator) of a CSV/TSV file; checks ``columns`` are present."""
     sep = "\t" if data.format == "tsv" else ","
     if data.header:
         names = _header_names(path, sep)
@@ -139,6 +139,12 @@ def _read_delimited(path: str, data: DataConfig, bad: BadRows | None,
         if missing:
             raise DataError(f"file lacks column(s) {missing}; its columns are {names}", path=path,
                             line=1 if data.header else None)
+    return names, header_lines, sep
+
+
+def _read_delimited(path: str, data: DataConfig, bad: BadRows | None,
+                    columns: list[str] | None) -> Iterator[RawChunk]:
+    names, header_lines, sep = delimited_columns(path, data, columns)
 
     invalid: list[tuple[int | None, str, str]] = []  # (line, reason, text)
 

@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from deepfm.config import Config
+from deepfm.data import fastpath
 from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
 from deepfm.data.hashing import fnv1a64
 from deepfm.data.readers import BadRows, RawChunk, read_chunks
@@ -233,8 +234,40 @@ def prepare(cfg: Config, progress: bool = True, log=print) -> PreparedData:
     return data
 
 
+def _prepare_fast(folder: Path, cfg: Config) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
+    """The fast path (``deepfm.data.fastpath``) where it applies and the data is clean; else None."""
+    if fastpath.why_not(cfg) is not None:
+        return None
+    encoder = Encoder(cfg.fields, cfg.data)
+    try:
+        table, numbers, columns = fastpath.fit(cfg, encoder)
+        encoded = {"train": fastpath.encode(encoder, table, numbers, columns)}
+        del table, numbers, columns
+        for name in ("valid", "test"):
+            path = getattr(cfg.data, name)
+            if path is not None:
+                encoded[name] = fastpath.encode_file(path, cfg, encoder)
+    except fastpath.Unsupported:
+        return None
+    id_dtype = _id_dtype(encoder.layout())
+    writers = {}
+    for name, enc in encoded.items():
+        writers[name] = _SplitWriter(folder / name, id_dtype, 0, False)
+        writers[name].append(enc, None)
+    return encoder, writers
+
+
+def _id_dtype(layout: TableLayout) -> np.dtype:
+    return np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
+
+
 def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> None:
     t0 = time.perf_counter()
+    fast = _prepare_fast(folder, cfg)
+    if fast is not None:
+        encoder, writers = fast
+        _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0)
+        return
     bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
     encoder = Encoder(cfg.fields, cfg.data)
     # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
@@ -253,7 +286,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
     encoder.fit(progress_bar(remember(_train_chunks(cfg, fit_bad)), desc="fit vocabularies", enabled=progress,
                              unit="chunk"), bad=fit_bad)
     layout = encoder.layout()
-    id_dtype = np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
+    id_dtype = _id_dtype(layout)
     n_multi = len(layout.multi_fields)
     with_group = cfg.data.group_column is not None
     writers: dict[str, _SplitWriter] = {}
@@ -292,11 +325,18 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
                 writer(split_name).append(enc, group)
     if bad is not None:
         bad.close()
+    _finish(folder, cfg, fp, encoder, writers, bad, total_rows, t0)
+
+
+def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[str, _SplitWriter],
+            bad: BadRows | None, total_rows: int, t0: float) -> None:
+    """Close the split files and write the encoder and the manifest."""
+    layout = encoder.layout()
     splits = {name: w.close() for name, w in writers.items()}
     if splits.get("train", {}).get("rows", 0) == 0:
         raise DataError("no training rows left after preparation", path=cfg.data.train)
     manifest = {
-        "store_version": STORE_VERSION, "fingerprint": fp, "id_dtype": id_dtype.name,
+        "store_version": STORE_VERSION, "fingerprint": fp, "id_dtype": _id_dtype(layout).name,
         "layout": layout.to_json(), "splits": splits, "rows_read": total_rows,
         "bad_rows": bad.count if bad is not None else 0,
         "seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -78,6 +78,14 @@ class VocabularyCounter:
         if len(self._partials) >= 16:  # keep memory bounded on long files
             self._partials = [self._merged()]
 
+    def add_counts(self, tokens: pl.Series, counts: np.ndarray) -> None:
+        """Add counts already made elsewhere: ``counts[i]`` occurrences of ``tokens[i]`` (tokens distinct)."""
+        if self.hash_buckets:
+            return
+        self._partials.append(pl.DataFrame({"token": tokens.cast(pl.Utf8), "count": counts.astype(np.int64)}))
+        if len(self._partials) >= 16:
+            self._partials = [self._merged()]
+
     def _merged(self) -> pl.DataFrame:
         if not self._partials:
             return pl.DataFrame({"token": [], "count": []}, schema={"token": pl.Utf8, "count": pl.Int64})
