@@ -4,7 +4,8 @@
 statistics; ``Encoder.transform`` turns a chunk of raw rows into an ``EncodedChunk`` of numpy arrays:
 
     labels      float32 [N]          0/1 (None when the data has no label column)
-    cat_ids     int64   [N, Fc]      local ids of categorical (and log-bucketed numeric) fields
+    cat_ids     int64   [N, Fc]      local ids of categorical (and log-bucketed numeric) fields (int32 from
+                                     the fast path of preparation)
     num_values  float32 [N, Fn]      scaled numeric fields; NaN marks a missing value
     multi       per multi-valued field: ids int64 [nnz], weights float32 [nnz], lengths int64 [N]
 

@@ -130,14 +130,14 @@ class _SplitWriter:
             fh = self._fh[name] = open(self.folder / f"{name}.bin", "wb")  # noqa: SIM115
             if name.endswith("_offsets"):
                 fh.write(np.zeros(1, np.int64).tobytes())  # type: ignore[attr-defined]
-        fh.write(np.ascontiguousarray(arr).tobytes())  # type: ignore[attr-defined]
+        fh.write(np.ascontiguousarray(arr).data)  # type: ignore[attr-defined]
 
     def append(self, enc: EncodedChunk, group: np.ndarray | None) -> None:
         assert enc.labels is not None
         self.cat_width, self.num_width = enc.cat_ids.shape[1], enc.num_values.shape[1]
-        self._write("labels", enc.labels.astype(np.float32))
-        self._write("cat_ids", enc.cat_ids.astype(self.id_dtype))
-        self._write("num_values", enc.num_values.astype(np.float32))
+        self._write("labels", enc.labels.astype(np.float32, copy=False))
+        self._write("cat_ids", enc.cat_ids.astype(self.id_dtype, copy=False))
+        self._write("num_values", enc.num_values.astype(np.float32, copy=False))
         for k, mv in enumerate(enc.multi):
             self._write(f"multi{k}_ids", mv.ids.astype(self.id_dtype))
             self._write(f"multi{k}_weights", mv.weights.astype(np.float32))
