@@ -86,3 +86,60 @@ def test_rowwise_adam_equals_torch_sparse_adam():
             torch.nn.functional.mse_loss(torch.nn.functional.embedding(ids, p, sparse=True), target).backward()
             opt.step()
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_norm_counts_a_sparse_gradient_with_duplicates_summed():
+    from deepfm.train.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    table, dense = torch.nn.Parameter(torch.randn(10, 3)), torch.nn.Parameter(torch.randn(4))
+    idx = torch.tensor([1, 4, 1, 7, 4, 4])
+    vals = torch.randn(6, 3)
+    table.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), vals, (10, 3))
+    dense.grad = torch.randn(4) * 5
+    ref_t, ref_d = torch.nn.Parameter(table.detach().clone()), torch.nn.Parameter(dense.detach().clone())
+    ref_t.grad, ref_d.grad = table.grad.to_dense(), dense.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_([ref_t, ref_d], 1.5)
+    norm = clip_grad_norm([table, dense], 1.5)
+    assert torch.allclose(norm, expected)
+    torch.testing.assert_close(table.grad.to_dense(), ref_t.grad)
+    torch.testing.assert_close(dense.grad, ref_d.grad)
+    # below the limit nothing changes
+    before = dense.grad.clone()
+    clip_grad_norm([table, dense], 1e6)
+    torch.testing.assert_close(dense.grad, before)
+
+
+def test_whole_table_embedding_l2_is_fuxictrs_penalty():
+    """scope "table": one Adam step equals Adam on loss + l2/2 * ||W||^2 over the whole table (FuxiCTR)."""
+    from deepfm.config import TrainConfig
+    from deepfm.train.optim import build_optimizers
+
+    torch.manual_seed(0)
+    lam = 0.05
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(6, 3)
+            self.out = torch.nn.Linear(3, 1)
+
+        def forward(self, ids):
+            return self.out(self.embedding(ids).sum(1)).squeeze(-1)
+
+    a = Tiny()
+    b = Tiny()
+    b.load_state_dict(a.state_dict())
+    ids, y = torch.tensor([[0, 1], [1, 2]]), torch.tensor([1.0, 0.0])
+    opts = build_optimizers(a, TrainConfig(sparse=False, embedding_l2=lam, embedding_l2_scope="table", lr=0.01))
+    torch.nn.functional.binary_cross_entropy_with_logits(a(ids), y).backward()
+    for o in opts:
+        o.step()
+    ref = torch.optim.Adam(b.parameters(), lr=0.01)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(b(ids), y) + lam / 2 * b.embedding.weight.pow(2).sum()
+    loss.backward()
+    ref.step()
+    torch.testing.assert_close(a.embedding.weight, b.embedding.weight)
+    torch.testing.assert_close(a.out.weight, b.out.weight)
+    with pytest.raises(ValueError, match="sparse: false"):
+        TrainConfig(embedding_l2=lam, embedding_l2_scope="table")

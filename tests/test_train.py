@@ -196,3 +196,11 @@ def test_evaluate_reports_gauc_with_a_group_column(tmp_path, capsys):
     probs = Predictor(tmp_path / "m").predict_proba(frame[1200:])
     assert out["gauc"] == pytest.approx(group_auc(y[1200:], probs, user[1200:]), abs=1e-9)
     assert out["auc"] == pytest.approx(auc(y[1200:], probs), abs=1e-9) and out["rows"] == 300
+
+
+def test_grad_clipping_and_the_auc_minus_logloss_monitor(tmp_path):
+    res = train(config_from_dict(_small(tmp_path, epochs=4, patience=10, monitor="auc-logloss", grad_clip_norm=1.0)),
+                tmp_path / "m", **QUIET)
+    scores = [r["valid_auc"] - r["valid_logloss"] for r in res.history]
+    assert res.metrics["train"]["best_epoch"] == int(np.argmax(scores)) + 1
+    assert res.metrics["valid"]["auc"] == pytest.approx(res.history[int(np.argmax(scores))]["valid_auc"], abs=1e-9)

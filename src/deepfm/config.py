@@ -149,7 +149,17 @@ class TrainConfig(_Frozen):
     # sparse embedding gradients: only the rows a batch touches are updated (SparseAdam / sparse Adagrad)
     sparse: bool = True
     embedding_l2: float = Field(0.0, ge=0.0)
+    # "batch": embedding_l2 * sum of the squared rows a batch looked up / batch size (cheap with sparse
+    # updates; a row is pulled towards 0 as often as it is seen). "table": embedding_l2 / 2 * ||W||^2 over the
+    # whole table every step, as FuxiCTR/BARS (needs sparse: false; applied as Adam/Adagrad weight decay).
+    embedding_l2_scope: Literal["batch", "table"] = "batch"
     weight_decay: float = Field(0.0, ge=0.0)
+    # clip the global gradient norm (all parameters, the embedding table included) to this value, as
+    # FuxiCTR's max_gradient_norm (BARS: 10); None = no clipping
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+    # what early stopping, best-epoch selection and learning-rate reduction watch on the validation split:
+    # "auc", or "auc-logloss" (AUC minus log loss, FuxiCTR's monitor {AUC: 1, logloss: -1})
+    monitor: Literal["auc", "auc-logloss"] = "auc"
     l1: float = Field(0.0, ge=0.0)
     l2: float = Field(0.0, ge=0.0)
     patience: int = Field(2, ge=0)
@@ -173,6 +183,9 @@ class TrainConfig(_Frozen):
         if (self.l1 or self.l2) and self.optimizer != "proximal_adagrad":
             raise ValueError("train.l1 / train.l2 are the proximal_adagrad optimiser's; "
                              "use embedding_l2 or weight_decay with adam/adagrad")
+        if self.embedding_l2_scope == "table" and (self.sparse or self.optimizer == "proximal_adagrad"):
+            raise ValueError("embedding_l2_scope: table penalises every row at every step, which needs dense "
+                             "updates: set train.sparse: false (optimizer adam or adagrad), or use scope batch")
         return self
 
 

@@ -115,20 +115,47 @@ class RowwiseAdam(torch.optim.Optimizer):
         return loss
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` so that their global L2 norm is at most ``max_norm``; returns the norm.
+
+    As ``torch.nn.utils.clip_grad_norm_``, but a sparse gradient (the embedding table's) counts with its
+    duplicate rows summed: it is coalesced in place, which the row-wise optimisers then use as it is.
+    """
+    squares = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            squares.append(p.grad._values().float().pow(2).sum())
+        else:
+            squares.append(p.grad.float().pow(2).sum())
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack(squares).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            (p.grad._values() if p.grad.is_sparse else p.grad).mul_(scale.to(p.grad.dtype))
+    return total
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """One optimiser for the embedding table (sparse when ``cfg.sparse``) and one for the dense layers."""
     table = [p for n, p in model.named_parameters() if n.endswith("embedding.weight")]
     dense = [p for n, p in model.named_parameters() if not n.endswith("embedding.weight")]
     opts: list[torch.optim.Optimizer] = []
+    # whole-table L2 (embedding_l2 / 2 * ||W||^2) has the gradient embedding_l2 * W: coupled weight decay
+    table_decay = cfg.embedding_l2 if cfg.embedding_l2_scope == "table" else 0.0
     if cfg.optimizer == "adam":
         if cfg.sparse:
             opts.append(RowwiseAdam(table, lr=cfg.lr))
             opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
         else:
-            opts.append(torch.optim.Adam([{"params": table, "weight_decay": 0.0},
+            opts.append(torch.optim.Adam([{"params": table, "weight_decay": table_decay},
                                           {"params": dense, "weight_decay": cfg.weight_decay}], lr=cfg.lr))
     elif cfg.optimizer == "adagrad":
-        opts.append(torch.optim.Adagrad(table, lr=cfg.lr))
+        opts.append(torch.optim.Adagrad(table, lr=cfg.lr, weight_decay=table_decay))
         opts.append(torch.optim.Adagrad(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
     else:
         opts.append(ProximalAdagrad(table + dense, lr=cfg.lr, l1=cfg.l1, l2=cfg.l2))

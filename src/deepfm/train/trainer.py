@@ -33,7 +33,7 @@ from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text,
 from deepfm.metrics import summarize
 from deepfm.progress import progress_bar
 from deepfm.train import distributed as ddp
-from deepfm.train.optim import build_optimizers
+from deepfm.train.optim import build_optimizers, clip_grad_norm
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -86,7 +86,8 @@ class TrainState:
     epoch: int = 0
     batch: int = 0  # next batch of ``epoch`` to run
     step: int = 0
-    best_auc: float = -math.inf
+    best_auc: float = -math.inf  # validation AUC of the best epoch
+    best_score: float = -math.inf  # the monitored value (train.monitor) of the best epoch
     best_epoch: int = -1
     bad_epochs: int = 0
     loss_sum: float = 0.0
@@ -129,7 +130,8 @@ class Trainer:
         self.callbacks = callbacks or []
         self.optimizers = build_optimizers(self.model, cfg)
         self.state = TrainState()
-        self._step_module: nn.Module = _WithPenalty(self.model, cfg.embedding_l2 > 0)
+        self._batch_l2 = cfg.embedding_l2 if cfg.embedding_l2_scope == "batch" else 0.0  # "table": in the optimiser
+        self._step_module: nn.Module = _WithPenalty(self.model, self._batch_l2 > 0)
         self._sparse_table = cfg.sparse and hasattr(self.model, "embedding")
         if dist.enabled:
             table = ["model.embedding.weight"] if self._sparse_table else []
@@ -247,12 +249,14 @@ class Trainer:
         assert batch.labels is not None
         # sum / rows rather than mean: a rank's part of a batch may be empty and must still join the step
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, reduction="sum") / max(len(batch), 1)
-        total = loss + self.cfg.embedding_l2 * penalty if self.cfg.embedding_l2 else loss
+        total = loss + self._batch_l2 * penalty if self._batch_l2 else loss
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total.backward()
         if self.dist.enabled and self._sparse_table:
             ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
+        if self.cfg.grad_clip_norm is not None:
+            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         return loss
@@ -267,14 +271,16 @@ class Trainer:
             "seconds": round(st.epoch_seconds, 3),
             "samples_per_s": round(loss_count / st.epoch_seconds, 1) if st.epoch_seconds else None,
         }
-        improved = True
+        improved, score = True, None
         if valid is not None and len(valid):
             m = self.evaluate(valid)
             record.update({f"valid_{k}": v for k, v in m.items() if k != "rows"})
-            improved = m["auc"] > st.best_auc
+            score = m["auc"] - m["logloss"] if cfg.monitor == "auc-logloss" else m["auc"]
+            improved = score > st.best_score
         self.log(_format_record(record))
         if improved:
             st.best_auc = record.get("valid_auc", st.best_auc)
+            st.best_score = score if score is not None else st.best_score
             st.best_epoch = st.epoch + 1
             st.bad_epochs = 0
             self._save_best()
@@ -283,7 +289,7 @@ class Trainer:
             if st.bad_epochs > cfg.lr_plateau_patience:
                 self._reduce_lr()
             if st.bad_epochs >= cfg.patience:  # as Keras / FuxiCTR: stop after `patience` epochs without gain
-                self.log(f"Early stopping: no validation AUC gain for {st.bad_epochs} epoch(s); "
+                self.log(f"Early stopping: no validation {cfg.monitor} gain for {st.bad_epochs} epoch(s); "
                          f"best was epoch {st.best_epoch} (AUC {st.best_auc:.5f})")
                 st.finished = True
         st.history.append(record)
@@ -298,7 +304,7 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = max(group["lr"] * self.cfg.lr_plateau_factor, self.cfg.min_lr)
-        self.log(f"Validation AUC did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
+        self.log(f"Validation {self.cfg.monitor} did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
 
     def predict(self, split: SplitArrays) -> np.ndarray:
         """Probabilities for every row of a prepared split, in row order (every rank gets all of them)."""
