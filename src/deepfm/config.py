@@ -42,6 +42,17 @@ class SplitConfig(_Frozen):
         return self
 
 
+class DeriveConfig(_Frozen):
+    """A column computed from another one before encoding, as BARS's Avazu preprocessing: from a YYMMDDHH
+    timestamp (Avazu's ``hour``), ``hour_of_day`` (0-23), ``weekday`` (0 = Sunday .. 6, as ``%w``) or
+    ``weekend`` (1 on Saturday and Sunday, else 0). The result is text, for a categorical field of that name;
+    ``name`` may equal ``source`` (the derived value then replaces the raw one)."""
+
+    name: str
+    source: str
+    fn: Literal["hour_of_day", "weekday", "weekend"]
+
+
 class DataConfig(_Frozen):
     format: Literal["tsv", "csv", "parquet", "libffm", "libsvm"] = "csv"
     train: str
@@ -59,6 +70,7 @@ class DataConfig(_Frozen):
     cache_dir: str = ".cache/deepfm"
     skip_bad_rows: bool = False
     chunk_rows: int = Field(262_144, gt=0)
+    derive: list[DeriveConfig] = []
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -70,6 +82,9 @@ class DataConfig(_Frozen):
             raise ValueError("data.split splits data.train; do not also give data.valid / data.test")
         if len(self.multi_value_separator) != 1 or len(self.weight_separator) != 1:
             raise ValueError("separators must be single characters")
+        names = [d.name for d in self.derive]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.derive names a column twice: {names}")
         return self
 
     @property

@@ -93,6 +93,19 @@ def _bucket(values: pl.Series) -> pl.Series:
     return pl.DataFrame({"v": values}).select(_bucket_expr(pl.col("v")))["v"]
 
 
+def _derive_exprs(source: pl.Expr, dtype: pl.DataType) -> tuple[pl.Expr, dict[str, pl.Expr]]:
+    """From a YYMMDDHH column: (bad-value flag, {fn: token expression}); a missing cell gives ''."""
+    text = (source if dtype == pl.Utf8 else source.cast(pl.Utf8)).fill_null("")
+    day = pl.concat_str([pl.lit("20"), text.str.slice(0, 6)]).str.strptime(pl.Date, "%Y%m%d", strict=False)
+    hour = text.str.slice(6, 2).cast(pl.Int64, strict=False)
+    ok = text.str.contains(r"^\d{8}$") & day.is_not_null() & hour.is_between(0, 23)
+    weekday = day.dt.weekday() % 7  # polars: Monday 1 .. Sunday 7 -> %w: Sunday 0 .. Saturday 6
+    tokens = {"hour_of_day": hour.cast(pl.Utf8), "weekday": weekday.cast(pl.Utf8),
+              "weekend": pl.when(weekday.is_in([0, 6])).then(pl.lit("1")).otherwise(pl.lit("0"))}
+    return (text != "") & ~ok.fill_null(False), {k: pl.when(ok).then(v).otherwise(pl.lit(MISSING))
+                                                 for k, v in tokens.items()}
+
+
 class Encoder:
     """Fitted state (vocabularies, numeric statistics) plus the code that applies it."""
 
@@ -339,6 +352,9 @@ class Encoder:
                 name = str(f.name)
                 checks.append((_bad_number_expr(pl.col(name), self._dtype(chunk, name)), name,
                                "is not a finite number"))
+        for source in dict.fromkeys(d.source for d in self.data.derive):
+            bad_expr, _ = _derive_exprs(pl.col(source), self._dtype(chunk, source))
+            checks.append((bad_expr, source, "is not a YYMMDDHH timestamp"))
         problems: list[tuple[np.ndarray, str, str]] = []
         if checks:
             flags = chunk.frame.select(e.alias(f"_{k}") for k, (e, _, _) in enumerate(checks))
@@ -347,7 +363,7 @@ class Encoder:
                         for k, (_, name, reason) in enumerate(checks) if any_bad[k]]
         kept = np.ones(n, dtype=bool)
         if not problems:
-            return chunk, kept
+            return self._derive(chunk), kept
         if bad is None:
             first = min(int(np.argmax(m)) for m, _, _ in problems)
             for m, name, reason in problems:
@@ -363,7 +379,15 @@ class Encoder:
                         json.dumps(chunk.frame.row(int(i)), default=str))
             kept &= ~m
         frame = chunk.frame.filter(pl.Series(kept))
-        return RawChunk(chunk.path, frame, chunk.lines[kept], chunk.row_start), kept
+        return self._derive(RawChunk(chunk.path, frame, chunk.lines[kept], chunk.row_start)), kept
+
+    def _derive(self, chunk: RawChunk) -> RawChunk:
+        """Add (or replace) the ``data.derive`` columns, all computed from the raw columns."""
+        if not self.data.derive:
+            return chunk
+        exprs = [_derive_exprs(pl.col(d.source), self._dtype(chunk, d.source))[1][d.fn].alias(d.name)
+                 for d in self.data.derive]
+        return RawChunk(chunk.path, chunk.frame.with_columns(exprs), chunk.lines, chunk.row_start)
 
     # ---------------------------------------------------------------- persistence
     def to_json(self) -> dict:

@@ -8,8 +8,8 @@ so the text of each cell is hashed once, inside the parser; vocabularies are the
 
 It yields exactly the vocabularies and arrays of the general path (the tests compare them), reusing the
 encoder's own expressions for validation, bucketing and scaling. It applies only where it can be exact:
-CSV/TSV, categorical and numeric fields, no ``data.split`` / ``group_column`` / ``skip_bad_rows``, files up
-to ``FAST_BELOW_FILE_BYTES``. Anything else it meets -- a malformed row, a value that is not a finite
+CSV/TSV, categorical and numeric fields, no ``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``,
+files up to ``FAST_BELOW_FILE_BYTES``. Anything else it meets -- a malformed row, a value that is not a finite
 float32, a label other than 0/1 -- raises ``Unsupported`` and preparation runs the general path, which
 names the file, line and field of the bad value.
 """
@@ -45,6 +45,8 @@ def why_not(cfg: Config) -> str | None:
         return "data.split, data.group_column or data.skip_bad_rows is set"
     if any(f.kind == "multi" for f in cfg.fields):
         return "multi-valued fields"
+    if d.derive:
+        return "data.derive is set"
     for path in (d.train, d.valid, d.test):
         if path is not None and os.path.getsize(path) > FAST_BELOW_FILE_BYTES:
             return f"{path} is larger than {FAST_BELOW_FILE_BYTES >> 20} MB"

@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepfm.artifact import LoadedModel
 from deepfm.errors import DeepFMError
 from deepfm.predict import Predictor
-from deepfm.serve.encode import ErrorItem, FastEncoder, RequestError, frame_probs, validate_rows
+from deepfm.serve.encode import (ErrorItem, FastEncoder, RequestError, frame_probs, request_fields,
+                                 validate_rows)
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.schemas import (ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse,
                                   ReloadRequest)
@@ -77,7 +78,7 @@ class ServedModel:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
         served = cls(predictor, FastEncoder(predictor), digest.hexdigest()[:16], time.time(),
-                     {str(f.name): f for f in predictor.config.fields})
+                     {str(f.name): f for f in request_fields(predictor.config.fields, predictor.config.data)})
         served.warm_up()
         return served
 
@@ -85,7 +86,8 @@ class ServedModel:
         """One prediction through each path, so the first request is not slower (and a broken model fails
         here, before it is swapped in)."""
         rows = self.validate([{}])
-        p1, p2 = self.fast.probs(rows), frame_probs(self.predictor, rows)
+        p2 = frame_probs(self.predictor, rows)
+        p1 = self.fast.probs(rows) if self.fast.enabled else p2
         if not np.array_equal(p1, p2):
             raise DeepFMError(f"{self.loaded.path}: the fast encoding path disagrees with the batch path "
                               f"({p1} vs {p2}); this is a deepfm bug")

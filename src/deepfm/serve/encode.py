@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from deepfm.config import FieldConfig
+from deepfm.config import DataConfig, FieldConfig
 from deepfm.data.records import RecordEncoder
 from deepfm.data.loader import make_input
 from deepfm.errors import DataError
@@ -275,11 +275,21 @@ def _check_numeric_text(frame: pl.DataFrame, fields: list[FieldConfig]) -> None:
         raise RequestError(422, errors[:MAX_ERRORS])
 
 
+def request_fields(fields: list[FieldConfig], data: DataConfig) -> list[FieldConfig]:
+    """The columns a request carries: the training fields, except that a field computed by ``data.derive`` is
+    replaced by its source column (text), as in the training files."""
+    derived = {d.name for d in data.derive}
+    sources = list(dict.fromkeys(d.source for d in data.derive))
+    out = [f for f in fields if str(f.name) not in derived and str(f.name) not in sources]
+    return out + [FieldConfig(name=s, kind="categorical") for s in sources]
+
+
 def frame_probs(predictor: Predictor, rows: list[dict[str, Any]]) -> np.ndarray:
     """Probabilities of validated rows through ``Predictor.predict_proba`` (the ``deepfm predict`` path)."""
     cfg = predictor.config
-    frame = build_frame(rows, cfg.fields, cfg.data.multi_value_separator, cfg.data.weight_separator)
-    _check_numeric_text(frame, cfg.fields)
+    fields = request_fields(cfg.fields, cfg.data)
+    frame = build_frame(rows, fields, cfg.data.multi_value_separator, cfg.data.weight_separator)
+    _check_numeric_text(frame, fields)
     try:
         return predictor.predict_proba(frame)
     except DataError as err:
@@ -297,9 +307,13 @@ class FastEncoder:
         enc = predictor.loaded.encoder
         self.numeric_names = {str(f.name) for f in enc.fields if f.kind == "numeric"}
         self.multi_names = {str(f.name) for f in enc.multi_fields}
+        # derived columns (data.derive) are computed by the batch encoder only
+        self.enabled = not predictor.config.data.derive
 
     def eligible(self, rows: list[dict[str, Any]]) -> bool:
         """Numbers for numeric fields and lists for multi-valued ones; text forms take the batch path."""
+        if not self.enabled:
+            return False
         for r in rows:
             for name, v in r.items():
                 if name in self.numeric_names and isinstance(v, str):
