@@ -23,7 +23,7 @@ def brute_force_fm(vectors: list[np.ndarray]) -> float:
 def test_bi_interaction_equals_pairwise_sum():
     torch.manual_seed(0)
     fields = torch.randn(5, 7, 4, dtype=torch.float64)
-    bi = BiInteraction()(fields, fields.pow(2).sum(1)).sum(1)
+    bi = BiInteraction()(fields).sum(1)
     for b in range(5):
         assert bi[b].item() == pytest.approx(brute_force_fm(list(fields[b].numpy())), rel=1e-12)
 
@@ -65,9 +65,9 @@ def test_embedding_fm_exact_with_weighted_multi_fields(combiners):
         multi.append((ids, weights, lengths))
         per_row.append(np.split(np.arange(lengths.sum()), np.cumsum(lengths)[:-1]))
     inp = make_input(cat, num, multi)
-    fields, linear, self_square, _ = emb(inp.cat_ids, inp.num_values.double(), inp.multi_ids,
+    fields, linear, square_excess, _ = emb(inp.cat_ids, inp.num_values.double(), inp.multi_ids,
                                          inp.multi_weights.double(), inp.multi_bags)
-    fm = BiInteraction()(fields, self_square).sum(1).detach().numpy()
+    fm = BiInteraction()(fields, square_excess).sum(1).detach().numpy()
     for b in range(batch):
         feats = [table[cat[b, 0], :4], table[6 + cat[b, 1], :4]]
         lin = [table[cat[b, 0], 4], table[6 + cat[b, 1], 4]]
@@ -133,3 +133,13 @@ def test_deepfm_shapes_for_every_head_and_part(head, parts):
     model.eval()  # one-row batch: batch norm in eval mode
     out = model(*inp.tensors())
     assert out.shape == (1,) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_bi_interaction_gradient_is_exact():
+    """The fused backward (training) equals the derivative of the formula; no-grad/export use plain ops."""
+    torch.manual_seed(0)
+    fields = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    excess = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, e: BiInteraction()(f, e), (fields, excess))
+    with torch.no_grad():
+        torch.testing.assert_close(BiInteraction()(fields, excess), BiInteraction()(fields.detach(), excess))

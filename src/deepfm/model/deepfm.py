@@ -40,14 +40,14 @@ class DeepFM(nn.Module):
                              multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked)."""
-        fields, linear, self_square, penalty = self.embedding(cat_ids, num_values, multi_ids, multi_weights,
+        fields, linear, square_excess, penalty = self.embedding(cat_ids, num_values, multi_ids, multi_weights,
                                                               multi_bags, with_penalty)
         logit = self.bias.expand(fields.shape[0])
         if self.cfg.use_linear:
             logit = logit + (linear.sum(1) if self.linear_proj is None
                              else self.linear_proj(linear).squeeze(-1))
         if self.cfg.use_fm:
-            bi = self.fm(fields, self_square)
+            bi = self.fm(fields, square_excess)
             logit = logit + (bi.sum(1) if self.fm_proj is None else self.fm_proj(bi).squeeze(-1))
         if self.dnn is not None:
             logit = logit + self.dnn(fields.flatten(1)).float()

@@ -21,10 +21,13 @@ class FieldEmbedding(nn.Module):
     """Inputs (see ``ModelInput``) -> per-field vectors, first-order terms and the FM square term.
 
     Returns ``fields [B, F, D]`` (each field's value-scaled / pooled vector), ``linear [B, F]`` (each field's
-    first-order term), ``self_square [B, D]`` (sum over every individual feature of ``(x_i v_i)^2``: for a
-    multi-valued field each tag counts as its own feature with value ``c_j``, its combiner-normalised weight,
-    so the FM term stays exact) and ``penalty`` (sum of squared looked-up vectors / B, for embedding L2;
-    computed only when ``with_penalty``, else 0).
+    first-order term), ``square_excess [B, D]`` or None, and ``penalty`` (sum of squared looked-up vectors / B,
+    for embedding L2; computed only when ``with_penalty``, else 0).
+
+    The FM's self-square term sums ``(x_i v_i)^2`` over every individual feature; for a multi-valued field each
+    tag counts as its own feature with value ``c_j``, its combiner-normalised weight, so the FM term stays
+    exact. ``square_excess`` is that sum minus ``sum_f fields_f^2`` (the per-field squares the interaction
+    computes itself): None when every field is single-valued.
     """
 
     def __init__(self, layout: TableLayout, embed_dim: int, *, init_std: float = 1e-4,
@@ -63,15 +66,15 @@ class FieldEmbedding(nn.Module):
         # split, not two slices: its backward is one concatenation instead of two zero-filled copies
         fields, linear = rows.split([d, 1], dim=-1)
         linear = linear.squeeze(-1)
-        self_square = fields.pow(2).sum(dim=1)  # [B, D]
+        square_excess = None
         if self.num_multi:
             pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_ids, multi_weights, multi_bags,
                                                                    with_penalty)
             fields = torch.cat([fields, pooled[..., :d]], dim=1)
             linear = torch.cat([linear, pooled[..., d]], dim=1)
-            self_square = self_square + multi_square
+            square_excess = multi_square - pooled[..., :d].pow(2).sum(dim=1)
             penalty = penalty + multi_penalty
-        return fields, linear, self_square, penalty
+        return fields, linear, square_excess, penalty
 
     def _pool_multi(self, batch: int, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor,
                     with_penalty: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
