@@ -204,3 +204,15 @@ def test_grad_clipping_and_the_auc_minus_logloss_monitor(tmp_path):
     scores = [r["valid_auc"] - r["valid_logloss"] for r in res.history]
     assert res.metrics["train"]["best_epoch"] == int(np.argmax(scores)) + 1
     assert res.metrics["valid"]["auc"] == pytest.approx(res.history[int(np.argmax(scores))]["valid_auc"], abs=1e-9)
+
+
+def test_auto_batch_size_gives_small_data_enough_steps(tmp_path):
+    from deepfm.config import auto_batch_size
+
+    assert [auto_batch_size(n) for n in (500, 7_200, 39_000, 160_000, 409_600, 45_000_000)] == \
+        [256, 256, 256, 1024, 4096, 4096]
+    raw = _small(tmp_path, epochs=1)
+    del raw["train"]["batch_size"]
+    res = train(config_from_dict(raw), tmp_path / "m", **QUIET)
+    n = len(res.data.splits["train"])
+    assert res.trainer.batch_size == 256 and res.metrics["train"]["steps"] == -(-n // 256)

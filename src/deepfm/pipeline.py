@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from deepfm.artifact import save_model
-from deepfm.config import Config
+from deepfm.config import Config, auto_batch_size
 from deepfm.data.store import PreparedData, prepare
 from deepfm.metrics import summarize
 from deepfm.model import DeepFM
@@ -76,12 +76,11 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
     log(f"Data: {', '.join(f'{k} {len(v):,} rows' for k, v in splits.items())}; "
         f"embedding table {data.layout.num_rows:,} rows x {cfg.model.embed_dim + 1} "
         f"({len(data.layout.field_order)} fields)")
-    n_train = len(splits["train"])
-    suggested = min(4096, max(256, 1 << max(0, (n_train // 100).bit_length() - 1)))  # bench/quality/SWEEP.md
-    if n_train < 20 * cfg.train.batch_size and suggested < cfg.train.batch_size:
-        log(f"Note: {n_train:,} training rows make only {-(-n_train // cfg.train.batch_size)} step(s) per epoch "
-            f"at batch {cfg.train.batch_size}; small data trains better with more steps: try "
-            f"--set train.batch_size={suggested}")
+    n_train, batch = len(splits["train"]), cfg.train.batch_size
+    suggested = auto_batch_size(n_train)
+    if batch != "auto" and n_train < 20 * batch and suggested < batch:
+        log(f"Note: {n_train:,} training rows make only {-(-n_train // batch)} step(s) per epoch at batch {batch}; "
+            f"small data trains better with more steps: try --set train.batch_size={suggested} (or auto)")
     model = build_model(cfg, data)
     run_dir = run_dir_for(output)
     if not resume and run_dir.exists() and dist.is_main:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from deepfm.config import TrainConfig
+from deepfm.config import TrainConfig, auto_batch_size
 from deepfm.data.loader import ModelInput, iterate_batches, num_batches
 from deepfm.data.store import SplitArrays
 from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text, load_state,
@@ -189,9 +189,12 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout masks differ per rank
         ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
+        self.batch_size = auto_batch_size(len(train)) if cfg.batch_size == "auto" else cfg.batch_size
+        auto = " (auto)" if cfg.batch_size == "auto" else ""
         self.log(f"Training on {self.device}{ranks} ({self.precision}), {len(train):,} rows, "
-                 f"batch {cfg.batch_size}, optimiser {cfg.optimizer}{' (sparse embeddings)' if cfg.sparse else ''}")
-        per_epoch = num_batches(len(train), cfg.batch_size)
+                 f"batch {self.batch_size}{auto}, optimiser {cfg.optimizer}"
+                 f"{' (sparse embeddings)' if cfg.sparse else ''}")
+        per_epoch = num_batches(len(train), self.batch_size)
         st = self.state
         while st.epoch < cfg.epochs and not st.finished:
             self._train_epoch(train, per_epoch)
@@ -210,7 +213,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.model.train()
         t0 = time.perf_counter()
-        batches = iterate_batches(train, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
+        batches = iterate_batches(train, self.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
                                   block_rows=cfg.shuffle_block_rows, start_batch=st.batch,
                                   prefetch=cfg.prefetch_batches, pin_memory=self.device.type == "cuda",
                                   rank=self.dist.rank, world_size=self.dist.world_size)
