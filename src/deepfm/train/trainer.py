@@ -292,7 +292,7 @@ class Trainer:
             if st.bad_epochs > cfg.lr_plateau_patience:
                 self._reduce_lr()
             if st.bad_epochs >= cfg.patience:  # as Keras / FuxiCTR: stop after `patience` epochs without gain
-                self.log(f"Early stopping: no validation {cfg.monitor} gain for {st.bad_epochs} epoch(s); "
+                self.log(f"Early stopping: no validation {_MONITOR[cfg.monitor]} gain for {st.bad_epochs} epoch(s); "
                          f"best was epoch {st.best_epoch} (AUC {st.best_auc:.5f})")
                 st.finished = True
         st.history.append(record)
@@ -307,7 +307,7 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = max(group["lr"] * self.cfg.lr_plateau_factor, self.cfg.min_lr)
-        self.log(f"Validation {self.cfg.monitor} did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
+        self.log(f"Validation {_MONITOR[self.cfg.monitor]} did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
 
     def predict(self, split: SplitArrays) -> np.ndarray:
         """Probabilities for every row of a prepared split, in row order (every rank gets all of them)."""
@@ -320,6 +320,9 @@ class Trainer:
     def evaluate(self, split: SplitArrays) -> dict[str, float]:
         probs = self.predict(split)
         return summarize(np.asarray(split.labels), probs, None if split.group is None else np.asarray(split.group))
+
+
+_MONITOR = {"auc": "AUC", "auc-logloss": "AUC - logloss"}
 
 
 def _format_record(r: dict[str, Any]) -> str:
