@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--skip-setup", action="store_true", help="do not (re)install the peers' venvs")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per contender (0 = all cores)")
     ap.add_argument("--quiet-load", type=float, default=1.0)
     ap.add_argument("--quiet-wait", type=float, default=120.0)
     ap.add_argument("--timeout", type=float, default=3600.0, help="per contender, seconds")
@@ -132,9 +133,11 @@ def main() -> None:
     stem = ensure_data(args.rows, args.seed)
     teacher = json.loads(Path(f"{stem}.json").read_text()) if Path(f"{stem}.json").is_file() else {}
     teacher = teacher.get("splits", {}).get("test", teacher)
-    machine = run_json([sys.executable, str(HERE / "machine.py"), "--device", args.device], out / "machine.err", 600)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    machine = run_json([sys.executable, str(HERE / "machine.py"), "--device", args.device, *threads],
+                       out / "machine.err", 600)
     train, test = f"{stem}_train.tsv", f"{stem}_test.tsv"
-    common = ["--train", train, "--test", test, "--device", args.device]
+    common = ["--train", train, "--test", test, "--device", args.device, *threads]
     if args.max_steps:
         common += ["--max-steps", str(args.max_steps)]
     results = []
