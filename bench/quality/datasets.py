@@ -7,6 +7,9 @@ All contenders read exactly these files (same rows, same splits). Sets:
   column categorical (``hour`` included, as a token).
 * ``adult``: UCI Adult (48,842 rows), a fixed seeded split 80/10/10 (seed 2024, independent of the
   training seeds); label ``income == '>50K'``; 6 numeric + 8 categorical columns.
+* ``criteo-cv``, ``avazu-cv``: the same samples pooled (8,000 / 8,999 rows) and cut into 10 seeded parts
+  (seed 2024); fold k (0..4) tests on part 2k, validates on part 2k+1 and trains on the other 8 parts, so the
+  5 folds test on 5 disjoint tenths (4,000 / 4,500 rows in all, against 391 / 432 in the single split).
 * ``synthetic``: bench/generate.py ``--split`` (80/10/10) with ``--rows N --seed 1``; Criteo layout; the
   sidecar JSON gives the hidden teacher's AUC / log loss on each split (the ceiling).
 
@@ -35,11 +38,18 @@ ADULT_NUM = ["age", "fnlwgt", "educational-num", "capital-gain", "capital-loss",
 ADULT_CAT = ["workclass", "education", "marital-status", "occupation", "relationship", "race", "gender",
              "native-country"]
 ADULT_SPLIT_SEED = 2024
-SETS = ("criteo", "avazu", "adult", "synthetic")
+SETS = ("criteo", "avazu", "adult", "synthetic", "criteo-cv", "avazu-cv")
+FOLDS, CV_PARTS, CV_SEED = 5, 10, 2024
 
 
-def set_dir(name: str, rows: int | None = None) -> Path:
-    return DATA_ROOT / (f"synthetic_{rows}" if name == "synthetic" else name)
+def set_dir(name: str, rows: int | None = None, fold: int | None = None) -> Path:
+    d = DATA_ROOT / (f"synthetic_{rows}" if name == "synthetic" else name)
+    return d / f"fold{fold}" if fold is not None else d
+
+
+def folds(name: str) -> list[int | None]:
+    """The folds of a set: 0..FOLDS-1 for the cross-validated sets, else [None] (one split)."""
+    return list(range(FOLDS)) if name.endswith("-cv") else [None]
 
 
 def load_schema(d: str | Path) -> dict:
@@ -50,13 +60,42 @@ def _write(df, path: Path) -> None:
     df.to_csv(path, sep="\t", index=False, na_rep="")
 
 
+def _prepare_cv(name: str, log=print) -> Path:
+    """The pooled rows of the base set, cut into folds (see the module docstring)."""
+    import numpy as np
+    import pandas as pd
+
+    base = prepare(name[: -len("-cv")], log=log)
+    sc = load_schema(base)
+    pooled = pd.concat([pd.read_csv(base / f"{s}.tsv", sep="\t", dtype=str, keep_default_na=False)
+                        for s in ("train", "valid", "test")], ignore_index=True)
+    part = np.empty(len(pooled), dtype=np.int64)
+    part[np.random.default_rng(CV_SEED).permutation(len(pooled))] = np.arange(len(pooled)) % CV_PARTS
+    for k in range(FOLDS):
+        d = set_dir(name, fold=k)
+        d.mkdir(parents=True, exist_ok=True)
+        split = np.where(part == 2 * k, "test", np.where(part == 2 * k + 1, "valid", "train"))
+        for s in ("train", "valid", "test"):
+            _write(pooled[split == s], d / f"{s}.tsv")
+        fold_sc = {**sc, "name": name, "fold": k, "folds": FOLDS, "cv_seed": CV_SEED,
+                   "rows_per_split": {s: int((split == s).sum()) for s in ("train", "valid", "test")}}
+        (d / "schema.json").write_text(json.dumps(fold_sc, indent=1))
+    top = {**fold_sc, "fold": None, "pooled_rows": len(pooled)}  # rows_per_split: fold 4's (all within one row)
+    (set_dir(name) / "schema.json").write_text(json.dumps(top, indent=1))
+    log(f"prepared {name}: {FOLDS} folds of {len(pooled):,} pooled rows in {set_dir(name)}")
+    return set_dir(name)
+
+
 def prepare(name: str, rows: int = 200_000, log=print) -> Path:
-    """Write (once) and return the folder with train.tsv / valid.tsv / test.tsv / schema.json."""
+    """Write (once) and return the folder with train.tsv / valid.tsv / test.tsv / schema.json (for a
+    cross-validated set: the folder of fold folders, each with those files)."""
     import pandas as pd
 
     d = set_dir(name, rows)
     if (d / "schema.json").is_file():
         return d
+    if name.endswith("-cv"):
+        return _prepare_cv(name, log)
     d.mkdir(parents=True, exist_ok=True)
     schema: dict = {"name": name, "sep": "\t", "header": True}
     if name == "criteo":

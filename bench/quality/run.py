@@ -32,7 +32,7 @@ DEEPFM_PY = os.environ.get("DEEPFM_PYTHON", sys.executable)
 # Settings shared by every contender on a set: batch size (small sets need small batches: 4096 would be
 # 2 steps per epoch on 7k rows), the epoch cap and the early-stopping patience.  Everything else is each
 # library's own default.
-BATCH = {"criteo": 256, "avazu": 256, "adult": 512, "synthetic": 4096}
+BATCH = {"criteo": 256, "avazu": 256, "adult": 512, "synthetic": 4096, "criteo-cv": 256, "avazu-cv": 256}
 EPOCHS, PATIENCE = 10, 2
 CONTENDERS = ("deepfm", "deepfm-tuned", "deepctr-torch", "fuxictr")
 SEED0 = 2017
@@ -44,7 +44,7 @@ def command(contender: str, data: Path, set_name: str, seed: int) -> list[str] |
         cmd = [DEEPFM_PY, str(HERE / "deepfm_quality.py"), "--data", str(data), "--seed", str(seed),
                "--name", contender, "--set", f"train.epochs={EPOCHS}", "--set", f"train.patience={PATIENCE}"]
         if contender == "deepfm-tuned":
-            cfg = HERE / "configs" / f"{set_name}.yaml"
+            cfg = HERE / "configs" / f"{set_name.removesuffix('-cv')}.yaml"  # the CV sets: the base set's
             if not cfg.is_file():
                 return None
             return cmd + ["--config", str(cfg)]  # the tuned config's own batch size
@@ -58,7 +58,7 @@ def command(contender: str, data: Path, set_name: str, seed: int) -> list[str] |
 def key_of(cmd: list[str], set_name: str, rows: int, contender: str, seed: int) -> str:
     extra = ""
     if "--config" in cmd:
-        extra = (HERE / "configs" / f"{set_name}.yaml").read_text()
+        extra = Path(cmd[cmd.index("--config") + 1]).read_text()
     h = hashlib.sha1((" ".join(cmd[1:]).replace(str(ROOT), "") + extra).encode()).hexdigest()[:10]
     return f"{set_name}|{rows if set_name == 'synthetic' else ''}|{contender}|{seed}|{h}"
 
@@ -90,13 +90,18 @@ def table(results: dict, sets: list[str], contenders: list[str], rows: int, seed
         d = datasets.set_dir(s, rows)
         sc = datasets.load_schema(d)
         r = sc["rows_per_split"]
-        out.append(f"\n### {s}  (train / valid / test rows: {r['train']:,} / {r['valid']:,} / {r['test']:,}; "
+        cv = s.endswith("-cv")
+        what = (f"{sc['pooled_rows']:,} rows in {sc['folds']} folds; train / valid / test rows per fold: " if cv else
+                "train / valid / test rows: ")
+        out.append(f"\n### {s}  ({what}{r['train']:,} / {r['valid']:,} / {r['test']:,}; "
                    f"batch {BATCH[s]} unless the tuned config says otherwise)\n")
-        out.append("| contender | seeds | test AUC (mean ± sd) | test log loss (mean ± sd) | valid AUC | "
-                   "epochs run | s / run |")
+        out.append(f"| contender | {'folds x seeds' if cv else 'seeds'} | test AUC (mean ± sd) | "
+                   "test log loss (mean ± sd) | valid AUC | epochs run | s / run |")
         out.append("|---|---|---|---|---|---|---|")
         for c in contenders:
-            rs = [results[k] for k in results if k.startswith(f"{s}|{rows if s == 'synthetic' else ''}|{c}|")]
+            rs = [results[k] for k in results if k.split("|")[0].split("#")[0] == s
+                  and k.startswith(tuple(f"{s}{'#' + str(f) if f is not None else ''}|"
+                                         f"{rows if s == 'synthetic' else ''}|{c}|" for f in datasets.folds(s)))]
             rs = [x for x in rs if x.get("seed") in range(SEED0, SEED0 + seeds)]
             if not rs:
                 continue
@@ -150,13 +155,15 @@ def main() -> None:
                 results[rec["key"]] = rec
     t_start = time.time()
     for s in sets:
-        d = datasets.prepare(s, args.rows, log=lambda m: print(m, file=sys.stderr))
-        for seed in range(SEED0, SEED0 + args.seeds):
+        datasets.prepare(s, args.rows, log=lambda m: print(m, file=sys.stderr))
+        for fold, seed in [(f, sd) for f in datasets.folds(s) for sd in range(SEED0, SEED0 + args.seeds)]:
+            d = datasets.set_dir(s, args.rows, fold)
+            label = s if fold is None else f"{s}#{fold}"
             for c in contenders:
                 cmd = None if args.table_only else command(c, d, s, seed)
                 if cmd is None:
                     continue
-                k = key_of(cmd, s, args.rows, c, seed)
+                k = key_of(cmd, label, args.rows, c, seed)
                 if k in results:
                     continue
                 t0 = time.time()
@@ -164,11 +171,11 @@ def main() -> None:
                 if rec is None:
                     print(f"[{s}] {c} seed {seed}: FAILED (see {res_path.parent / 'runs.log'})", file=sys.stderr)
                     continue
-                rec.update(key=k, set=s, seed=seed, contender=c)
+                rec.update(key=k, set=s, fold=fold, seed=seed, contender=c)
                 results[k] = rec
                 with open(res_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                print(f"[{s}] {c:14s} seed {seed}: test AUC {rec['test_auc']:.4f} logloss {rec['test_logloss']:.4f} "
+                print(f"[{label}] {c:14s} seed {seed}: test AUC {rec['test_auc']:.4f} logloss {rec['test_logloss']:.4f} "
                       f"(valid AUC {rec['valid_auc']:.4f}, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
     body = table(results, sets, contenders, args.rows, args.seeds)
     cmdline = "python bench/quality/run.py " + " ".join(sys.argv[1:])
