@@ -138,7 +138,7 @@ def test_sklearn_style_api_on_pandas(tmp_path):
 @pytest.mark.parametrize("train_over, model_over", [
     ({"optimizer": "adagrad", "lr": 0.05}, {}),
     ({"optimizer": "proximal_adagrad", "lr": 0.05, "l1": 1e-4, "l2": 1e-4, "epochs": 3}, {}),
-    ({"optimizer": "adam", "sparse": False, "embedding_l2": 1e-5, "weight_decay": 1e-6}, {"head": "project"}),
+    ({"optimizer": "adam", "sparse": False, "embedding_l2": 1e-5, "weight_decay": 1e-6, "epochs": 4}, {"head": "project"}),
     ({"precision": "fp32", "epochs": 3}, {"batch_norm": True, "use_fm": False}),
 ])
 def test_every_optimizer_and_head_learns(tmp_path, train_over, model_over):

@@ -146,6 +146,10 @@ class ModelConfig(_Frozen):
     # "project": the seed note, linear and FM vectors each go through a dense layer to one logit.
     head: Literal["sum", "project"] = "sum"
     init_std: float = Field(1e-4, gt=0.0)
+    # DNN weights: "normal" N(0, dnn_init_std) as DeepCTR (the DNN starts near 0, so training begins close to
+    # an FM; chosen on validation, bench/quality/SWEEP.md), "xavier_normal" as FuxiCTR/BARS, "xavier_uniform"
+    dnn_init: Literal["normal", "xavier_normal", "xavier_uniform"] = "normal"
+    dnn_init_std: float = Field(1e-4, gt=0.0)
 
     @model_validator(mode="after")
     def _some_part(self) -> ModelConfig:

@@ -34,7 +34,7 @@ class DeepFM(nn.Module):
         self.linear_proj = nn.Linear(num_fields, 1, bias=False) if cfg.head == "project" else None
         self.fm_proj = nn.Linear(cfg.embed_dim, 1, bias=False) if cfg.head == "project" else None
         self.dnn = DNN(num_fields * cfg.embed_dim, list(cfg.hidden_units), dropout=cfg.dropout,
-                       batch_norm=cfg.batch_norm) if cfg.use_deep else None
+                       batch_norm=cfg.batch_norm, init=cfg.dnn_init, init_std=cfg.dnn_init_std) if cfg.use_deep else None
 
     def forward_with_penalty(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                              multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True

@@ -10,7 +10,7 @@ class DNN(nn.Module):
     """``[B, in_features]`` -> logits ``[B]``."""
 
     def __init__(self, in_features: int, hidden_units: list[int], *, dropout: float = 0.0,
-                 batch_norm: bool = False) -> None:
+                 batch_norm: bool = False, init: str = "normal", init_std: float = 1e-4) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
@@ -26,7 +26,12 @@ class DNN(nn.Module):
         self.net = nn.Sequential(*layers)
         for m in self.net:
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                if init == "normal":
+                    nn.init.normal_(m.weight, std=init_std)
+                elif init == "xavier_normal":
+                    nn.init.xavier_normal_(m.weight)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
