@@ -146,9 +146,10 @@ class ModelConfig(_Frozen):
     # "project": the seed note, linear and FM vectors each go through a dense layer to one logit.
     head: Literal["sum", "project"] = "sum"
     init_std: float = Field(1e-4, gt=0.0)
-    # DNN weights: "normal" N(0, dnn_init_std) as DeepCTR (the DNN starts near 0, so training begins close to
-    # an FM; chosen on validation, bench/quality/SWEEP.md), "xavier_normal" as FuxiCTR/BARS, "xavier_uniform"
-    dnn_init: Literal["normal", "xavier_normal", "xavier_uniform"] = "normal"
+    # DNN weights: "xavier_uniform" (default), "xavier_normal" as FuxiCTR/BARS, or "normal" N(0, dnn_init_std)
+    # as DeepCTR (the DNN starts near 0: better on validation for ~8k-row sets, worse at 2M rows and in one
+    # epoch; bench/quality/SWEEP.md)
+    dnn_init: Literal["normal", "xavier_normal", "xavier_uniform"] = "xavier_uniform"
     dnn_init_std: float = Field(1e-4, gt=0.0)
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ class DNN(nn.Module):
     """``[B, in_features]`` -> logits ``[B]``."""
 
     def __init__(self, in_features: int, hidden_units: list[int], *, dropout: float = 0.0,
-                 batch_norm: bool = False, init: str = "normal", init_std: float = 1e-4) -> None:
+                 batch_norm: bool = False, init: str = "xavier_uniform", init_std: float = 1e-4) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
