@@ -24,19 +24,31 @@ def _both(raw: dict, tmp_path, monkeypatch):
     cfg = config_from_dict(raw)
     assert fastpath.why_not(cfg) is None
     calls = []
-    real_fit = fastpath.fit
+    real = fastpath.prepare_splits
 
     def spy(*a, **k):
         calls.append(1)
-        return real_fit(*a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(fastpath, "fit", spy)
+    monkeypatch.setattr(fastpath, "prepare_splits", spy)
     fast = prepare(cfg, **QUIET)
-    assert calls, "the fast path did not run"
+    assert calls and fast.manifest.get("fast_path"), "the fast path did not run"
     monkeypatch.setattr(fastpath, "why_not", lambda _cfg: "off")
     general = prepare(config_from_dict({**raw, "data": {**raw["data"], "cache_dir": str(tmp_path / "general")}}),
                       **QUIET)
     return fast, general
+
+
+def _stream(monkeypatch) -> list:
+    """Make every file 'large': parsed in 64 KB blocks, grouped into chunks of ~1,000 rows."""
+    chunks: list = []
+    real = fastpath._fit_streamed
+    monkeypatch.setattr(fastpath, "_fit_streamed", lambda cfg, enc, it, w: real(cfg, enc, (chunks.append(t) or t
+                                                                                          for t in it), w))
+    monkeypatch.setattr(fastpath, "WHOLE_FILE_BYTES", 0)
+    monkeypatch.setattr(fastpath, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(fastpath, "CHUNK_ROWS", 1000)
+    return chunks
 
 
 def _assert_same(fast, general, num_atol: float = 0.0) -> None:
@@ -53,13 +65,17 @@ def _assert_same(fast, general, num_atol: float = 0.0) -> None:
         np.testing.assert_allclose(f.num_values, g.num_values, atol=num_atol, rtol=0, equal_nan=True)
 
 
-def test_fast_path_equals_the_general_path_on_the_criteo_sample(tmp_path, monkeypatch):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fast_path_equals_the_general_path_on_the_criteo_sample(tmp_path, monkeypatch, streamed):
+    chunks = _stream(monkeypatch) if streamed else []
     fast, general = _both(criteo_config_dict(tmp_path), tmp_path, monkeypatch)
     _assert_same(fast, general)
+    assert len(chunks) == (7 if streamed else 0)  # 7,200 training rows in chunks of ~1,000
     assert len(fast.splits["test"]) == 391
 
 
-def test_fast_path_equals_the_general_path_on_every_field_kind(tmp_path, monkeypatch):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fast_path_equals_the_general_path_on_every_field_kind(tmp_path, monkeypatch, streamed):
     rng = np.random.default_rng(0)
     cells = ["", "1", "2", "2.5", "3", "7", "1e3", "-3.5", "-0.5", "1e30", "0", "+4", ".5", "123456"]
 
@@ -75,6 +91,8 @@ def test_fast_path_equals_the_general_path_on_every_field_kind(tmp_path, monkeyp
             ]))
         path.write_text("\n".join(lines) + "\n")
 
+    if streamed:
+        _stream(monkeypatch)
     for name, n in (("train.csv", 3000), ("valid.csv", 500), ("test.csv", 400)):
         write(tmp_path / name, n)
     raw = {
@@ -85,7 +103,8 @@ def test_fast_path_equals_the_general_path_on_every_field_kind(tmp_path, monkeyp
             {"names": ["home", "away"], "vocab": "team"},  # one shared vocabulary
             {"name": "tag", "hash_buckets": 17},
             {"name": "count", "kind": "numeric", "numeric": "log_bucket", "min_count": 2},
-            {"name": "price", "kind": "numeric", "numeric": "standardize", "log1p": True},
+            # standardize needs its statistics before encoding: the streamed path hands it to the general path
+            {"name": "price", "kind": "numeric", "numeric": "scale" if streamed else "standardize", "log1p": True},
             {"name": "score", "kind": "numeric", "numeric": "scale"},
         ],
         "model": {"embed_dim": 4, "hidden_units": [8]},
@@ -115,7 +134,7 @@ def test_fast_path_steps_aside_for_malformed_rows_and_bad_labels(tmp_path):
            "fields": [{"name": "a"}]}
     cfg = config_from_dict(raw)
     with pytest.raises(fastpath.Unsupported):
-        fastpath.fit(cfg, Encoder(cfg.fields, cfg.data))
+        fastpath.prepare_splits(cfg, Encoder(cfg.fields, cfg.data), lambda _name: None)
     with pytest.raises(DataError, match=r"train\.csv, line 3"):
         prepare(config_from_dict(raw), **QUIET)
     train.write_text("label,a\n1,x\n2,y\n")

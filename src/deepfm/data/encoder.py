@@ -214,9 +214,10 @@ class Encoder:
             multi.append(MultiValues(ids.astype(np.int64), weights.astype(np.float32), lengths))
         return EncodedChunk(label_arr, cat, num, multi, kept)
 
-    def numeric_exprs(self, chunk: RawChunk) -> list[pl.Expr]:
-        """Expressions ``n0, n1, ...``: the values of the scaled numeric fields (float32, NaN if missing)."""
-        stats = self._fitted()[1]
+    def numeric_exprs(self, chunk: RawChunk, stats: dict[str, NumericStats] | None = None) -> list[pl.Expr]:
+        """Expressions ``n0, n1, ...``: the values of the scaled numeric fields (float32, NaN if missing).
+        ``stats`` defaults to the fitted ones (only ``standardize`` fields read them)."""
+        stats = self._fitted()[1] if stats is None else stats
         exprs = []
         for j, f in enumerate(self.num_fields):
             v = self._number_expr(chunk, f)

@@ -8,15 +8,21 @@ so the text of each cell is hashed once, inside the parser; vocabularies are the
 
 It yields exactly the vocabularies and arrays of the general path (the tests compare them), reusing the
 encoder's own expressions for validation, bucketing and scaling. It applies only where it can be exact:
-CSV/TSV, categorical and numeric fields, no ``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``,
-files up to ``FAST_BELOW_FILE_BYTES``. Anything else it meets -- a malformed row, a value that is not a finite
+CSV/TSV, categorical and numeric fields, no ``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``.
+A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a larger one is streamed in chunks of
+``CHUNK_ROWS`` rows: each token gets a provisional id in first-seen order (one hash join per chunk over its
+distinct values), the training ids are written provisionally and renumbered in place once the vocabularies are
+fitted. Anything else it meets -- a malformed row, a value that is not a finite
 float32, a label other than 0/1 -- raises ``Unsupported`` and preparation runs the general path, which
 names the file, line and field of the bad value.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -28,7 +34,8 @@ from deepfm.data.encoder import MISSING, EncodedChunk, Encoder, bucket_int_expr
 from deepfm.data.readers import RawChunk, delimited_columns
 from deepfm.errors import DataError
 
-FAST_BELOW_FILE_BYTES = 256 << 20
+WHOLE_FILE_BYTES = 256 << 20
+CHUNK_ROWS = 1 << 20
 BLOCK_BYTES = 2 << 20  # blocks of a few MB keep both cores parsing
 
 
@@ -47,9 +54,6 @@ def why_not(cfg: Config) -> str | None:
         return "multi-valued fields"
     if d.derive:
         return "data.derive is set"
-    for path in (d.train, d.valid, d.test):
-        if path is not None and os.path.getsize(path) > FAST_BELOW_FILE_BYTES:
-            return f"{path} is larger than {FAST_BELOW_FILE_BYTES >> 20} MB"
     return None
 
 
@@ -63,36 +67,84 @@ class _Column:
         return np.bincount(self.index, minlength=len(self.tokens))
 
 
-def _read(path: str, cfg: Config, encoder: Encoder, labels: bool) -> pa.Table:
+def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
+    """The file as tables with one dictionary per categorical column: all of it at once up to
+    ``WHOLE_FILE_BYTES``, else chunks of about ``CHUNK_ROWS`` rows."""
     data = cfg.data
     cat = [str(f.name) for f in encoder.fields if f.kind == "categorical"]
     num = [str(f.name) for f in encoder.fields if f.kind == "numeric"]
-    wanted = ([data.label] if labels else []) + cat + num
+    wanted = [data.label] + cat + num
     try:
         names, header_lines, sep = delimited_columns(path, data, wanted)
     except DataError as err:
         raise Unsupported(str(err)) from None
     types = {c: pa.dictionary(pa.int32(), pa.string()) for c in cat}
-    types.update({c: pa.float64() for c in num + ([data.label] if labels else [])})
+    types.update({c: pa.float64() for c in num + [data.label]})
     invalid = []
 
     def on_invalid(_row: pacsv.InvalidRow) -> str:
         invalid.append(1)
         return "skip"
 
+    options = {
+        "read_options": pacsv.ReadOptions(block_size=BLOCK_BYTES, column_names=names, skip_rows=header_lines),
+        "parse_options": pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid, ignore_empty_lines=True,
+                                            quote_char='"' if sep == "," else False),
+        "convert_options": pacsv.ConvertOptions(column_types=types, include_columns=wanted, null_values=[""],
+                                                strings_can_be_null=False, quoted_strings_can_be_null=False)}
+    rows = 0
     try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES, column_names=names, skip_rows=header_lines),
-            parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid, ignore_empty_lines=True,
-                                             quote_char='"' if sep == "," else False),
-            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=wanted, null_values=[""],
-                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
+        if os.path.getsize(path) <= WHOLE_FILE_BYTES:
+            table = pacsv.read_csv(path, **options)
+            if invalid:
+                raise Unsupported(f"{path}: malformed rows")
+            rows = table.num_rows
+            if rows:
+                yield table.unify_dictionaries()
+        else:
+            pending: list[pa.RecordBatch] = []
+            for batch in pacsv.open_csv(path, **options):
+                if invalid:
+                    raise Unsupported(f"{path}: malformed rows")
+                pending.append(batch)
+                rows += batch.num_rows
+                if sum(b.num_rows for b in pending) >= CHUNK_ROWS:
+                    yield pa.Table.from_batches(pending).unify_dictionaries()
+                    pending = []
+            if invalid:
+                raise Unsupported(f"{path}: malformed rows")
+            if pending:
+                yield pa.Table.from_batches(pending).unify_dictionaries()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise Unsupported(f"{path}: {err}") from None
-    if invalid or table.num_rows == 0:
-        raise Unsupported(f"{path}: malformed or no rows")
-    return table.unify_dictionaries()
+    if rows == 0:
+        raise Unsupported(f"{path}: no rows")
+
+
+class _Provisional:
+    """A field's distinct tokens in first-seen order (provisional ids) and their counts, over chunks."""
+
+    def __init__(self) -> None:
+        self.known = pl.DataFrame(schema={"token": pl.Utf8, "pid": pl.Int64})
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def add(self, col: _Column) -> np.ndarray:
+        """Provisional id (int32) of each row of ``col``."""
+        joined = pl.DataFrame({"token": col.tokens}).join(self.known, on="token", how="left",
+                                                          maintain_order="left")
+        new = joined["pid"].is_null()
+        pid = joined["pid"].fill_null(-1).to_numpy().astype(np.int32)
+        n_new = int(new.sum())
+        if n_new:
+            start = self.known.height
+            fresh = np.arange(start, start + n_new, dtype=np.int64)
+            self.known = pl.concat([self.known, pl.DataFrame({"token": joined["token"].filter(new), "pid": fresh})])
+            pid[new.to_numpy()] = fresh
+        rows = pid[col.index]
+        counts = np.bincount(rows, minlength=self.known.height)
+        counts[: len(self.counts)] += self.counts
+        self.counts = counts
+        return rows
 
 
 def _columns(table: pa.Table, encoder: Encoder, numbers: pl.DataFrame) -> dict[str, _Column]:
@@ -139,23 +191,19 @@ def _chunk(frame: pl.DataFrame) -> RawChunk:
     return RawChunk("<fast path>", frame, np.arange(1, frame.height + 1, dtype=np.int64), 0)
 
 
-def _numbers(table: pa.Table, encoder: Encoder, labels: bool) -> pl.DataFrame:
+def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
     """Label and numeric columns as float64 polars columns, validated by the encoder's own checks."""
-    keep = ([encoder.data.label] if labels else []) + [str(f.name) for f in encoder.fields if f.kind == "numeric"]
-    frame = pl.from_arrow(table.select(keep)) if keep else pl.DataFrame()
+    keep = [encoder.data.label] + [str(f.name) for f in encoder.fields if f.kind == "numeric"]
+    frame = pl.from_arrow(table.select(keep))
     assert isinstance(frame, pl.DataFrame)
     try:
-        encoder._drop_bad(_chunk(frame), None, check_label=labels)
+        encoder._drop_bad(_chunk(frame), None)
     except DataError as err:  # the general path reports it with its line
         raise Unsupported(str(err)) from None
     return frame
 
 
-def fit(cfg: Config, encoder: Encoder) -> tuple[pa.Table, pl.DataFrame, dict[str, _Column]]:
-    """Fit ``encoder`` on the training file; returns what ``encode`` needs to encode that file again."""
-    table = _read(cfg.data.train, cfg, encoder, labels=True)
-    numbers = _numbers(table, encoder, labels=True)
-    columns = _columns(table, encoder, numbers)
+def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _Column]) -> None:
     counters = encoder.counters()
     for f in encoder.cat_fields:
         col = columns[str(f.name)]
@@ -164,31 +212,89 @@ def fit(cfg: Config, encoder: Encoder) -> tuple[pa.Table, pl.DataFrame, dict[str
     encoder.accumulate_moments(_chunk(numbers), sums)
     encoder.vocabularies_ = {name: c.build() for name, c in counters.items()}
     encoder.fit_numeric(sums)
-    return table, numbers, columns
+
+
+def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], Any]) -> None:
+    """Fit ``encoder`` on the training file and write every split through ``writer_for(split).append``.
+
+    Raises ``Unsupported`` (possibly after writing part of the training split) when the general path must run.
+    """
+    chunks = _tables(cfg.data.train, cfg, encoder)
+    first = next(chunks)
+    second = next(chunks, None)
+    if second is None:  # the whole file in one table: fit, then encode from memory
+        numbers = _numbers(first, encoder)
+        columns = _columns(first, encoder, numbers)
+        _fit_in_memory(encoder, numbers, columns)
+        _check_id_range(encoder)
+        writer_for("train").append(encode(encoder, first, numbers, columns), None)
+    else:
+        _fit_streamed(cfg, encoder, itertools.chain([first, second], chunks), writer_for("train"))
+    del first, second
+    for name in ("valid", "test"):
+        path = getattr(cfg.data, name)
+        if path is not None:
+            for table in _tables(path, cfg, encoder):
+                numbers = _numbers(table, encoder)
+                writer_for(name).append(encode(encoder, table, numbers, _columns(table, encoder, numbers)), None)
+
+
+def _check_id_range(encoder: Encoder) -> None:
+    if encoder.layout().num_rows >= 2**31:  # the fast path writes int32 ids
+        raise Unsupported("an embedding table of 2^31 rows or more needs int64 ids")
+
+
+def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], writer: Any) -> None:
+    """Provisional ids chunk by chunk, then the vocabularies, then the training ids renumbered in place."""
+    if any(f.numeric == "standardize" for f in encoder.num_fields):
+        raise Unsupported("standardized numeric fields need their statistics before a streamed file is encoded")
+    provisional = {str(f.name): _Provisional() for f in encoder.cat_fields}
+    for table in chunks:
+        numbers = _numbers(table, encoder)
+        columns = _columns(table, encoder, numbers)
+        n = table.num_rows
+        cat_t = np.empty((len(encoder.cat_fields), n), dtype=np.int32)
+        for j, f in enumerate(encoder.cat_fields):
+            cat_t[j] = provisional[str(f.name)].add(columns[str(f.name)])
+        writer.append(EncodedChunk(_labels(encoder, numbers), np.ascontiguousarray(cat_t.T),
+                                   _numeric_values(encoder, numbers, stats={}), [], np.ones(n, dtype=bool)), None)
+    counters = encoder.counters()
+    for f in encoder.cat_fields:
+        p = provisional[str(f.name)]
+        counters[f.vocab_name].add_counts(p.known["token"], p.counts)
+    encoder.vocabularies_ = {name: c.build() for name, c in counters.items()}
+    encoder.fit_numeric({})
+    _check_id_range(encoder)
+    vocabs = encoder.fitted_state()[0]
+    luts = []
+    for f in encoder.cat_fields:
+        known = provisional[str(f.name)].known  # pids are 0..n-1 in order
+        luts.append(vocabs[f.vocab_name].encode(known["token"]).astype(np.int32))
+    writer.renumber_cat_ids(luts)
 
 
 def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame,
            columns: dict[str, _Column]) -> EncodedChunk:
     vocabs = encoder.fitted_state()[0]
     n = table.num_rows
-    id_dtype = np.int32 if encoder.layout().num_rows < 2**31 else np.int64
+    id_dtype = np.int32  # _check_id_range
     cat_t = np.empty((len(encoder.cat_fields), n), dtype=id_dtype)  # field-major: each field fills a row
     for j, f in enumerate(encoder.cat_fields):
         col, vocab = columns[str(f.name)], vocabs[f.vocab_name]
         ids = vocab.encode(col.tokens).astype(id_dtype)  # once per distinct value
         np.take(ids, col.index, out=cat_t[j])
     cat = np.ascontiguousarray(cat_t.T)
-    exprs = encoder.numeric_exprs(_chunk(numbers))
+    return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), [], np.ones(n, dtype=bool))
+
+
+def _numeric_values(encoder: Encoder, numbers: pl.DataFrame, stats: dict | None = None) -> np.ndarray:
+    exprs = encoder.numeric_exprs(_chunk(numbers), stats)
     values = numbers.select(exprs) if exprs else None
-    num = np.empty((n, len(encoder.num_fields)), dtype=np.float32)
+    num = np.empty((numbers.height, len(encoder.num_fields)), dtype=np.float32)
     for j in range(len(encoder.num_fields)):
         num[:, j] = values[f"n{j}"].to_numpy()  # type: ignore[index]
-    label = encoder.data.label
-    labels = numbers[label].to_numpy().astype(np.float32) if label in numbers.columns else None
-    return EncodedChunk(labels, cat, num, [], np.ones(n, dtype=bool))
+    return num
 
 
-def encode_file(path: str, cfg: Config, encoder: Encoder) -> EncodedChunk:
-    table = _read(path, cfg, encoder, labels=True)
-    numbers = _numbers(table, encoder, labels=True)
-    return encode(encoder, table, numbers, _columns(table, encoder, numbers))
+def _labels(encoder: Encoder, numbers: pl.DataFrame) -> np.ndarray:
+    return numbers[encoder.data.label].to_numpy().astype(np.float32)

@@ -147,6 +147,21 @@ class _SplitWriter:
             self._write("group", group.astype(np.int64))
         self.rows += len(enc)
 
+    def renumber_cat_ids(self, luts: list[np.ndarray], block_rows: int = 1 << 20) -> None:
+        """Map column j of the written ids through ``luts[j]``, in place (the fast path's provisional ids)."""
+        fh = self._fh.pop("cat_ids", None)
+        if fh is None or not self.rows:
+            return
+        fh.close()  # type: ignore[attr-defined]
+        ids = np.memmap(self.folder / "cat_ids.bin", dtype=self.id_dtype, mode="r+", shape=(self.rows, self.cat_width))
+        for lo in range(0, self.rows, block_rows):
+            block = np.array(ids[lo:lo + block_rows])
+            for j, lut in enumerate(luts):
+                block[:, j] = lut[block[:, j]]
+            ids[lo:lo + block_rows] = block
+        ids.flush()
+        del ids
+
     def close(self) -> dict:
         for fh in self._fh.values():
             fh.close()  # type: ignore[attr-defined]
@@ -239,21 +254,20 @@ def _prepare_fast(folder: Path, cfg: Config) -> tuple[Encoder, dict[str, _SplitW
     if fastpath.why_not(cfg) is not None:
         return None
     encoder = Encoder(cfg.fields, cfg.data)
+    writers: dict[str, _SplitWriter] = {}
+
+    def writer_for(name: str) -> _SplitWriter:
+        if name not in writers:  # ids are int32 until renumbered (the table's size is known only then)
+            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), 0, False)
+        return writers[name]
+
     try:
-        table, numbers, columns = fastpath.fit(cfg, encoder)
-        encoded = {"train": fastpath.encode(encoder, table, numbers, columns)}
-        del table, numbers, columns
-        for name in ("valid", "test"):
-            path = getattr(cfg.data, name)
-            if path is not None:
-                encoded[name] = fastpath.encode_file(path, cfg, encoder)
+        fastpath.prepare_splits(cfg, encoder, writer_for)
     except fastpath.Unsupported:
+        for name, w in writers.items():  # leave the folder as the general path expects it
+            w.close()
+            shutil.rmtree(folder / name, ignore_errors=True)
         return None
-    id_dtype = _id_dtype(encoder.layout())
-    writers = {}
-    for name, enc in encoded.items():
-        writers[name] = _SplitWriter(folder / name, id_dtype, 0, False)
-        writers[name].append(enc, None)
     return encoder, writers
 
 
@@ -266,7 +280,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
     fast = _prepare_fast(folder, cfg)
     if fast is not None:
         encoder, writers = fast
-        _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0)
+        _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0, fast_path=True)
         return
     bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
     encoder = Encoder(cfg.fields, cfg.data)
@@ -329,7 +343,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> No
 
 
 def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[str, _SplitWriter],
-            bad: BadRows | None, total_rows: int, t0: float) -> None:
+            bad: BadRows | None, total_rows: int, t0: float, fast_path: bool = False) -> None:
     """Close the split files and write the encoder and the manifest."""
     layout = encoder.layout()
     splits = {name: w.close() for name, w in writers.items()}
@@ -340,6 +354,7 @@ def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[
         "layout": layout.to_json(), "splits": splits, "rows_read": total_rows,
         "bad_rows": bad.count if bad is not None else 0,
         "seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "fast_path": fast_path,
     }
     (folder / "encoder.json").write_text(json.dumps(encoder.to_json()))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
