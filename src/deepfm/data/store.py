@@ -153,14 +153,18 @@ class _SplitWriter:
         if fh is None or not self.rows:
             return
         fh.close()  # type: ignore[attr-defined]
-        ids = np.memmap(self.folder / "cat_ids.bin", dtype=self.id_dtype, mode="r+", shape=(self.rows, self.cat_width))
-        for lo in range(0, self.rows, block_rows):
-            block = np.array(ids[lo:lo + block_rows])
-            for j, lut in enumerate(luts):
-                block[:, j] = lut[block[:, j]]
-            ids[lo:lo + block_rows] = block
-        ids.flush()
-        del ids
+        # read and write blocks through the file, not a memory map: the mapped pages of a multi-GB file would
+        # count in this process's resident memory (9 GB at 45M rows)
+        row_bytes = self.cat_width * self.id_dtype.itemsize
+        with open(self.folder / "cat_ids.bin", "r+b") as f:
+            for lo in range(0, self.rows, block_rows):
+                n = min(block_rows, self.rows - lo)
+                f.seek(lo * row_bytes)
+                block = np.fromfile(f, dtype=self.id_dtype, count=n * self.cat_width).reshape(n, self.cat_width)
+                for j, lut in enumerate(luts):
+                    block[:, j] = lut[block[:, j]]
+                f.seek(lo * row_bytes)
+                f.write(block.data)
 
     def close(self) -> dict:
         for fh in self._fh.values():
