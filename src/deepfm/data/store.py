@@ -253,9 +253,12 @@ def prepare(cfg: Config, progress: bool = True, log=print) -> PreparedData:
     return data
 
 
-def _prepare_fast(folder: Path, cfg: Config) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
+def _prepare_fast(folder: Path, cfg: Config, log) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
     """The fast path (``deepfm.data.fastpath``) where it applies and the data is clean; else None."""
-    if fastpath.why_not(cfg) is not None:
+    why = fastpath.why_not(cfg)
+    if why is not None:
+        if cfg.data.format in ("csv", "tsv"):
+            log(f"Preparing with the general path ({why})")
         return None
     encoder = Encoder(cfg.fields, cfg.data)
     writers: dict[str, _SplitWriter] = {}
@@ -267,7 +270,9 @@ def _prepare_fast(folder: Path, cfg: Config) -> tuple[Encoder, dict[str, _SplitW
 
     try:
         fastpath.prepare_splits(cfg, encoder, writer_for)
-    except fastpath.Unsupported:
+    except fastpath.Unsupported as err:
+        log(f"Fast preparation stopped ({str(err)[:200]}); preparing with the general path, which reports "
+            "bad rows by file, line and field")
         for name, w in writers.items():  # leave the folder as the general path expects it
             w.close()
             shutil.rmtree(folder / name, ignore_errors=True)
@@ -281,7 +286,7 @@ def _id_dtype(layout: TableLayout) -> np.dtype:
 
 def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> None:
     t0 = time.perf_counter()
-    fast = _prepare_fast(folder, cfg)
+    fast = _prepare_fast(folder, cfg, log)
     if fast is not None:
         encoder, writers = fast
         _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0, fast_path=True)
