@@ -301,17 +301,23 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
         raise ConfigError(_format_validation(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config. Relative data paths are resolved against the config file's folder."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str, expect: str) -> dict[str, Any]:
+    """A YAML file that must hold a non-empty mapping; ``ConfigError`` naming the file otherwise."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping with data / fields / model / train")
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: {expect}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config. Relative data paths are resolved against the config file's folder."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "config", "the config must be a mapping with data / fields / model / train")
     data = raw.get("data")
     if isinstance(data, dict):
         base = path.resolve().parent

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from deepfm.config import read_yaml_mapping
 from deepfm.errors import ConfigError, DeepFMError
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -51,14 +52,7 @@ def load_space(path: str | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return DEFAULT_SPACE
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search space file not found: {p}")
-    try:
-        space = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(f"{p}: the search space must be a non-empty mapping of dotted config keys")
+    space = read_yaml_mapping(p, "search space", "the search space must be a non-empty mapping of dotted config keys")
     for key, spec in space.items():
         if not isinstance(spec, dict) or spec.get("type") not in _TYPES:
             raise ConfigError(f"{p}: '{key}' needs a mapping with type: {' | '.join(_TYPES)}")
