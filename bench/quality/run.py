@@ -99,9 +99,9 @@ def table(results: dict, sets: list[str], contenders: list[str], rows: int, seed
                    "test log loss (mean ± sd) | valid AUC | epochs run | s / run |")
         out.append("|---|---|---|---|---|---|---|")
         for c in contenders:
-            rs = [results[k] for k in results if k.split("|")[0].split("#")[0] == s
-                  and k.startswith(tuple(f"{s}{'#' + str(f) if f is not None else ''}|"
-                                         f"{rows if s == 'synthetic' else ''}|{c}|" for f in datasets.folds(s)))]
+            prefixes = tuple(f"{s}{'' if f is None else f'#{f}'}|{rows if s == 'synthetic' else ''}|{c}|"
+                             for f in datasets.folds(s))
+            rs = [results[k] for k in results if k.startswith(prefixes)]
             rs = [x for x in rs if x.get("seed") in range(SEED0, SEED0 + seeds)]
             if not rs:
                 continue

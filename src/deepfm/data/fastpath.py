@@ -92,7 +92,7 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
                                             quote_char='"' if sep == "," else False),
         "convert_options": pacsv.ConvertOptions(column_types=types, include_columns=wanted, null_values=[""],
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False)}
-    rows = 0
+    rows = yielded = 0
     try:
         if os.path.getsize(path) <= WHOLE_FILE_BYTES:
             table = pacsv.read_csv(path, **options)
@@ -108,9 +108,9 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
                     raise Unsupported(f"{path}: malformed rows")
                 pending.append(batch)
                 rows += batch.num_rows
-                if sum(b.num_rows for b in pending) >= CHUNK_ROWS:
+                if rows - yielded >= CHUNK_ROWS:
                     yield pa.Table.from_batches(pending).unify_dictionaries()
-                    pending = []
+                    pending, yielded = [], rows
             if invalid:
                 raise Unsupported(f"{path}: malformed rows")
             if pending:
