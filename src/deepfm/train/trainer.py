@@ -169,7 +169,9 @@ class Trainer:
         torch.set_rng_state(saved["rng"])
         if self.device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
-        self.state = TrainState(**json.loads((last / "state.json").read_text()))
+        saved_state = json.loads((last / "state.json").read_text())
+        saved_state.setdefault("best_score", saved_state.get("best_auc", -math.inf))  # checkpoints before monitor
+        self.state = TrainState(**saved_state)
         return True
 
     def _save_best(self) -> None:
