@@ -198,8 +198,8 @@ def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
     assert isinstance(frame, pl.DataFrame)
     try:
         encoder._drop_bad(_chunk(frame), None)
-    except DataError as err:  # the general path reports it with its line
-        raise Unsupported(str(err)) from None
+    except DataError as err:  # the general path reports it with its file and line
+        raise Unsupported(f"field '{err.field}': {err.reason}") from None
     return frame
 
 
