@@ -198,6 +198,9 @@ class TrainConfig(_Frozen):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     num_threads: int | None = Field(None, gt=0)
+    # CPU + glibc: keep freed memory in the process for reuse (mallopt) instead of returning each ~10 MB
+    # step buffer to the OS and page-faulting it back in; ~20% faster steps, resident memory stays at its peak
+    reuse_freed_memory: bool = True
     shuffle: bool = True
     shuffle_block_rows: int = Field(32, gt=0)
     checkpoint_every_steps: int = Field(1000, gt=0)

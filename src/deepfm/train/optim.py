@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from deepfm.config import TrainConfig
+from deepfm.train import native
 
 
 class ProximalAdagrad(torch.optim.Optimizer):
@@ -82,8 +83,10 @@ class RowwiseAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, *, native: bool = True) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.native = native
+        self._scratch: dict[torch.Tensor, native.Scratch] = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -101,14 +104,19 @@ class RowwiseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                rows, grad = sparse_rows(p.grad)
+                bias1 = 1 - beta1 ** state["step"]
+                bias2 = 1 - beta2 ** state["step"]
+                g = p.grad
+                if self.native and p.device.type == "cpu" and native.rowwise_adam(
+                        p, state["exp_avg"], state["exp_avg_sq"], self._scratch.setdefault(p, native.Scratch()), g._indices()[0],
+                        g._values(), lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias1=bias1, bias2=bias2):
+                    continue
+                rows, grad = sparse_rows(g)
                 # index_select / index_copy_: several times faster on CPU than advanced indexing
                 m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
                 v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, m)
                 state["exp_avg_sq"].index_copy_(0, rows, v)
-                bias1 = 1 - beta1 ** state["step"]
-                bias2 = 1 - beta2 ** state["step"]
                 denom = v.div_(bias2).sqrt_().add_(eps)
                 w = p.index_select(0, rows).addcdiv_(m, denom, value=-lr / bias1)
                 p.index_copy_(0, rows, w)
@@ -140,6 +148,16 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
+def _adam(params, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused into one kernel per tensor where torch has that for the device (CPU from torch
+    2.4, CUDA): the same update, ~3x faster than the per-operation loop for the DNN's weights."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device/dtype without the fused kernel
+        return torch.optim.Adam(params, **kwargs)
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """One optimiser for the embedding table (sparse when ``cfg.sparse``) and one for the dense layers."""
     table = [p for n, p in model.named_parameters() if n.endswith("embedding.weight")]
@@ -150,9 +168,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     if cfg.optimizer == "adam":
         if cfg.sparse:
             opts.append(RowwiseAdam(table, lr=cfg.lr))
-            opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+            opts.append(_adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
         else:
-            opts.append(torch.optim.Adam([{"params": table, "weight_decay": table_decay},
+            opts.append(_adam([{"params": table, "weight_decay": table_decay},
                                           {"params": dense, "weight_decay": cfg.weight_decay}], lr=cfg.lr))
     elif cfg.optimizer == "adagrad":
         opts.append(torch.optim.Adagrad(table, lr=cfg.lr, weight_decay=table_decay))

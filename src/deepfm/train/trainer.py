@@ -33,6 +33,7 @@ from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text,
 from deepfm.metrics import summarize
 from deepfm.progress import progress_bar
 from deepfm.train import distributed as ddp
+from deepfm.train import native
 from deepfm.train.optim import build_optimizers, clip_grad_norm
 
 
@@ -125,6 +126,8 @@ class Trainer:
         self.device = ddp.device_for(dist, cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
+        if cfg.reuse_freed_memory and self.device.type == "cpu":
+            native.reuse_freed_memory()
         self.run_dir = Path(run_dir)
         self.log = log if dist.is_main else (lambda _msg: None)
         self.callbacks = callbacks or []
