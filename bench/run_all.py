@@ -3,7 +3,7 @@ another in one run (so the ratios hold on a noisy machine), and bench/RESULTS.md
 
     make bench                     # = .venv/bin/python bench/run_all.py
     .venv/bin/python bench/run_all.py --rows 250000 [--skip-setup] [--contenders deepfm-bf16,deepctr,...]
-                                       [--max-steps N] [--device cuda]
+                                       [--rounds 3] [--max-steps N] [--device cuda]
 
 Contenders: deepfm (its default precision: bf16 autocast where the CPU or GPU supports bf16, else fp32; the
 result line says which), deepfm-fp32, deepctr (DeepCTR-Torch 0.3.0), fuxictr (FuxiCTR 2.3.x), torchrec (torchrec 1.8.0).
@@ -76,7 +76,45 @@ def fmt(v, spec: str = ",.0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _median(values: list):
+    values = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _per_round(r: dict) -> str:
+    return " (" + " / ".join(fmt(v) for v in r["rounds"]) + ")"
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """Runs of the same contender (one per round) -> one row each: the median of every figure across rounds,
+    and ``rounds``: its training samples/s in each round."""
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    rows = []
+    for name, runs in by_name.items():
+        row: dict = {"name": name, "rounds": [r.get("train_samples_per_s_median") for r in runs]}
+        for key in runs[0]:
+            if key in ("name", "round"):
+                continue
+            if key == "latency_ms":
+                row[key] = {b: {q: _median([r.get(key, {}).get(b, {}).get(q) for r in runs])
+                                for q in runs[0][key][b]} for b in runs[0][key]}
+            elif isinstance(runs[0][key], (int, float)) and not isinstance(runs[0][key], bool):
+                row[key] = _median([r.get(key) for r in runs])
+            else:
+                row[key] = runs[0][key]
+        rows.append(row)
+    return rows
+
+
 def write_results(path: Path, results: list[dict], machine: dict | None, teacher: dict, command: str) -> None:
+    runs = results
+    results = aggregate(results)
+    n_rounds = max((len(r["rounds"]) for r in results), default=1)
     peers = [r for r in results if not r["name"].startswith("deepfm")]
     best = {k: max((r.get(k) or 0) for r in peers) if peers else None
             for k in ("train_samples_per_s_median", "infer_samples_per_s", "prep_rows_per_s")}
@@ -87,6 +125,9 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
         lines += [f"Machine: {machine.get('cpu_model', platform.processor())}, "
                   f"{machine.get('logical_cpus', os.cpu_count())} logical CPUs, torch {machine.get('torch', '?')}, "
                   f"device {machine.get('device', 'cpu')}. CPU flags: {flags}.", ""]
+    if n_rounds > 1:
+        lines += [f"Every contender ran {n_rounds} times, in {n_rounds} rounds of the whole list; each figure is the "
+                  "median over the rounds (the train column lists each round's figure too).", ""]
     lines += ["| contender | prep rows/s | train samples/s (median) | epoch s | infer samples/s | "
               "latency b1 ms (p50/p99) | latency b100 ms (p50/p99) | peak RSS MB | test AUC | test logloss | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -94,7 +135,8 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
         lat = r.get("latency_ms", {})
         b1, b100 = lat.get("b1", {}), lat.get("b100", {})
         lines.append(
-            f"| {r['name']} | {fmt(r.get('prep_rows_per_s'))} | {fmt(r.get('train_samples_per_s_median'))} | "
+            f"| {r['name']} | {fmt(r.get('prep_rows_per_s'))} | {fmt(r.get('train_samples_per_s_median'))}"
+            f"{_per_round(r) if n_rounds > 1 else ''} | "
             f"{fmt(r.get('epoch_wall_s'), '.2f')} | {fmt(r.get('infer_samples_per_s'))} | "
             f"{fmt(b1.get('median'), '.3f')} / {fmt(b1.get('p99'), '.3f')} | "
             f"{fmt(b100.get('median'), '.3f')} / {fmt(b100.get('p99'), '.3f')} | {fmt(r.get('peak_rss_mb'))} | "
@@ -113,6 +155,17 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
                     f"| {r['name']} | {r['train_samples_per_s_median'] / best['train_samples_per_s_median']:.2f}x | "
                     f"{r['infer_samples_per_s'] / best['infer_samples_per_s']:.2f}x | "
                     f"{r['prep_rows_per_s'] / best['prep_rows_per_s']:.2f}x | {r['test_auc'] - best_auc:+.4f} |")
+    if n_rounds > 1 and best["train_samples_per_s_median"]:
+        lines += ["", "Training ratio within each round (deepfm / that round's fastest peer):", ""]
+        for name in [r["name"] for r in results if r["name"].startswith("deepfm")]:
+            ratios = []
+            for k in range(n_rounds):
+                in_round = [r for r in runs if r.get("round", 0) == k]
+                mine = [r for r in in_round if r["name"] == name]
+                rivals = [r["train_samples_per_s_median"] for r in in_round if not r["name"].startswith("deepfm")]
+                if mine and rivals:
+                    ratios.append(mine[0]["train_samples_per_s_median"] / max(rivals))
+            lines.append(f"- {name}: " + ", ".join(f"{x:.2f}x" for x in ratios))
     if machine:
         lines += ["", "## Machine ceiling (bench/machine.py)", "", "```", json.dumps(machine, indent=1), "```"]
     lines += ["", "Raw JSON lines: `bench/.out/results.jsonl`. Protocol: bench/README.md."]
@@ -125,6 +178,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--contenders", default=",".join(ALL))
     ap.add_argument("--skip-setup", action="store_true", help="do not (re)install the peers' venvs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole contender list this many times; the table shows medians over rounds")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per contender (0 = all cores)")
@@ -151,7 +206,7 @@ def main() -> None:
         common += ["--max-steps", str(args.max_steps)]
     warm_page_cache([train, test])
     results = []
-    for name in contenders:
+    for round_no, name in [(k, c) for k in range(max(args.rounds, 1)) for c in contenders]:
         wait_quiet(args.quiet_load, args.quiet_wait)
         if name.startswith("deepfm"):
             precision = name.split("-", 1)[1] if "-" in name else "auto"
@@ -166,6 +221,7 @@ def main() -> None:
             raise SystemExit(f"unknown contender {name!r}; choose from {ALL}")
         r = run_json(cmd, out / f"{name}.err", args.timeout)
         if r is not None:
+            r["round"] = round_no
             results.append(r)
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(r) + "\n")
