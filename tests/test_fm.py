@@ -143,3 +143,75 @@ def test_bi_interaction_gradient_is_exact():
     assert torch.autograd.gradcheck(lambda f, e: BiInteraction()(f, e), (fields, excess))
     with torch.no_grad():
         torch.testing.assert_close(BiInteraction()(fields, excess), BiInteraction()(fields.detach(), excess))
+
+
+def _training_pair(combiners: tuple[str, ...], dtype: torch.dtype = torch.float32):
+    torch.manual_seed(5)
+    cfg = ModelConfig(embed_dim=4, hidden_units=[8], init_std=0.5)
+    fused = DeepFM(_layout(combiners), cfg).to(dtype)
+    plain = DeepFM(_layout(combiners), cfg).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    plain.fuse = False
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.embedding.weight[:, 4].copy_(torch.linspace(-1, 1, 21, dtype=dtype))
+    rng = np.random.default_rng(7)
+    inp = make_input(np.stack([rng.integers(0, 6, 6), rng.integers(0, 5, 6)], 1),
+                     np.array([[0.5], [np.nan], [2.0], [-1.5], [0.0], [3.0]], np.float32),
+                     [(rng.integers(0, 6, 9), rng.uniform(0.2, 2, 9).astype(np.float32), np.array([3, 0, 1, 2, 2, 1]))
+                      for _ in combiners])
+    args = (inp.cat_ids, inp.num_values.to(dtype), inp.multi_ids, inp.multi_weights.to(dtype), inp.multi_bags)
+    return fused, plain, args
+
+
+@pytest.mark.parametrize("combiners", [(), ("sqrtn", "mean")])
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_training_head_equals_the_plain_graph(combiners, native_on, bf16, monkeypatch):
+    """The fused head (training only) gives the plain graph's logits and gradients: numeric scaling, missing
+    values, pooled multi-valued fields (their square excess), with the native kernel and without."""
+    from deepfm.train import native
+
+    if not native_on:
+        monkeypatch.setattr(native, "load", lambda: None)
+    fused, plain, args = _training_pair(combiners)
+    grads = []
+    for model in (fused, plain):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(*args)
+        (out * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per row
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out_f, g_f), (out_p, g_p) = grads
+    tol = {"rtol": 1e-5, "atol": 1e-5} if bf16 else {"rtol": 1e-6, "atol": 1e-6}  # the DNN sees the same bf16 input
+    torch.testing.assert_close(out_f, out_p, **tol)
+    assert g_f.keys() == g_p.keys()
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-5 if bf16 else 1e-6, msg=name)
+
+
+def test_fused_head_gradient_is_exact():
+    from deepfm.model.interaction import _FusedHeadFn
+
+    torch.manual_seed(0)
+    rows = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)  # float64: the torch path
+    assert torch.autograd.gradcheck(lambda r: _FusedHeadFn.apply(r, torch.float64), (rows,))
+
+
+def test_native_head_casts_to_bfloat16_as_torch_does():
+    from deepfm.train import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler: the torch path is used")
+    specials = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.005859375, 3.0e38, 1e-40, float("inf"), -float("inf"),
+                             float("nan"), 65504.5, -2.7182817])
+    rows = torch.randn(64, 3, 5)
+    rows[:3, :, :4] = specials.view(3, 4).unsqueeze(1)  # ties, rounding overflow, denormals, inf, NaN
+    x, total, first_second = native.head_forward(rows, torch.bfloat16)
+    expected = rows[..., :4].to(torch.bfloat16).reshape(64, -1)
+    assert torch.equal(x.view(torch.int16)[~expected.isnan()], expected.view(torch.int16)[~expected.isnan()])
+    assert x.isnan().equal(expected.isnan())
+    finite = slice(3, None)
+    torch.testing.assert_close(total[finite], rows[finite, :, :4].sum(1))
+    fm = BiInteraction()(rows[finite, :, :4]).sum(1) + rows[finite, :, 4].sum(1)
+    torch.testing.assert_close(first_second[finite], fm, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from deepfm.config import ModelConfig
 from deepfm.layout import TableLayout
 from deepfm.model.dnn import DNN
 from deepfm.model.embedding import FieldEmbedding
-from deepfm.model.interaction import BiInteraction
+from deepfm.model.interaction import BiInteraction, _tracing, fused_head
 
 
 class DeepFM(nn.Module):
@@ -31,6 +31,7 @@ class DeepFM(nn.Module):
         self.embedding = FieldEmbedding(layout, cfg.embed_dim, init_std=cfg.init_std, sparse=sparse)
         self.fm = BiInteraction()
         self.bias = nn.Parameter(torch.zeros(1))
+        self.fuse = True  # the fused training head where it applies (see ``_fusable``); False: the plain graph
         self.linear_proj = nn.Linear(num_fields, 1, bias=False) if cfg.head == "project" else None
         self.fm_proj = nn.Linear(cfg.embed_dim, 1, bias=False) if cfg.head == "project" else None
         self.dnn = DNN(num_fields * cfg.embed_dim, list(cfg.hidden_units), dropout=cfg.dropout,
@@ -40,8 +41,17 @@ class DeepFM(nn.Module):
                              multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked)."""
-        fields, linear, square_excess, penalty = self.embedding(cat_ids, num_values, multi_ids, multi_weights,
-                                                              multi_bags, with_penalty)
+        rows, square_excess, penalty = self.embedding.lookup(cat_ids, num_values, multi_ids, multi_weights,
+                                                             multi_bags, with_penalty)
+        if self.fuse and self._fusable(rows):
+            device = rows.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+            x, first_second = fused_head(rows, dtype)
+            if square_excess is not None:  # pooled multi-valued fields: their tags' own squares (FieldEmbedding)
+                first_second = first_second - 0.5 * square_excess.sum(dim=1)
+            return self.bias + first_second + self.dnn(x).float(), penalty  # type: ignore[misc]
+        fields, linear = rows.split([self.cfg.embed_dim, 1], dim=-1)
+        linear = linear.squeeze(-1)
         logit = self.bias.expand(fields.shape[0])
         if self.cfg.use_linear:
             logit = logit + (linear.sum(1) if self.linear_proj is None
@@ -52,6 +62,11 @@ class DeepFM(nn.Module):
         if self.dnn is not None:
             logit = logit + self.dnn(fields.flatten(1)).float()
         return logit, penalty
+
+    def _fusable(self, rows: torch.Tensor) -> bool:
+        """Training of the paper's sum head with all three parts: the fused head gives the same result faster."""
+        cfg = self.cfg
+        return (rows.requires_grad and torch.is_grad_enabled() and not _tracing() and cfg.head == "sum" and cfg.use_linear and cfg.use_fm and self.dnn is not None)
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                 multi_weights: torch.Tensor, multi_bags: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,16 @@ class FieldEmbedding(nn.Module):
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                 multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, square_excess, penalty = self.lookup(cat_ids, num_values, multi_ids, multi_weights, multi_bags,
+                                                   with_penalty)
+        # split, not two slices: its backward is one concatenation instead of two zero-filled copies
+        fields, linear = rows.split([self.embed_dim, 1], dim=-1)
+        return fields, linear.squeeze(-1), square_excess, penalty
+
+    def lookup(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
+               multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """As ``forward``, with each field's vector and first-order term still joined: ``rows [B, F, D + 1]``."""
         d = self.embed_dim
         batch = cat_ids.shape[0]
         missing = torch.isnan(num_values)
@@ -63,18 +73,14 @@ class FieldEmbedding(nn.Module):
             values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
                                 torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
             rows = rows * values.unsqueeze(-1)
-        # split, not two slices: its backward is one concatenation instead of two zero-filled copies
-        fields, linear = rows.split([d, 1], dim=-1)
-        linear = linear.squeeze(-1)
         square_excess = None
         if self.num_multi:
             pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_ids, multi_weights, multi_bags,
                                                                    with_penalty)
-            fields = torch.cat([fields, pooled[..., :d]], dim=1)
-            linear = torch.cat([linear, pooled[..., d]], dim=1)
+            rows = torch.cat([rows, pooled], dim=1)
             square_excess = multi_square - pooled[..., :d].pow(2).sum(dim=1)
             penalty = penalty + multi_penalty
-        return fields, linear, square_excess, penalty
+        return rows, square_excess, penalty
 
     def _pool_multi(self, batch: int, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor,
                     with_penalty: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

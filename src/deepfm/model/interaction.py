@@ -25,6 +25,60 @@ class _BiInteractionFn(torch.autograd.Function):
         return (total.unsqueeze(1) - fields).mul_(grad.unsqueeze(1))
 
 
+class _FusedHeadFn(torch.autograd.Function):
+    """``rows [B, F, D + 1]`` -> (the DNN's input ``[B, F * D]`` in ``dtype``, linear + FM logit ``[B]``).
+
+    The training-time fusion of what the paper's diagram draws apart: the first-order sum over fields, the FM
+    term summed over D, and the DNN's flattened input, all read from the same looked-up rows; backward:
+    ``d rows[..., :D] = g_dnn + (S - v_f) g``, ``d rows[..., D] = g``, with ``S`` the sum of the field vectors
+    and ``g`` the gradient of the logit part. On CPU each direction is one pass of a native kernel
+    (``deepfm.train.native``), where autograd's graph of the same (split, FM, flatten, cast, their
+    backwards and the gradient sums) makes about nine passes over strided views; elsewhere, torch operations.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        from deepfm.train import native  # the model package does not import training code at load time
+
+        done = native.head_forward(rows, dtype)
+        if done is not None:
+            x, total, first_second = done
+        else:
+            d = rows.shape[-1] - 1
+            fields = rows[..., :d]
+            total = fields.sum(dim=1)  # [B, D]
+            first_second = rows[..., d].sum(dim=1) + 0.5 * (total.square().sum(dim=1)
+                                                             - fields.square().sum(dim=(1, 2)))
+            x = fields.to(dtype).reshape(rows.shape[0], -1)
+        ctx.save_for_backward(rows, total)
+        return x, first_second
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor | None, grad_logit: torch.Tensor | None  # type: ignore[override]
+                 ) -> tuple[torch.Tensor, None]:
+        from deepfm.train import native
+
+        rows, total = ctx.saved_tensors
+        batch, n_fields, d = rows.shape[0], rows.shape[1], rows.shape[2] - 1
+        if grad_logit is None:
+            grad_logit = rows.new_zeros(batch)
+        out = native.head_backward(rows, total, grad_x, grad_logit)
+        if out is None:
+            g = grad_logit.view(batch, 1, 1)
+            vectors = (total.unsqueeze(1) - rows[..., :d]) * g
+            if grad_x is not None:
+                vectors = vectors + grad_x.view(batch, n_fields, d)
+            out = torch.cat([vectors, g.expand(batch, n_fields, 1)], dim=-1)
+        return out, None
+
+
+def fused_head(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training: (DNN input ``[B, F * D]`` in ``dtype``, first-order + FM logit ``[B]``) from ``rows``; see
+    ``_FusedHeadFn``. Equal to splitting ``rows`` and applying the linear sum, ``BiInteraction`` summed over D and
+    a flatten."""
+    return _FusedHeadFn.apply(rows, dtype)
+
+
 def _tracing() -> bool:
     return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
 

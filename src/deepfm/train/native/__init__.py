@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("rowwise_adam.c")
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -51,7 +51,7 @@ def _compile(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        base = [cc, "-O3", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", tmp, "-lm"]
+        base = [cc, "-O3", "-shared", "-fPIC", "-std=c99", *map(str, _SOURCES), "-o", tmp, "-lm"]
         res = subprocess.run(base[:2] + ["-march=native"] + base[2:], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:  # a compiler without -march=native
             res = subprocess.run(base, capture_output=True, text=True, timeout=120)
@@ -75,21 +75,25 @@ def load() -> ctypes.CDLL | None:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if cc is None:
             return None
-        key = hashlib.sha256(_SOURCE.read_bytes() + cc.encode() + _cpu_signature().encode()
-                             + platform.machine().encode()).hexdigest()[:16]
-        path = cache_dir() / f"rowwise_adam-{key}.so"
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + cc.encode()
+                             + _cpu_signature().encode() + platform.machine().encode()).hexdigest()[:16]
+        path = cache_dir() / f"kernels-{key}.so"
         try:
             if not path.is_file():
                 _compile(cc, path)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            warnings.warn(f"deepfm: the native row-wise Adam kernel could not be built ({exc}); using the torch "
-                          f"path (same update, slower). Set DEEPFM_NATIVE=0 to skip the attempt.", stacklevel=2)
+            warnings.warn(f"deepfm: the native kernels could not be built ({exc}); using the torch path (same "
+                          f"results, slower). Set DEEPFM_NATIVE=0 to skip the attempt.", stacklevel=2)
             return None
         fn = lib.deepfm_rowwise_adam
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         fn.argtypes = [p, p, p, i64, i64, p, p, i64, p, p, p, f32, f32, f32, f32, f32, f32]
         fn.restype = i64
+        lib.deepfm_head_forward.argtypes = [p, i64, i64, i64, p, i64, p, p]
+        lib.deepfm_head_forward.restype = None
+        lib.deepfm_head_backward.argtypes = [p, p, p, i64, p, i64, i64, i64, p]
+        lib.deepfm_head_backward.restype = None
         _lib = lib
         return _lib
 
@@ -139,6 +143,47 @@ def rowwise_adam(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     if got < 0:
         raise IndexError(f"row id {int(ids[-got - 1])} is outside the table's {weight.shape[0]} rows")
     return True
+
+
+def head_forward(rows: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``rows [B, F, D + 1]`` -> (DNN input ``[B, F * D]`` in ``dtype``, sum of the field vectors ``[B, D]``,
+    first + second order logit part ``[B]``), in one pass (``fused_head.c``); None where the kernel does not
+    apply (not built, not CPU, not float32 contiguous rows, ``dtype`` neither float32 nor bfloat16)."""
+    if (rows.device.type != "cpu" or rows.dtype != torch.float32 or not rows.is_contiguous() or rows.dim() != 3
+            or dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    batch, fields, dim = rows.shape[0], rows.shape[1], rows.shape[2] - 1
+    x = torch.empty((batch, fields * dim), dtype=dtype)
+    total = torch.empty((batch, dim), dtype=torch.float32)
+    first_second = torch.empty(batch, dtype=torch.float32)
+    lib.deepfm_head_forward(rows.data_ptr(), batch, fields, dim, x.data_ptr(), int(dtype == torch.bfloat16),
+                            total.data_ptr(), first_second.data_ptr())
+    return x, total, first_second
+
+
+def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor | None,
+                  grad_logit: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of ``rows`` for ``head_forward``'s outputs, in one pass; None where the kernel does not
+    apply (then nothing was computed)."""
+    if grad_x is not None and (grad_x.dtype not in (torch.float32, torch.bfloat16) or grad_x.device.type != "cpu"):
+        return None
+    if grad_logit.dtype != torch.float32 or grad_logit.device.type != "cpu":
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    batch, fields, dim = rows.shape[0], rows.shape[1], rows.shape[2] - 1
+    g = grad_logit.contiguous()
+    dx = grad_x.contiguous() if grad_x is not None else None
+    out = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    lib.deepfm_head_backward(rows.data_ptr(), total.data_ptr(), None if dx is None else dx.data_ptr(),
+                             int(dx is not None and dx.dtype == torch.bfloat16), g.data_ptr(), batch, fields, dim,
+                             out.data_ptr())
+    return out
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
