@@ -51,7 +51,7 @@ def _compile(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        base = [cc, "-O3", "-shared", "-fPIC", "-std=c99", *map(str, _SOURCES), "-o", tmp, "-lm"]
+        base = [cc, "-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=c99", *map(str, _SOURCES), "-o", tmp, "-lm"]
         res = subprocess.run(base[:2] + ["-march=native"] + base[2:], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:  # a compiler without -march=native
             res = subprocess.run(base, capture_output=True, text=True, timeout=120)
@@ -145,13 +145,16 @@ def rowwise_adam(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     return True
 
 
+HEAD_MAX_DIM = 1024  # MAX_DIM in fused_head.c
+
+
 def head_forward(rows: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``rows [B, F, D + 1]`` -> (DNN input ``[B, F * D]`` in ``dtype``, sum of the field vectors ``[B, D]``,
     first + second order logit part ``[B]``), in one pass (``fused_head.c``); None where the kernel does not
     apply (not built, not CPU, not float32 contiguous rows, ``dtype`` neither float32 nor bfloat16)."""
     if (rows.device.type != "cpu" or rows.dtype != torch.float32 or not rows.is_contiguous() or rows.dim() != 3
-            or dtype not in (torch.float32, torch.bfloat16)):
+            or dtype not in (torch.float32, torch.bfloat16) or rows.shape[2] - 1 > HEAD_MAX_DIM):
         return None
     lib = load()
     if lib is None:

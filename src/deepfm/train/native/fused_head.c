@@ -11,13 +11,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#define MAX_DIM 1024 /* embedding dims above this take the torch path */
+
 static inline uint16_t to_bf16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays a quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                           /* round to nearest even */
-    return (uint16_t)(u >> 16);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest even */
+    uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded); /* branch-free: vectorises */
 }
 
 static inline float from_bf16(uint16_t h)
@@ -35,8 +37,9 @@ void deepfm_head_forward(const float *restrict rows, int64_t batch, int64_t fiel
     const int64_t stride = dim + 1;
     for (int64_t b = 0; b < batch; ++b) {
         float *restrict s = total + b * dim;
-        for (int64_t k = 0; k < dim; ++k) s[k] = 0.0f;
-        float squares = 0.0f, linear = 0.0f;
+        float sq[MAX_DIM];  /* per-column sums of squares: a single running sum would serialise the adds */
+        for (int64_t k = 0; k < dim; ++k) s[k] = sq[k] = 0.0f;
+        float linear = 0.0f;
         for (int64_t f = 0; f < fields; ++f) {
             const float *restrict r = rows + (b * fields + f) * stride;
             int64_t at = (b * fields + f) * dim;
@@ -48,12 +51,15 @@ void deepfm_head_forward(const float *restrict rows, int64_t batch, int64_t fiel
             }
             for (int64_t k = 0; k < dim; ++k) {
                 s[k] += r[k];
-                squares += r[k] * r[k];
+                sq[k] += r[k] * r[k];
             }
             linear += r[dim];
         }
-        float sum_sq = 0.0f;
-        for (int64_t k = 0; k < dim; ++k) sum_sq += s[k] * s[k];
+        float sum_sq = 0.0f, squares = 0.0f;
+        for (int64_t k = 0; k < dim; ++k) {
+            sum_sq += s[k] * s[k];
+            squares += sq[k];
+        }
         first_second[b] = linear + 0.5f * (sum_sq - squares);
     }
 }
