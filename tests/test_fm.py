@@ -215,3 +215,30 @@ def test_native_head_casts_to_bfloat16_as_torch_does():
     torch.testing.assert_close(total[finite], rows[finite, :, :4].sum(1))
     fm = BiInteraction()(rows[finite, :, :4]).sum(1) + rows[finite, :, 4].sum(1)
     torch.testing.assert_close(first_second[finite], fm, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dnn_fused_linear_relu_equals_the_plain_layers_under_bf16_autocast(dropout, monkeypatch):
+    import deepfm.model.dnn as dnn_module
+
+    if not dnn_module._HAS_LINEAR_POINTWISE:
+        pytest.skip("this torch build has no oneDNN linear_pointwise")
+    torch.manual_seed(0)
+    dnn = dnn_module.DNN(24, [16, 8], dropout=dropout)
+    x = torch.randn(64, 24)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(dnn_module, "_HAS_LINEAR_POINTWISE", fused)
+        dnn.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = dnn(xi)
+        (out.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        results.append((out.detach().float(), xi.grad, [p.grad.clone() for p in dnn.parameters()]))
+    (o1, gx1, g1), (o2, gx2, g2) = results
+    assert torch.equal(o1, o2)  # the same bf16 GEMM, the ReLU fused into it
+    torch.testing.assert_close(gx1, gx2)
+    for a, b in zip(g1, g2):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b)

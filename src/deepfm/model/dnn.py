@@ -35,4 +35,52 @@ class DNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        if _fusable_dtype(x) is None:
+            return self.net(x).squeeze(-1)
+        layers = list(self.net)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.Linear) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+                x = linear_relu(x, layer.weight, layer.bias)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x.squeeze(-1)
+
+
+def _fusable_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bfloat16 where a CPU step runs under bf16 autocast and oneDNN's fused linear+ReLU is there; else None."""
+    if (x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+            or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _HAS_LINEAR_POINTWISE
+            or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return None
+    return torch.bfloat16
+
+
+_HAS_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _LinearReLUFn(torch.autograd.Function):
+    """``relu(x @ W.T + b)`` as one oneDNN call (the ReLU applied as the GEMM writes its output), with
+    autograd's backward for the pair: one pass over the activations fewer each step and each inference."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x, weight, y = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, y, 0)
+        return g.mm(weight), g.t().mm(x), g.sum(0)
+
+
+def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``relu(linear(x, weight, bias))`` under CPU bf16 autocast, computed as autocast would (bf16 operands,
+    gradients cast back to the float32 parameters), in one fused oneDNN call."""
+    dtype = torch.bfloat16
+    return _LinearReLUFn.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
