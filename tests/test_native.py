@@ -90,6 +90,7 @@ def test_without_a_compiler_training_falls_back_with_a_warning(tmp_path, monkeyp
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setenv("DEEPFM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.delenv("DEEPFM_NATIVE", raising=False)
     with pytest.warns(UserWarning, match="could not be built.*torch path"):
         assert native.load() is None
     # the optimiser still trains, through torch
