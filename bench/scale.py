@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -24,6 +25,15 @@ HERE = Path(__file__).resolve().parent
 
 def rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def current_rss_mb() -> float | None:
+    """Resident memory now (peak RSS only ever grows: this shows what a stage holds after an earlier peak)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return round(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main() -> None:
@@ -76,6 +86,7 @@ def main() -> None:
     state = trainer.fit(prepared.splits["train"])
     stages["train_epoch_s"] = round(time.perf_counter() - t0, 1)
     result["rss_after_train_mb"] = rss_mb()
+    result["rss_now_after_train_mb"] = current_rss_mb()
     result["train_samples_per_s"] = state.history[-1]["samples_per_s"] if state.history else None
     t0 = time.perf_counter()
     result["test"] = trainer.evaluate(prepared.splits["test"])
