@@ -126,8 +126,8 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
                   f"{machine.get('logical_cpus', os.cpu_count())} logical CPUs, torch {machine.get('torch', '?')}, "
                   f"device {machine.get('device', 'cpu')}. CPU flags: {flags}.", ""]
     if n_rounds > 1:
-        lines += [f"Every contender ran {n_rounds} times, in {n_rounds} rounds of the whole list; each figure is the "
-                  "median over the rounds (the train column lists each round's figure too).", ""]
+        lines += [(f"Every contender ran {n_rounds} times, in {n_rounds} rounds of the whole list; each figure is the "
+                   "median over the rounds (the train column lists each round's figure too)."), ""]
     lines += ["| contender | prep rows/s | train samples/s (median) | epoch s | infer samples/s | "
               "latency b1 ms (p50/p99) | latency b100 ms (p50/p99) | peak RSS MB | test AUC | test logloss | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -106,6 +106,6 @@ def test_deepfm_native_0_turns_the_kernel_off(monkeypatch):
     assert native.load() is None
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_reuse_freed_memory_applies_on_glibc():
     assert native.reuse_freed_memory()

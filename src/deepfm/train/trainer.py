@@ -196,9 +196,13 @@ class Trainer:
         ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
         self.batch_size = auto_batch_size(len(train)) if cfg.batch_size == "auto" else cfg.batch_size
         auto = " (auto)" if cfg.batch_size == "auto" else ""
+        kernels = ""
+        if self.device.type == "cpu":
+            kernels = (", native kernels" if native.load() is not None
+                       else ", torch path (native kernels off or not built; see DEEPFM_NATIVE)")
         self.log(f"Training on {self.device}{ranks} ({self.precision}), {len(train):,} rows, "
                  f"batch {self.batch_size}{auto}, optimiser {cfg.optimizer}"
-                 f"{' (sparse embeddings)' if cfg.sparse else ''}")
+                 f"{' (sparse embeddings)' if cfg.sparse else ''}{kernels}")
         per_epoch = num_batches(len(train), self.batch_size)
         st = self.state
         while st.epoch < cfg.epochs and not st.finished:

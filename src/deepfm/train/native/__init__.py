@@ -52,9 +52,10 @@ def _compile(cc: str, out: Path) -> None:
     os.close(fd)
     try:
         base = [cc, "-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=c99", *map(str, _SOURCES), "-o", tmp, "-lm"]
-        res = subprocess.run(base[:2] + ["-march=native"] + base[2:], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(base[:2] + ["-march=native"] + base[2:], capture_output=True, text=True, timeout=120,
+                             check=False)
         if res.returncode != 0:  # a compiler without -march=native
-            res = subprocess.run(base, capture_output=True, text=True, timeout=120)
+            res = subprocess.run(base, capture_output=True, text=True, timeout=120, check=False)
         if res.returncode != 0:
             raise RuntimeError(res.stderr.strip()[-2000:])
         os.replace(tmp, out)
