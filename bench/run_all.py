@@ -3,7 +3,7 @@ another in one run (so the ratios hold on a noisy machine), and bench/RESULTS.md
 
     make bench                     # = .venv/bin/python bench/run_all.py
     .venv/bin/python bench/run_all.py --rows 250000 [--skip-setup] [--contenders deepfm-bf16,deepctr,...]
-                                       [--rounds 3] [--max-steps N] [--device cuda]
+                                       [--rounds 3 (default)] [--max-steps N] [--device cuda]
 
 Contenders: deepfm (its default precision: bf16 autocast where the CPU or GPU supports bf16, else fp32; the
 result line says which), deepfm-fp32, deepctr (DeepCTR-Torch 0.3.0), fuxictr (FuxiCTR 2.3.x), torchrec (torchrec 1.8.0).
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--contenders", default=",".join(ALL))
     ap.add_argument("--skip-setup", action="store_true", help="do not (re)install the peers' venvs")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=int, default=3,
                     help="run the whole contender list this many times; the table shows medians over rounds")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--device", default="cpu")
