@@ -52,7 +52,7 @@ echo "== the example on the GPU"
 fi
 if want bench; then
 echo "== benchmark, $ROWS rows"
-"$PY" bench/run_all.py --rows "$ROWS" --skip-setup --device "$DEVICE" --quiet-wait 0 \
+"$PY" bench/run_all.py --rows "$ROWS" --skip-setup --device "$DEVICE" --quiet-wait 0 --rounds 1 \
     --contenders deepfm,deepfm-fp32,deepctr --timeout 400 --results "$OUT/RESULTS-cuda.md" 2>&1 | tail -20
 STEM="bench/.data/g${ROWS}s7"
 echo "== deepfm at batch 32768 (beyond the shared protocol: what the GPU gives a bigger batch)"
@@ -68,7 +68,7 @@ CPUS="0,${CPU2:-1}"; PIN=""; command -v taskset >/dev/null && PIN="taskset -c $C
 echo "== CPU benchmark on 2 logical CPUs ($CPUS; cpu0 siblings: $SIB) of this host" | tee -a "$OUT/log.txt"
 lscpu 2>/dev/null | grep -E "Model name|Thread|Core|Flags" | cut -c1-200 >> "$OUT/log.txt"
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 POLARS_MAX_THREADS=2 $PIN "$PY" bench/run_all.py --rows 250000 \
-    --skip-setup --device cpu --threads 2 --quiet-wait 0 --contenders deepfm,deepfm-fp32,deepctr --timeout 300 \
+    --skip-setup --device cpu --threads 2 --quiet-wait 0 --rounds 1 --contenders deepfm,deepfm-fp32,deepctr --timeout 300 \
     --results "$OUT/RESULTS-amx.md" 2>&1 | tail -8
 cat "$OUT/RESULTS-amx.md"
 fi
