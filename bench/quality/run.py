@@ -55,10 +55,21 @@ def command(contender: str, data: Path, set_name: str, seed: int) -> list[str] |
             "--batch-size", str(bs), "--epochs", str(EPOCHS), "--patience", str(PATIENCE), "--threads", "1"]
 
 
+def deepfm_code_version() -> str:
+    """A hash of deepfm's source (Python and C): a cached deepfm result holds only for the code that made it."""
+    h = hashlib.sha1()
+    src = ROOT / "src" / "deepfm"
+    for path in sorted(p for p in src.rglob("*") if p.suffix in (".py", ".c")):
+        h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def key_of(cmd: list[str], set_name: str, rows: int, contender: str, seed: int) -> str:
     extra = ""
     if "--config" in cmd:
         extra = Path(cmd[cmd.index("--config") + 1]).read_text()
+    if contender.startswith("deepfm"):
+        extra += deepfm_code_version()
     h = hashlib.sha1((" ".join(cmd[1:]).replace(str(ROOT), "") + extra).encode()).hexdigest()[:10]
     return f"{set_name}|{rows if set_name == 'synthetic' else ''}|{contender}|{seed}|{h}"
 
@@ -98,18 +109,29 @@ def table(results: dict, sets: list[str], contenders: list[str], rows: int, seed
         out.append(f"| contender | {'folds x seeds' if cv else 'seeds'} | test AUC (mean ± sd) | "
                    "test log loss (mean ± sd) | valid AUC | epochs run | s / run |")
         out.append("|---|---|---|---|---|---|---|")
+        by_fold: dict[str, dict] = {}
         for c in contenders:
-            prefixes = tuple(f"{s}{'' if f is None else f'#{f}'}|{rows if s == 'synthetic' else ''}|{c}|"
-                             for f in datasets.folds(s))
-            rs = [results[k] for k in results if k.startswith(prefixes)]
-            rs = [x for x in rs if x.get("seed") in range(SEED0, SEED0 + seeds)]
+            rs = current(results, s, c, rows, seeds)
             if not rs:
                 continue
+            by_fold[c] = {}
+            for x in rs:
+                by_fold[c].setdefault(x.get("fold"), []).append(x["test_auc"])
             ep = [x.get("epochs_run") for x in rs if x.get("epochs_run")]
             out.append(f"| {c} | {len(rs)} | {fmt([x['test_auc'] for x in rs])} | "
                        f"{fmt([x['test_logloss'] for x in rs])} | {fmt([x['valid_auc'] for x in rs])} | "
                        f"{statistics.fmean(ep):.1f} | {statistics.fmean(x['seconds'] for x in rs):.0f} |"
                        if ep else "")
+        if cv and "deepfm" in by_fold:
+            out.append("\nPaired by fold (each fold's mean over seeds), deepfm's test AUC minus the other's:\n")
+            for c, folds in by_fold.items():
+                common = sorted(set(folds) & set(by_fold["deepfm"]))
+                if c == "deepfm" or len(common) < 2:
+                    continue
+                diff = [statistics.fmean(by_fold["deepfm"][f]) - statistics.fmean(folds[f]) for f in common]
+                se = statistics.stdev(diff) / len(diff) ** 0.5
+                out.append(f"- vs {c}: {' / '.join(f'{d:+.4f}' for d in diff)}; mean {statistics.fmean(diff):+.4f} "
+                           f"± {se:.4f} (standard error); deepfm ahead in {sum(d > 0 for d in diff)} of {len(diff)} folds")
         if s == "synthetic":
             t = sc["teacher"]["test"]
             out.append(f"| *teacher (ceiling)* | - | {t['teacher_auc']:.4f} | {t['teacher_logloss']:.4f} | "
@@ -117,6 +139,18 @@ def table(results: dict, sets: list[str], contenders: list[str], rows: int, seed
             out.append(f"\n(constant-rate log loss on test: {t['base_logloss']:.4f}; click rate "
                        f"{t['click_rate']:.3f})")
     return "\n".join(out)
+
+
+def current(results: dict, set_name: str, contender: str, rows: int, seeds: int) -> list[dict]:
+    """The stored runs of ``contender`` on ``set_name`` that the current command, config and (for deepfm) code
+    would make: results of an older deepfm or config are kept in the file but not shown."""
+    out = []
+    for fold, seed in [(f, sd) for f in datasets.folds(set_name) for sd in range(SEED0, SEED0 + seeds)]:
+        cmd = command(contender, datasets.set_dir(set_name, rows, fold), set_name, seed)
+        label = set_name if fold is None else f"{set_name}#{fold}"
+        if cmd is not None and (k := key_of(cmd, label, rows, contender, seed)) in results:
+            out.append(results[k])
+    return out
 
 
 def machine() -> str:
