@@ -185,6 +185,8 @@ def test_fused_training_head_equals_the_plain_graph(combiners, native_on, bf16, 
     (out_f, g_f), (out_p, g_p) = grads
     tol = {"rtol": 1e-5, "atol": 1e-5} if bf16 else {"rtol": 1e-6, "atol": 1e-6}  # the DNN sees the same bf16 input
     torch.testing.assert_close(out_f, out_p, **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # inference uses it too
+        torch.testing.assert_close(fused.eval()(*args), plain.eval()(*args), **tol)
     assert g_f.keys() == g_p.keys()
     for name in g_f:
         torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-5 if bf16 else 1e-6, msg=name)

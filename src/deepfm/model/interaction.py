@@ -28,7 +28,7 @@ class _BiInteractionFn(torch.autograd.Function):
 class _FusedHeadFn(torch.autograd.Function):
     """``rows [B, F, D + 1]`` -> (the DNN's input ``[B, F * D]`` in ``dtype``, linear + FM logit ``[B]``).
 
-    The training-time fusion of what the paper's diagram draws apart: the first-order sum over fields, the FM
+    The fusion (training and inference; export traces the plain graph) of what the paper's diagram draws apart: the first-order sum over fields, the FM
     term summed over D, and the DNN's flattened input, all read from the same looked-up rows; backward:
     ``d rows[..., :D] = g_dnn + (S - v_f) g``, ``d rows[..., D] = g``, with ``S`` the sum of the field vectors
     and ``g`` the gradient of the logit part. On CPU each direction is one pass of a native kernel
@@ -73,7 +73,7 @@ class _FusedHeadFn(torch.autograd.Function):
 
 
 def fused_head(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training: (DNN input ``[B, F * D]`` in ``dtype``, first-order + FM logit ``[B]``) from ``rows``; see
+    """(DNN input ``[B, F * D]`` in ``dtype``, first-order + FM logit ``[B]``) from ``rows``; see
     ``_FusedHeadFn``. Equal to splitting ``rows`` and applying the linear sum, ``BiInteraction`` summed over D and
     a flatten."""
     return _FusedHeadFn.apply(rows, dtype)
