@@ -170,7 +170,7 @@ def _training_pair(combiners: tuple[str, ...], dtype: torch.dtype = torch.float3
 def test_fused_training_head_equals_the_plain_graph(combiners, native_on, bf16, monkeypatch):
     """The fused head (training only) gives the plain graph's logits and gradients: numeric scaling, missing
     values, pooled multi-valued fields (their square excess), with the native kernel and without."""
-    from deepfm.train import native
+    from deepfm import native
 
     if not native_on:
         monkeypatch.setattr(native, "load", lambda: None)
@@ -201,7 +201,7 @@ def test_fused_head_gradient_is_exact():
 
 
 def test_native_head_casts_to_bfloat16_as_torch_does():
-    from deepfm.train import native
+    from deepfm import native
 
     if native.load() is None:
         pytest.skip("no C compiler: the torch path is used")

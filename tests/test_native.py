@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepfm.train import native
+from deepfm import native
 from deepfm.train.optim import RowwiseAdam
 
 needs_kernel = pytest.mark.skipif(native.load() is None, reason="no C compiler: the torch path is used")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepfm.model.interaction import _tracing
+
 
 class DNN(nn.Module):
     """``[B, in_features]`` -> logits ``[B]``."""
@@ -35,7 +37,7 @@ class DNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fusable_dtype(x) is None:
+        if not _fuse_linear_relu(x):
             return self.net(x).squeeze(-1)
         layers = list(self.net)
         i = 0
@@ -50,13 +52,10 @@ class DNN(nn.Module):
         return x.squeeze(-1)
 
 
-def _fusable_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """bfloat16 where a CPU step runs under bf16 autocast and oneDNN's fused linear+ReLU is there; else None."""
-    if (x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-            or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _HAS_LINEAR_POINTWISE
-            or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-        return None
-    return torch.bfloat16
+def _fuse_linear_relu(x: torch.Tensor) -> bool:
+    """True where a CPU pass runs under bf16 autocast, oneDNN's fused linear+ReLU is there, and no export traces."""
+    return (x.device.type == "cpu" and _HAS_LINEAR_POINTWISE and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _tracing())
 
 
 _HAS_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

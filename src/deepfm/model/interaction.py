@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepfm import native
+
 
 class _BiInteractionFn(torch.autograd.Function):
     """``0.5 * ((sum_f v_f)^2 - sum_f v_f^2)`` with its gradient in one pass: d/dv_f = (sum_g v_g - v_f) * grad.
@@ -28,19 +30,19 @@ class _BiInteractionFn(torch.autograd.Function):
 class _FusedHeadFn(torch.autograd.Function):
     """``rows [B, F, D + 1]`` -> (the DNN's input ``[B, F * D]`` in ``dtype``, linear + FM logit ``[B]``).
 
-    The fusion (training and inference; export traces the plain graph) of what the paper's diagram draws apart: the first-order sum over fields, the FM
-    term summed over D, and the DNN's flattened input, all read from the same looked-up rows; backward:
+    The fusion (training and inference; export traces the plain graph) of what the paper's diagram draws
+    apart: the first-order sum over fields, the FM term summed over D, and the DNN's flattened input, all read
+    from the same looked-up rows; backward:
     ``d rows[..., :D] = g_dnn + (S - v_f) g``, ``d rows[..., D] = g``, with ``S`` the sum of the field vectors
     and ``g`` the gradient of the logit part. On CPU each direction is one pass of a native kernel
-    (``deepfm.train.native``), where autograd's graph of the same (split, FM, flatten, cast, their
+    (``deepfm.native``), where autograd's graph of the same (split, FM, flatten, cast, their
     backwards and the gradient sums) makes about nine passes over strided views; elsewhere, torch operations.
     """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        from deepfm.train import native  # the model package does not import training code at load time
-
         done = native.head_forward(rows, dtype)
+        ctx.native = done is not None  # the backward takes the same path
         if done is not None:
             x, total, first_second = done
         else:
@@ -56,13 +58,11 @@ class _FusedHeadFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor | None, grad_logit: torch.Tensor | None  # type: ignore[override]
                  ) -> tuple[torch.Tensor, None]:
-        from deepfm.train import native
-
         rows, total = ctx.saved_tensors
         batch, n_fields, d = rows.shape[0], rows.shape[1], rows.shape[2] - 1
         if grad_logit is None:
             grad_logit = rows.new_zeros(batch)
-        out = native.head_backward(rows, total, grad_x, grad_logit)
+        out = native.head_backward(rows, total, grad_x, grad_logit) if ctx.native else None
         if out is None:
             g = grad_logit.view(batch, 1, 1)
             vectors = (total.unsqueeze(1) - rows[..., :d]) * g

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepfm import native as kernels
 from deepfm.config import TrainConfig
-from deepfm.train import native
 
 
 class ProximalAdagrad(torch.optim.Optimizer):
@@ -86,7 +86,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                  eps: float = 1e-8, *, native: bool = True) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.native = native
-        self._scratch: dict[torch.Tensor, native.Scratch] = {}
+        self._scratch: dict[torch.Tensor, kernels.Scratch] = {}  # the native kernel's, per table
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -107,10 +107,13 @@ class RowwiseAdam(torch.optim.Optimizer):
                 bias1 = 1 - beta1 ** state["step"]
                 bias2 = 1 - beta2 ** state["step"]
                 g = p.grad
-                if self.native and p.device.type == "cpu" and native.rowwise_adam(
-                        p, state["exp_avg"], state["exp_avg_sq"], self._scratch.setdefault(p, native.Scratch()), g._indices()[0],
-                        g._values(), lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias1=bias1, bias2=bias2):
-                    continue
+                if self.native and p.device.type == "cpu":
+                    if p not in self._scratch:
+                        self._scratch[p] = kernels.Scratch()
+                    if kernels.rowwise_adam(p, state["exp_avg"], state["exp_avg_sq"], self._scratch[p],
+                                            g._indices()[0], g._values(), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                            bias1=bias1, bias2=bias2):
+                        continue
                 rows, grad = sparse_rows(g)
                 # index_select / index_copy_: several times faster on CPU than advanced indexing
                 m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)

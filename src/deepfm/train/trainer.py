@@ -33,7 +33,7 @@ from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text,
 from deepfm.metrics import summarize
 from deepfm.progress import progress_bar
 from deepfm.train import distributed as ddp
-from deepfm.train import native
+from deepfm import native
 from deepfm.train.optim import build_optimizers, clip_grad_norm
 
 

@@ -173,6 +173,8 @@ def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor 
                   grad_logit: torch.Tensor) -> torch.Tensor | None:
     """The gradient of ``rows`` for ``head_forward``'s outputs, in one pass; None where the kernel does not
     apply (then nothing was computed)."""
+    if rows.device.type != "cpu" or rows.dtype != torch.float32 or not rows.is_contiguous() or rows.dim() != 3:
+        return None
     if grad_x is not None and (grad_x.dtype not in (torch.float32, torch.bfloat16) or grad_x.device.type != "cpu"):
         return None
     if grad_logit.dtype != torch.float32 or grad_logit.device.type != "cpu":
