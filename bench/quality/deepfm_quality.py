@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import save_predictions  # (numpy: after the thread setting)
 
 
 def build_config(data_dir: str, config: str | None, overrides: list[str], test: bool = True):
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--name", default="deepfm")
     ap.add_argument("--no-test", action="store_true", help="do not read the test file (validation-only tuning)")
     args = ap.parse_args()
+    import numpy as np
     import torch
 
     from deepfm.pipeline import train
@@ -57,6 +60,9 @@ def main() -> None:
             f"train.seed={args.seed}", "train.num_threads=1", "train.progress=false",
             f"data.cache_dir={tmp}/cache", *args.set], test=not args.no_test)
         res = train(cfg, Path(tmp) / "model", log=lambda m: print(m, file=sys.stderr))
+        test = res.data.splits.get("test")
+        if test is not None:  # the test rows in file order, for run.py's paired bootstrap (when it asks)
+            save_predictions(np.asarray(test.labels), res.trainer.predict(test))
     m = res.metrics
     print(json.dumps({"contender": args.name, "seed": args.seed, "batch_size": cfg.train.batch_size,
                       "valid_auc": m["valid"]["auc"], "valid_logloss": m["valid"]["logloss"],

@@ -11,6 +11,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "peers"))
 import common  # noqa: E402  bench/peers/common.py: metrics, log, claim_stdout, emit
 
+sys.path.insert(0, os.path.dirname(HERE))
+from stats import save_predictions  # bench/quality/stats.py
+
 common.claim_stdout()
 
 
@@ -55,6 +58,8 @@ def finish(name: str, version: str, args, t0: float, y_valid, p_valid, y_test, p
            "valid_auc": m_valid["test_auc"], "valid_logloss": m_valid["test_logloss"],
            "test_auc": m_test["test_auc"], "test_logloss": m_test["test_logloss"],
            "seconds": round(time.perf_counter() - t0, 2), **extra}
+    save_predictions(y_test, p_test)
     out = common._REAL_STDOUT or sys.stdout
     out.write(json.dumps(res) + "\n")
     out.flush()
+
