@@ -246,12 +246,19 @@ def test_dnn_fused_linear_relu_equals_the_plain_layers_under_bf16_autocast(dropo
         torch.testing.assert_close(a, b)
 
 
+
+@pytest.mark.parametrize("use_kernel", [True, False])
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
-def test_cpu_dropout_keeps_the_expectation_and_drops_p(p):
+def test_cpu_dropout_keeps_the_expectation_and_drops_p(p, use_kernel, monkeypatch):
+    from deepfm import native
     from deepfm.model.dnn import dropout_cpu
 
+    if use_kernel and native.load() is None:
+        pytest.skip("no C compiler: the torch path is used")
+    if not use_kernel:
+        monkeypatch.setattr(native, "load", lambda: None)
     torch.manual_seed(0)
-    x = torch.ones(512, 1000, requires_grad=True)
+    x = torch.ones(512, 1001, requires_grad=True)  # 512 * 1001 is no multiple of 4: a part-used last word
     out = dropout_cpu(x, p)
     drop = round(p * 65536)
     kept = out != 0
@@ -266,6 +273,32 @@ def test_cpu_dropout_keeps_the_expectation_and_drops_p(p):
     assert torch.equal(x.grad, out.detach())  # the gradient is masked and scaled as the output
     torch.manual_seed(0)
     assert torch.equal(dropout_cpu(x.detach(), p), out.detach())  # torch's generator: seeded runs repeat
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dropout_is_bitwise_torchs_product_with_its_mask(dtype):
+    from deepfm import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler: the torch path is used")
+    torch.manual_seed(3)
+    x = torch.randn(300, 77).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    drop = round(0.3 * 65536)
+    scale = 65536 / (65536 - drop)
+    out, keep = native.dropout_forward(x, drop, scale, seed=12345)
+    assert keep.dtype == torch.bool and out.dtype == dtype
+    assert abs(float((~keep).float().mean()) - 0.3) < 0.01
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.view(bits), b.view(bits))
+
+    assert same(out, x * keep * scale)  # bit for bit: one rounding, -0 for a dropped negative, NaN kept
+    g = torch.randn(300, 77).to(dtype)
+    assert same(native.dropout_backward(g, keep, scale), g * scale * keep)
+    again, keep2 = native.dropout_forward(x, drop, scale, seed=12345)
+    assert same(again, out) and torch.equal(keep, keep2) and not torch.equal(keep, native.dropout_forward(x, drop, scale, seed=1)[1])
 
 
 def test_dnn_dropout_module_is_identity_in_eval_and_at_zero():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the cache key
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -76,7 +77,7 @@ def load() -> ctypes.CDLL | None:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if cc is None:
             return None
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + cc.encode()
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cc.encode()
                              + _cpu_signature().encode() + platform.machine().encode()).hexdigest()[:16]
         path = cache_dir() / f"kernels-{key}.so"
         try:
@@ -95,6 +96,10 @@ def load() -> ctypes.CDLL | None:
         lib.deepfm_head_forward.restype = None
         lib.deepfm_head_backward.argtypes = [p, p, p, i64, p, i64, i64, i64, p]
         lib.deepfm_head_backward.restype = None
+        lib.deepfm_dropout_forward.argtypes = [p, p, p, i64, i64, i64, f32, ctypes.c_uint64]
+        lib.deepfm_dropout_forward.restype = None
+        lib.deepfm_dropout_backward.argtypes = [p, p, p, i64, i64, f32]
+        lib.deepfm_dropout_backward.restype = None
         _lib = lib
         return _lib
 
@@ -189,6 +194,37 @@ def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor 
     lib.deepfm_head_backward(rows.data_ptr(), total.data_ptr(), None if dx is None else dx.data_ptr(),
                              int(dx is not None and dx.dtype == torch.bfloat16), g.data_ptr(), batch, fields, dim,
                              out.data_ptr())
+    return out
+
+
+def dropout_forward(x: torch.Tensor, drop: int, scale: float, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Inverted dropout of ``x`` (``dropout.c``): (output, keep mask as bool), the mask drawn from ``seed`` with
+    each element dropped when its 16-bit draw is below ``drop``; None where the kernel does not apply (not
+    built, not CPU, not a contiguous float32/bfloat16 tensor)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    out = torch.empty_like(x)
+    keep = torch.empty(x.shape, dtype=torch.bool)
+    lib.deepfm_dropout_forward(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(),
+                               int(x.dtype == torch.bfloat16), drop, scale, seed & ((1 << 64) - 1))
+    return out, keep
+
+
+def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """``grad * keep * scale`` in one pass; None where the kernel does not apply."""
+    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.bfloat16) or grad.shape != keep.shape:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    grad = grad.contiguous()
+    out = torch.empty_like(grad)
+    lib.deepfm_dropout_backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(),
+                                int(grad.dtype == torch.bfloat16), scale)
     return out
 
 
