@@ -62,4 +62,3 @@ def finish(name: str, version: str, args, t0: float, y_valid, p_valid, y_test, p
     out = common._REAL_STDOUT or sys.stdout
     out.write(json.dumps(res) + "\n")
     out.flush()
-

@@ -54,7 +54,7 @@ class DNN(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU training pass draws its mask ~3x faster (``dropout_cpu``); elsewhere the same."""
+    """``nn.Dropout`` whose CPU training pass is ~10x faster (``dropout_cpu``); elsewhere the same."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or _tracing():
@@ -71,13 +71,13 @@ def dropout_cpu(x: torch.Tensor, p: float, generator: torch.Generator | None = N
     to within 2^-17.  The native kernel (``native/dropout.c``) draws and applies the mask in one pass and masks
     the gradient in one more, from a seed taken from torch's generator (seeded runs repeat); without it the
     draws are 16-bit slices of torch's random int64 words, four elements a word, where ``bernoulli_`` spends a
-    float draw on each.  One 4096 x 400 activation on one core: torch's dropout 10 ms, the torch path here
-    3.7 ms, the kernel ~1 ms."""
+    float draw on each.  Forward + backward of a 4096 x 400 bf16 activation on one core: ``F.dropout`` 10.7 ms,
+    the torch path here 5.8 ms, the kernel 1.1 ms."""
     drop = round(p * _LEVELS)
     if drop >= _LEVELS:
         return x * 0.0
     scale = _LEVELS / (_LEVELS - drop)
-    if x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16) and kernels.load() is not None:
+    if kernels.dropout_applies(x):
         seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, generator=generator))
         return _NativeDropoutFn.apply(x, drop, scale, seed)
     n = x.numel()

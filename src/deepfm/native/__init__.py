@@ -197,16 +197,21 @@ def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor 
     return out
 
 
+def dropout_applies(x: torch.Tensor) -> bool:
+    """Whether ``dropout_forward`` takes ``x``: the kernels are built and ``x`` is a contiguous float32 or
+    bfloat16 CPU tensor."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+            and load() is not None)
+
+
 def dropout_forward(x: torch.Tensor, drop: int, scale: float, seed: int
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Inverted dropout of ``x`` (``dropout.c``): (output, keep mask as bool), the mask drawn from ``seed`` with
-    each element dropped when its 16-bit draw is below ``drop``; None where the kernel does not apply (not
-    built, not CPU, not a contiguous float32/bfloat16 tensor)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+    each element dropped when its 16-bit draw is below ``drop``; None where the kernel does not apply
+    (``dropout_applies``)."""
+    if not dropout_applies(x):
         return None
     lib = load()
-    if lib is None:
-        return None
     out = torch.empty_like(x)
     keep = torch.empty(x.shape, dtype=torch.bool)
     lib.deepfm_dropout_forward(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(),
@@ -216,12 +221,10 @@ def dropout_forward(x: torch.Tensor, drop: int, scale: float, seed: int
 
 def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor | None:
     """``grad * keep * scale`` in one pass; None where the kernel does not apply."""
-    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.bfloat16) or grad.shape != keep.shape:
+    grad = grad.contiguous()
+    if grad.shape != keep.shape or not dropout_applies(grad):
         return None
     lib = load()
-    if lib is None:
-        return None
-    grad = grad.contiguous()
     out = torch.empty_like(grad)
     lib.deepfm_dropout_backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(),
                                 int(grad.dtype == torch.bfloat16), scale)
