@@ -84,18 +84,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from deepfm.config import config_to_dict
 
     m = load_model(Path(args.model_dir))
-    vocabs = m.encoder.vocabularies_ or {}
-    fields = []
-    for f in m.config.fields:
-        entry = {"name": f.name, "kind": f.kind}
-        if f.kind == "numeric":
-            entry["numeric"] = f.numeric
-        if f.kind == "multi":
-            entry["combiner"] = f.combiner
-        if not f.is_scaled_numeric:
-            entry["vocab"] = f.vocab_name
-            entry["vocab_size"] = vocabs[f.vocab_name].size
-        fields.append(entry)
+    fields = m.encoder.describe()
     report = {"path": str(m.path), "versions": m.info.get("versions"), "created": m.info.get("created"),
               "format_version": m.info.get("format_version"), "embedding_rows": m.layout.num_rows,
               "parameters": sum(p.numel() for p in m.model.parameters()), "fields": fields,
@@ -112,7 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"hidden={mc.hidden_units} dropout={mc.dropout} batch_norm={mc.batch_norm}")
     print(f"\n{'field':16s} {'kind':18s} {'vocab':16s} {'size':>10s}")
     for f in fields:
-        kind = f["kind"] + (f"/{f.get('numeric') or f.get('combiner')}" if f["kind"] != "categorical" else "")
+        kind = "/".join([f["kind"]] + [str(f[k]) for k in ("numeric", "combiner") if k in f])
         print(f"{f['name']:16s} {kind:18s} {f.get('vocab', '-'):16s} {f.get('vocab_size', 2):>10,}")
     print("\nmetrics:")
     for split, vals in m.metrics.items():

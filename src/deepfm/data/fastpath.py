@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from deepfm.config import Config
-from deepfm.data.encoder import MISSING, EncodedChunk, Encoder, bucket_int_expr
+from deepfm.data.codecs import MISSING
+from deepfm.data.encoder import EncodedChunk, Encoder
 from deepfm.data.readers import RawChunk, delimited_columns
 from deepfm.errors import DataError
 
@@ -50,7 +51,7 @@ def why_not(cfg: Config) -> str | None:
         return f"format {d.format}"
     if d.split is not None or d.group_column is not None or d.skip_bad_rows:
         return "data.split, data.group_column or data.skip_bad_rows is set"
-    if any(f.kind == "multi" for f in cfg.fields):
+    if Encoder(cfg.fields, cfg.data).bag_codecs:
         return "multi-valued fields"
     if d.derive:
         return "data.derive is set"
@@ -71,8 +72,8 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
     """The file as tables with one dictionary per categorical column: all of it at once up to
     ``WHOLE_FILE_BYTES``, else chunks of about ``CHUNK_ROWS`` rows."""
     data = cfg.data
-    cat = [str(f.name) for f in encoder.fields if f.kind == "categorical"]
-    num = [str(f.name) for f in encoder.fields if f.kind == "numeric"]
+    cat = [c.name for c in encoder.codecs if c.source == "text"]
+    num = [c.name for c in encoder.codecs if c.source == "number"]
     wanted = [data.label] + cat + num
     try:
         names, header_lines, sep = delimited_columns(path, data, wanted)
@@ -148,17 +149,18 @@ class _Provisional:
 
 
 def _columns(table: pa.Table, encoder: Encoder, numbers: pl.DataFrame) -> dict[str, _Column]:
-    """Every categorical and log-bucketed field of ``table`` as a ``_Column``."""
+    """Every id-slot field of ``table`` as a ``_Column``: text columns from the parser's dictionary, number
+    columns through the codec's integer tokens."""
     out: dict[str, _Column] = {}
-    for f in encoder.cat_fields:
-        name = str(f.name)
-        if f.kind == "categorical":
+    for codec in encoder.id_codecs:
+        name = codec.name
+        if codec.source == "text":
             col = table[name]
             tokens = pl.Series(col.chunk(0).dictionary, dtype=pl.Utf8)
             index = np.concatenate([_indices(c) for c in col.chunks])
             out[name] = _Column(tokens, index)
-        else:  # log_bucket: the encoder's own bucketing, then integers -> tokens without a per-row string
-            b = numbers.select(bucket_int_expr(encoder._number_expr(_chunk(numbers), f)))[:, 0]
+        else:  # integers -> tokens without a per-row string
+            b = numbers.select(codec.int_token_expr(pl.col(name), numbers.schema[name]))[:, 0]
             present = b.is_not_null().to_numpy()
             v = b.fill_null(0).to_numpy()
             if present.any():
@@ -192,12 +194,12 @@ def _chunk(frame: pl.DataFrame) -> RawChunk:
 
 
 def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
-    """Label and numeric columns as float64 polars columns, validated by the encoder's own checks."""
-    keep = [encoder.data.label] + [str(f.name) for f in encoder.fields if f.kind == "numeric"]
+    """Label and number columns as float64 polars columns, validated by the codecs' own checks."""
+    keep = [encoder.label] + [c.name for c in encoder.codecs if c.source == "number"]
     frame = pl.from_arrow(table.select(keep))
     assert isinstance(frame, pl.DataFrame)
     try:
-        encoder._drop_bad(_chunk(frame), None)
+        encoder.validate(_chunk(frame), None, codecs=[c for c in encoder.codecs if c.source == "number"])
     except DataError as err:  # the general path reports it with its file and line
         raise Unsupported(f"field '{err.field}': {err.reason}") from None
     return frame
@@ -205,13 +207,12 @@ def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
 
 def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _Column]) -> None:
     counters = encoder.counters()
-    for f in encoder.cat_fields:
-        col = columns[str(f.name)]
-        counters[f.vocab_name].add_counts(col.tokens, col.counts())
-    sums: dict[str, list] = {}
-    encoder.accumulate_moments(_chunk(numbers), sums)
-    encoder.vocabularies_ = {name: c.build() for name, c in counters.items()}
-    encoder.fit_numeric(sums)
+    for c in encoder.id_codecs:
+        col = columns[c.name]
+        counters[str(c.vocab_name)].add_counts(col.tokens, col.counts())
+    acc: dict[str, dict] = {}
+    encoder.accumulate_stats(_chunk(numbers), acc)
+    encoder.set_fitted({name: c.build() for name, c in counters.items()}, acc)
 
 
 def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], Any]) -> None:
@@ -246,30 +247,29 @@ def _check_id_range(encoder: Encoder) -> None:
 
 def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], writer: Any) -> None:
     """Provisional ids chunk by chunk, then the vocabularies, then the training ids renumbered in place."""
-    if any(f.numeric == "standardize" for f in encoder.num_fields):
-        raise Unsupported("standardized numeric fields need their statistics before a streamed file is encoded")
-    provisional = {str(f.name): _Provisional() for f in encoder.cat_fields}
+    if encoder.needs_stats:
+        raise Unsupported("fitted numeric transforms need their statistics before a streamed file is encoded")
+    provisional = {c.name: _Provisional() for c in encoder.id_codecs}
     for table in chunks:
         numbers = _numbers(table, encoder)
         columns = _columns(table, encoder, numbers)
         n = table.num_rows
-        cat_t = np.empty((len(encoder.cat_fields), n), dtype=np.int32)
-        for j, f in enumerate(encoder.cat_fields):
-            cat_t[j] = provisional[str(f.name)].add(columns[str(f.name)])
+        cat_t = np.empty((len(encoder.id_codecs), n), dtype=np.int32)
+        for j, c in enumerate(encoder.id_codecs):
+            cat_t[j] = provisional[c.name].add(columns[c.name])
         writer.append(EncodedChunk(_labels(encoder, numbers), np.ascontiguousarray(cat_t.T),
                                    _numeric_values(encoder, numbers, stats={}), [], np.ones(n, dtype=bool)), None)
     counters = encoder.counters()
-    for f in encoder.cat_fields:
-        p = provisional[str(f.name)]
-        counters[f.vocab_name].add_counts(p.known["token"], p.counts)
-    encoder.vocabularies_ = {name: c.build() for name, c in counters.items()}
-    encoder.fit_numeric({})
+    for c in encoder.id_codecs:
+        p = provisional[c.name]
+        counters[str(c.vocab_name)].add_counts(p.known["token"], p.counts)
+    encoder.set_fitted({name: c.build() for name, c in counters.items()}, {})
     _check_id_range(encoder)
     vocabs = encoder.fitted_state()[0]
     luts = []
-    for f in encoder.cat_fields:
-        known = provisional[str(f.name)].known  # pids are 0..n-1 in order
-        luts.append(vocabs[f.vocab_name].encode(known["token"]).astype(np.int32))
+    for c in encoder.id_codecs:
+        known = provisional[c.name].known  # pids are 0..n-1 in order
+        luts.append(vocabs[str(c.vocab_name)].encode(known["token"]).astype(np.int32))
     writer.renumber_cat_ids(luts)
 
 
@@ -278,9 +278,9 @@ def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame,
     vocabs = encoder.fitted_state()[0]
     n = table.num_rows
     id_dtype = np.int32  # _check_id_range
-    cat_t = np.empty((len(encoder.cat_fields), n), dtype=id_dtype)  # field-major: each field fills a row
-    for j, f in enumerate(encoder.cat_fields):
-        col, vocab = columns[str(f.name)], vocabs[f.vocab_name]
+    cat_t = np.empty((len(encoder.id_codecs), n), dtype=id_dtype)  # field-major: each field fills a row
+    for j, c in enumerate(encoder.id_codecs):
+        col, vocab = columns[c.name], vocabs[str(c.vocab_name)]
         ids = vocab.encode(col.tokens).astype(id_dtype)  # once per distinct value
         np.take(ids, col.index, out=cat_t[j])
     cat = np.ascontiguousarray(cat_t.T)
@@ -288,13 +288,13 @@ def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame,
 
 
 def _numeric_values(encoder: Encoder, numbers: pl.DataFrame, stats: dict | None = None) -> np.ndarray:
-    exprs = encoder.numeric_exprs(_chunk(numbers), stats)
+    exprs = encoder.value_exprs(_chunk(numbers), stats)
     values = numbers.select(exprs) if exprs else None
-    num = np.empty((numbers.height, len(encoder.num_fields)), dtype=np.float32)
-    for j in range(len(encoder.num_fields)):
+    num = np.empty((numbers.height, len(encoder.value_codecs)), dtype=np.float32)
+    for j in range(len(encoder.value_codecs)):
         num[:, j] = values[f"n{j}"].to_numpy()  # type: ignore[index]
     return num
 
 
 def _labels(encoder: Encoder, numbers: pl.DataFrame) -> np.ndarray:
-    return numbers[encoder.data.label].to_numpy().astype(np.float32)
+    return numbers[encoder.label].to_numpy().astype(np.float32)

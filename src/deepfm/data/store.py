@@ -30,7 +30,8 @@ import polars as pl
 
 from deepfm.config import Config
 from deepfm.data import fastpath
-from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
+from deepfm.data.batch import EncodedChunk, MultiValues, SplitArrays
+from deepfm.data.encoder import Encoder
 from deepfm.data.hashing import fnv1a64
 from deepfm.data.readers import BadRows, RawChunk, read_chunks
 from deepfm.errors import DataError
@@ -43,25 +44,6 @@ SPLITS = ("train", "valid", "test")
 # encoding pass (parsed text takes several times its file size); a larger one is read twice (measured on
 # 5M Criteo rows: keeping 1 GB of chunks raised peak RSS from 1.7 to 3.9 GB and saved 15% of the time).
 KEEP_PARSED_BELOW_FILE_BYTES = 256 << 20
-
-
-@dataclass
-class SplitArrays:
-    """Memory-mapped arrays of one split (see the module docstring for shapes and dtypes)."""
-
-    labels: np.ndarray
-    cat_ids: np.ndarray
-    num_values: np.ndarray
-    multi: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (ids, weights, offsets)
-    group: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        arrays = [self.labels, self.cat_ids, self.num_values, self.group] + [a for m in self.multi for a in m]
-        return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
 @dataclass
