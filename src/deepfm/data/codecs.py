@@ -399,6 +399,8 @@ class MultiCodec(Codec):
                   ) -> tuple[np.ndarray, pl.Series, np.ndarray]:
         """The cells of ``col`` as (row index int64 [nnz], tags, weights float64 [nnz]); a weight that is not a
         number is a ``DataError`` naming ``path`` and the line."""
+        if col.dtype == pl.Null:  # a column of missing cells only (e.g. all-null Parquet): no tags
+            col = col.cast(pl.Utf8)
         frame = pl.DataFrame({"cell": col, "row": np.arange(len(col), dtype=np.int64)})
         if col.dtype == pl.Utf8:
             long = (frame.with_columns(pl.col("cell").fill_null("").str.split(sep)).explode("cell")
