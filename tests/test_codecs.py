@@ -212,15 +212,22 @@ def test_multi_bad_weight_names_the_line():
 @given(st.lists(st.tuples(st.sampled_from(["0", "1"]),
                           st.text(st.characters(blacklist_categories=["Cs", "Cc", "Zl", "Zp"],
                                                 blacklist_characters='\t"'), max_size=6),
-                          st.one_of(st.just(""), numbers.map(_number_text))), min_size=2, max_size=30),
-       st.sampled_from(NUMERIC))
-def test_fast_preparation_equals_the_general_engine(tmp_path_factory, rows, transform):
+                          st.one_of(st.just(""), numbers.map(_number_text)),
+                          st.lists(st.tuples(st.sampled_from(["a", "b", "é", "", "long tag"]),
+                                             st.one_of(st.none(), st.floats(-9, 9).map(repr), st.just("x"))),
+                                   max_size=4)),
+                min_size=2, max_size=30),
+       st.sampled_from(NUMERIC), st.sampled_from([None, 2]))
+def test_fast_preparation_equals_the_general_engine(tmp_path_factory, rows, transform, max_len):
     """The fast CSV/TSV engine gives the general engine's vocabularies and arrays, or the same error."""
     tmp = tmp_path_factory.mktemp("fast")
     path = tmp / "train.tsv"
-    path.write_text("label\tc\tx\n" + "".join(f"{y}\t{c}\t{x}\n" for y, c, x in rows), encoding="utf-8")
+    text = "".join(f"{y}\t{c}\t{x}\t" + "^".join(t if w is None else f"{t}:{w}" for t, w in tags) + "\n"
+                   for y, c, x, tags in rows)
+    path.write_text("label\tc\tx\tm\n" + text, encoding="utf-8")
     raw = {"data": {"format": "tsv", "train": str(path), "cache_dir": str(tmp / "fast")},
-           "fields": [{"name": "c"}, {"name": "x", "kind": "numeric", **transform}]}
+           "fields": [{"name": "c", "vocab": "shared"}, {"name": "x", "kind": "numeric", **transform},
+                      {"name": "m", "kind": "multi", "vocab": "shared", "max_len": max_len}]}
     results = []
     for engine in ("fast", "general"):
         raw["data"]["cache_dir"] = str(tmp / engine)
@@ -242,6 +249,8 @@ def test_fast_preparation_equals_the_general_engine(tmp_path_factory, rows, tran
     a, b = fast.splits["train"], general.splits["train"]
     assert np.array_equal(a.cat_ids, b.cat_ids) and np.array_equal(a.labels, b.labels)
     assert np.array_equal(np.asarray(a.num_values).view(np.int32), np.asarray(b.num_values).view(np.int32))
+    for (ia, wa, oa), (ib, wb, ob) in zip(a.multi, b.multi, strict=True):
+        assert np.array_equal(ia, ib) and np.array_equal(oa, ob) and np.array_equal(wa, wb)
 
 
 # ------------------------------------------------------------------------------------------ config union

@@ -405,7 +405,7 @@ class MultiCodec(Codec):
         if col.dtype == pl.Utf8:
             long = (frame.with_columns(pl.col("cell").fill_null("").str.split(sep)).explode("cell")
                     .filter(pl.col("cell").is_not_null() & (pl.col("cell") != "")))
-            pattern = f"^(.*){re.escape(wsep)}([^{re.escape(wsep)}]*)$"
+            pattern = f"(?s)^(.*){re.escape(wsep)}([^{re.escape(wsep)}]*)$"  # (?s): a tag may hold a newline
             has_w = pl.col("cell").str.contains(re.escape(wsep), literal=False)
             tag = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 1)).otherwise(pl.col("cell"))
             wtxt = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 2)).otherwise(pl.lit("1"))

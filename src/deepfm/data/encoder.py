@@ -236,6 +236,11 @@ class Encoder:
         return c.long_form(self._column(chunk, c.name), self.multi_value_separator, self.weight_separator,
                            chunk.path, chunk.lines)
 
+    def long_form_of(self, c: MultiCodec, cells: pl.Series) -> tuple[np.ndarray, pl.Series, np.ndarray]:
+        """``c``'s long form of loose cells (an error's line is the cell's 1-based position)."""
+        return c.long_form(cells, self.multi_value_separator, self.weight_separator, "<cells>",
+                           np.arange(1, len(cells) + 1, dtype=np.int64))
+
     def validate(self, chunk: RawChunk, bad: BadRows | None, check_label: bool = True,
                  codecs: list[Codec] | None = None) -> tuple[RawChunk, np.ndarray]:
         """Check labels and the values of ``codecs`` (default: all); raise on the first bad row, or drop and

@@ -5,10 +5,12 @@ values with polars expressions, so each categorical value is hashed twice per ro
 pyarrow parses numeric columns straight to float64 and categorical columns to dictionary-encoded strings,
 so the text of each cell is hashed once, inside the parser; vocabularies are then counted with
 ``np.bincount`` over the dictionary indices, and ids are looked up once per distinct value, not per row.
+Multi-valued cells are dictionary-encoded too: each distinct cell is split into tags and weights once, by
+its codec, and rows gather their cell's tags.
 
-It yields exactly the vocabularies and arrays of the general path (the tests compare them), reusing the
-encoder's own expressions for validation, bucketing and scaling. It applies only where it can be exact:
-CSV/TSV, categorical and numeric fields, no ``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``.
+It yields exactly the vocabularies and arrays of the general path (the tests compare them), driving the same
+codecs for validation, bucketing and scaling. It applies only where it can be exact: CSV/TSV, no
+``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``, and no multi-valued field in a streamed file.
 A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a larger one is streamed in chunks of
 ``CHUNK_ROWS`` rows: each token gets a provisional id in first-seen order (one hash join per chunk over its
 distinct values), the training ids are written provisionally and renumbered in place once the vocabularies are
@@ -31,7 +33,7 @@ import pyarrow.csv as pacsv
 
 from deepfm.config import Config
 from deepfm.data.codecs import MISSING
-from deepfm.data.encoder import EncodedChunk, Encoder
+from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
 from deepfm.data.readers import RawChunk, delimited_columns
 from deepfm.errors import DataError
 
@@ -51,8 +53,6 @@ def why_not(cfg: Config) -> str | None:
         return f"format {d.format}"
     if d.split is not None or d.group_column is not None or d.skip_bad_rows:
         return "data.split, data.group_column or data.skip_bad_rows is set"
-    if Encoder(cfg.fields, cfg.data).bag_codecs:
-        return "multi-valued fields"
     if d.derive:
         return "data.derive is set"
     return None
@@ -68,11 +68,40 @@ class _Column:
         return np.bincount(self.index, minlength=len(self.tokens))
 
 
+class _Bags:
+    """A multi-valued field of a file: its distinct cells parsed once by the codec (``long_form``) as tags
+    with weights in CSR form (``offsets`` [D+1] over ``tags`` / ``weights``), and each row's cell (``index``)."""
+
+    def __init__(self, codec: Any, encoder: Encoder, cells: pl.Series, index: np.ndarray) -> None:
+        try:
+            cell_of, self.tags, weights = encoder.long_form_of(codec, cells)
+        except DataError as err:  # a bad weight: the general path names its line
+            raise Unsupported(f"field '{err.field}': {err.reason}") from None
+        self.weights = weights.astype(np.float32)
+        self.offsets = np.zeros(len(cells) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cell_of, minlength=len(cells)), out=self.offsets[1:])
+        self.index = index
+
+    def tag_counts(self) -> np.ndarray:
+        """How often each (cell, tag) entry occurs in the file: its cell's row count."""
+        per_cell = np.bincount(self.index, minlength=len(self.offsets) - 1)
+        return np.repeat(per_cell, np.diff(self.offsets))
+
+    def rows(self, tag_ids: np.ndarray) -> MultiValues:
+        """Every row's tags (ids from ``tag_ids``, one per parsed tag) and weights, row after row."""
+        starts, lengths = self.offsets[self.index], np.diff(self.offsets)[self.index]
+        total = int(lengths.sum())
+        # position of each output tag in the parsed tags: its row's cell start + its rank within the row
+        first_out = np.cumsum(lengths) - lengths
+        pos = np.repeat(starts - first_out, lengths) + np.arange(total, dtype=np.int64)
+        return MultiValues(tag_ids[pos], self.weights[pos], lengths.astype(np.int64))
+
+
 def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
     """The file as tables with one dictionary per categorical column: all of it at once up to
     ``WHOLE_FILE_BYTES``, else chunks of about ``CHUNK_ROWS`` rows."""
     data = cfg.data
-    cat = [c.name for c in encoder.codecs if c.source == "text"]
+    cat = [c.name for c in encoder.codecs if c.source == "text"]  # categories and tag lists: dictionaries
     num = [c.name for c in encoder.codecs if c.source == "number"]
     wanted = [data.label] + cat + num
     try:
@@ -183,6 +212,16 @@ def _columns(table: pa.Table, encoder: Encoder, numbers: pl.DataFrame) -> dict[s
     return out
 
 
+def _bags(table: pa.Table, encoder: Encoder) -> list[_Bags]:
+    """Every multi-valued field of ``table``, parsed once per distinct cell."""
+    out = []
+    for codec in encoder.bag_codecs:
+        col = table[codec.name]
+        cells = pl.Series(col.chunk(0).dictionary, dtype=pl.Utf8)
+        out.append(_Bags(codec, encoder, cells, np.concatenate([_indices(c) for c in col.chunks])))
+    return out
+
+
 def _indices(chunk: pa.DictionaryArray) -> np.ndarray:
     """The int32 dictionary indices of a chunk, read from its buffer (no nulls: cells are never null here)."""
     idx = chunk.indices
@@ -205,11 +244,13 @@ def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
     return frame
 
 
-def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _Column]) -> None:
+def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _Column], bags: list[_Bags]) -> None:
     counters = encoder.counters()
     for c in encoder.id_codecs:
         col = columns[c.name]
         counters[str(c.vocab_name)].add_counts(col.tokens, col.counts())
+    for c, b in zip(encoder.bag_codecs, bags, strict=True):
+        counters[str(c.vocab_name)].add_counts(b.tags, b.tag_counts())
     acc: dict[str, dict] = {}
     encoder.accumulate_stats(_chunk(numbers), acc)
     encoder.set_fitted({name: c.build() for name, c in counters.items()}, acc)
@@ -226,9 +267,10 @@ def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], An
     if second is None:  # the whole file in one table: fit, then encode from memory
         numbers = _numbers(first, encoder)
         columns = _columns(first, encoder, numbers)
-        _fit_in_memory(encoder, numbers, columns)
+        bags = _bags(first, encoder)
+        _fit_in_memory(encoder, numbers, columns, bags)
         _check_id_range(encoder)
-        writer_for("train").append(encode(encoder, first, numbers, columns), None)
+        writer_for("train").append(encode(encoder, first, numbers, columns, bags), None)
     else:
         _fit_streamed(cfg, encoder, itertools.chain([first, second], chunks), writer_for("train"))
     del first, second
@@ -237,7 +279,8 @@ def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], An
         if path is not None:
             for table in _tables(path, cfg, encoder):
                 numbers = _numbers(table, encoder)
-                writer_for(name).append(encode(encoder, table, numbers, _columns(table, encoder, numbers)), None)
+                writer_for(name).append(encode(encoder, table, numbers, _columns(table, encoder, numbers),
+                                               _bags(table, encoder)), None)
 
 
 def _check_id_range(encoder: Encoder) -> None:
@@ -249,6 +292,8 @@ def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], wri
     """Provisional ids chunk by chunk, then the vocabularies, then the training ids renumbered in place."""
     if encoder.needs_stats:
         raise Unsupported("fitted numeric transforms need their statistics before a streamed file is encoded")
+    if encoder.bag_codecs:
+        raise Unsupported("multi-valued fields in a streamed file")
     provisional = {c.name: _Provisional() for c in encoder.id_codecs}
     for table in chunks:
         numbers = _numbers(table, encoder)
@@ -273,8 +318,8 @@ def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], wri
     writer.renumber_cat_ids(luts)
 
 
-def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame,
-           columns: dict[str, _Column]) -> EncodedChunk:
+def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame, columns: dict[str, _Column],
+           bags: list[_Bags]) -> EncodedChunk:
     vocabs = encoder.fitted_state()[0]
     n = table.num_rows
     id_dtype = np.int32  # _check_id_range
@@ -284,7 +329,10 @@ def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame,
         ids = vocab.encode(col.tokens).astype(id_dtype)  # once per distinct value
         np.take(ids, col.index, out=cat_t[j])
     cat = np.ascontiguousarray(cat_t.T)
-    return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), [], np.ones(n, dtype=bool))
+    multi = [b.rows(vocabs[str(c.vocab_name)].encode(b.tags).astype(id_dtype))  # once per parsed tag
+             for c, b in zip(encoder.bag_codecs, bags, strict=True)]
+    return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), multi,
+                        np.ones(n, dtype=bool))
 
 
 def _numeric_values(encoder: Encoder, numbers: pl.DataFrame, stats: dict | None = None) -> np.ndarray:

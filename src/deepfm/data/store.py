@@ -247,7 +247,7 @@ def _prepare_fast(folder: Path, cfg: Config, log) -> tuple[Encoder, dict[str, _S
 
     def writer_for(name: str) -> _SplitWriter:
         if name not in writers:  # ids are int32 until renumbered (the table's size is known only then)
-            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), 0, False)
+            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), len(encoder.bag_codecs), False)
         return writers[name]
 
     try:
