@@ -405,10 +405,16 @@ class MultiCodec(Codec):
         if col.dtype == pl.Utf8:
             long = (frame.with_columns(pl.col("cell").fill_null("").str.split(sep)).explode("cell")
                     .filter(pl.col("cell").is_not_null() & (pl.col("cell") != "")))
-            pattern = f"(?s)^(.*){re.escape(wsep)}([^{re.escape(wsep)}]*)$"  # (?s): a tag may hold a newline
-            has_w = pl.col("cell").str.contains(re.escape(wsep), literal=False)
-            tag = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 1)).otherwise(pl.col("cell"))
-            wtxt = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 2)).otherwise(pl.lit("1"))
+            # "tag:w" splits at the last weight separator; a piece without one has weight 1
+            cell = pl.col("cell")
+            if (long.select(cell.str.count_matches(wsep, literal=True).max()).item() or 0) <= 1:
+                parts = cell.str.split_exact(wsep, 1)  # at most one separator: no regex needed
+                tag, wtxt = parts.struct.field("field_0"), parts.struct.field("field_1").fill_null("1")
+            else:
+                pattern = f"(?s)^(.*){re.escape(wsep)}([^{re.escape(wsep)}]*)$"  # (?s): a tag may hold a newline
+                has_w = cell.str.contains(wsep, literal=True)
+                tag = pl.when(has_w).then(cell.str.extract(pattern, 1)).otherwise(cell)
+                wtxt = pl.when(has_w).then(cell.str.extract(pattern, 2)).otherwise(pl.lit("1"))
             long = long.select("row", tag.alias("tag"), wtxt.alias("wtxt"))
             long = long.with_columns(pl.col("wtxt").cast(pl.Float64, strict=False).alias("w"))
             bad = long.filter(pl.col("w").is_null() | pl.col("w").is_nan())
@@ -431,10 +437,15 @@ class MultiCodec(Codec):
         else:
             raise DataError(f"a multi-valued field needs a text or list column, found {col.dtype}",
                             path=path, field=self.name)
-        if self.spec.max_len is not None:
-            long = long.filter(pl.int_range(pl.len()).over("row") < self.spec.max_len)
-        return (long["row"].to_numpy().astype(np.int64), long["tag"].fill_null(MISSING),
-                long["w"].to_numpy().astype(np.float64))
+        rows = long["row"].to_numpy().astype(np.int64)
+        tags, weights = long["tag"].fill_null(MISSING), long["w"].to_numpy().astype(np.float64)
+        if self.spec.max_len is not None and len(rows):
+            # rows ascend: a tag's rank within its cell is its position minus the cell's first position
+            first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
+            rank = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
+            keep = rank < self.spec.max_len
+            rows, tags, weights = rows[keep], tags.filter(pl.Series(keep)), weights[keep]
+        return rows, tags, weights
 
     def record_bag(self, cell: Multi | None) -> tuple[list[str], list[float]]:
         """``long_form`` of one list cell: its first ``max_len`` tags and their weights."""
