@@ -217,9 +217,10 @@ def test_multi_bad_weight_names_the_line():
                                              st.one_of(st.none(), st.floats(-9, 9).map(repr), st.just("x"))),
                                    max_size=4)),
                 min_size=2, max_size=30),
-       st.sampled_from(NUMERIC), st.sampled_from([None, 2]))
-def test_fast_preparation_equals_the_general_engine(tmp_path_factory, rows, transform, max_len):
-    """The fast CSV/TSV engine gives the general engine's vocabularies and arrays, or the same error."""
+       st.sampled_from(NUMERIC), st.sampled_from([None, 2]), st.booleans())
+def test_fast_preparation_equals_the_general_engine(tmp_path_factory, rows, transform, max_len, stream):
+    """The fast CSV/TSV engine gives the general engine's vocabularies and arrays, or the same error, whether
+    it parses the file at once or streams it in chunks of 7 rows with provisional ids."""
     tmp = tmp_path_factory.mktemp("fast")
     path = tmp / "train.tsv"
     text = "".join(f"{y}\t{c}\t{x}\t" + "^".join(t if w is None else f"{t}:{w}" for t, w in tags) + "\n"
@@ -229,22 +230,27 @@ def test_fast_preparation_equals_the_general_engine(tmp_path_factory, rows, tran
            "fields": [{"name": "c", "vocab": "shared"}, {"name": "x", "kind": "numeric", **transform},
                       {"name": "m", "kind": "multi", "vocab": "shared", "max_len": max_len}]}
     results = []
+    saved = {k: getattr(fastpath, k) for k in ("why_not", "WHOLE_FILE_BYTES", "BLOCK_BYTES", "CHUNK_ROWS")}
     for engine in ("fast", "general"):
         raw["data"]["cache_dir"] = str(tmp / engine)
         cfg = config_from_dict(raw)
-        real = fastpath.why_not
         if engine == "general":
             fastpath.why_not = lambda _cfg: "off"  # type: ignore[assignment]
+        elif stream:
+            fastpath.WHOLE_FILE_BYTES, fastpath.BLOCK_BYTES, fastpath.CHUNK_ROWS = 0, 1024, 7
         try:
             results.append(prepare(cfg, progress=False, log=lambda _m: None))
         except DataError as err:
             results.append(str(err))
         finally:
-            fastpath.why_not = real  # type: ignore[assignment]
+            for k, v in saved.items():
+                setattr(fastpath, k, v)
     fast, general = results
     if isinstance(general, str):
         assert fast == general
         return
+    fitted_transform = transform["numeric"] in ("standardize", "minmax")
+    assert fast.manifest["fast_path"] == (not (stream and fitted_transform)), "the fast engine handed over"
     assert fast.encoder.to_json() == general.encoder.to_json()
     a, b = fast.splits["train"], general.splits["train"]
     assert np.array_equal(a.cat_ids, b.cat_ids) and np.array_equal(a.labels, b.labels)

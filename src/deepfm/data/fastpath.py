@@ -10,11 +10,12 @@ its codec, and rows gather their cell's tags.
 
 It yields exactly the vocabularies and arrays of the general path (the tests compare them), driving the same
 codecs for validation, bucketing and scaling. It applies only where it can be exact: CSV/TSV, no
-``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``, and no multi-valued field in a streamed file.
+``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``, and no fitted numeric transform (``standardize``,
+``minmax``) in a streamed file.
 A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a larger one is streamed in chunks of
 ``CHUNK_ROWS`` rows: each token gets a provisional id in first-seen order (one hash join per chunk over its
-distinct values), the training ids are written provisionally and renumbered in place once the vocabularies are
-fitted. Anything else it meets -- a malformed row, a value that is not a finite
+distinct values; a multi-valued field's tags likewise), the training ids are written provisionally and renumbered
+in place once the vocabularies are fitted. Anything else it meets -- a malformed row, a value that is not a finite
 float32, a label other than 0/1 -- raises ``Unsupported`` and preparation runs the general path, which
 names the file, line and field of the bad value.
 """
@@ -87,14 +88,25 @@ class _Bags:
         per_cell = np.bincount(self.index, minlength=len(self.offsets) - 1)
         return np.repeat(per_cell, np.diff(self.offsets))
 
-    def rows(self, tag_ids: np.ndarray) -> MultiValues:
-        """Every row's tags (ids from ``tag_ids``, one per parsed tag) and weights, row after row."""
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's tags as positions in the parsed tags (row after row), and each row's tag count."""
         starts, lengths = self.offsets[self.index], np.diff(self.offsets)[self.index]
         total = int(lengths.sum())
-        # position of each output tag in the parsed tags: its row's cell start + its rank within the row
-        first_out = np.cumsum(lengths) - lengths
-        pos = np.repeat(starts - first_out, lengths) + np.arange(total, dtype=np.int64)
-        return MultiValues(tag_ids[pos], self.weights[pos], lengths.astype(np.int64))
+        first_out = np.cumsum(lengths) - lengths  # a row's first tag in the output
+        return np.repeat(starts - first_out, lengths) + np.arange(total, dtype=np.int64), lengths.astype(np.int64)
+
+    def rows(self, tag_ids: np.ndarray) -> MultiValues:
+        """Every row's tags (ids from ``tag_ids``, one per parsed tag) and weights, row after row."""
+        pos, lengths = self.positions()
+        return MultiValues(tag_ids[pos], self.weights[pos], lengths)
+
+    def provisional_rows(self, provisional: _Provisional) -> MultiValues:
+        """``rows`` with provisional ids (first-seen order over the whole file), counting every tag."""
+        pos, lengths = self.positions()
+        distinct = self.tags.to_arrow().dictionary_encode()
+        index = np.asarray(distinct.indices, dtype=np.int64)[pos]
+        ids = provisional.add(_Column(pl.Series(distinct.dictionary, dtype=pl.Utf8), index))
+        return MultiValues(ids, self.weights[pos], lengths)
 
 
 def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
@@ -292,9 +304,7 @@ def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], wri
     """Provisional ids chunk by chunk, then the vocabularies, then the training ids renumbered in place."""
     if encoder.needs_stats:
         raise Unsupported("fitted numeric transforms need their statistics before a streamed file is encoded")
-    if encoder.bag_codecs:
-        raise Unsupported("multi-valued fields in a streamed file")
-    provisional = {c.name: _Provisional() for c in encoder.id_codecs}
+    provisional = {c.name: _Provisional() for c in encoder.id_codecs + encoder.bag_codecs}
     for table in chunks:
         numbers = _numbers(table, encoder)
         columns = _columns(table, encoder, numbers)
@@ -302,20 +312,22 @@ def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], wri
         cat_t = np.empty((len(encoder.id_codecs), n), dtype=np.int32)
         for j, c in enumerate(encoder.id_codecs):
             cat_t[j] = provisional[c.name].add(columns[c.name])
+        multi = [b.provisional_rows(provisional[c.name]) for c, b in zip(encoder.bag_codecs, _bags(table, encoder),
+                                                                          strict=True)]
         writer.append(EncodedChunk(_labels(encoder, numbers), np.ascontiguousarray(cat_t.T),
-                                   _numeric_values(encoder, numbers, stats={}), [], np.ones(n, dtype=bool)), None)
+                                   _numeric_values(encoder, numbers, stats={}), multi, np.ones(n, dtype=bool)), None)
     counters = encoder.counters()
-    for c in encoder.id_codecs:
+    for c in encoder.id_codecs + encoder.bag_codecs:
         p = provisional[c.name]
         counters[str(c.vocab_name)].add_counts(p.known["token"], p.counts)
     encoder.set_fitted({name: c.build() for name, c in counters.items()}, {})
     _check_id_range(encoder)
     vocabs = encoder.fitted_state()[0]
-    luts = []
-    for c in encoder.id_codecs:
+    luts = {}
+    for c in encoder.id_codecs + encoder.bag_codecs:
         known = provisional[c.name].known  # pids are 0..n-1 in order
-        luts.append(vocabs[str(c.vocab_name)].encode(known["token"]).astype(np.int32))
-    writer.renumber_cat_ids(luts)
+        luts[c.name] = vocabs[str(c.vocab_name)].encode(known["token"]).astype(np.int32)
+    writer.renumber_ids([luts[c.name] for c in encoder.id_codecs], [luts[c.name] for c in encoder.bag_codecs])
 
 
 def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame, columns: dict[str, _Column],

@@ -129,20 +129,27 @@ class _SplitWriter:
             self._write("group", group.astype(np.int64))
         self.rows += len(enc)
 
-    def renumber_cat_ids(self, luts: list[np.ndarray], block_rows: int = 1 << 20) -> None:
-        """Map column j of the written ids through ``luts[j]``, in place (the fast path's provisional ids)."""
-        fh = self._fh.pop("cat_ids", None)
-        if fh is None or not self.rows:
+    def renumber_ids(self, cat_luts: list[np.ndarray], multi_luts: list[np.ndarray]) -> None:
+        """Map column j of the written ids through ``cat_luts[j]`` and the ids of multi-valued field k through
+        ``multi_luts[k]``, in place (the fast path's provisional ids)."""
+        self._renumber("cat_ids", self.rows, cat_luts)
+        for k, lut in enumerate(multi_luts):
+            self._renumber(f"multi{k}_ids", self.nnz[k], [lut])
+
+    def _renumber(self, name: str, rows: int, luts: list[np.ndarray], block_rows: int = 1 << 20) -> None:
+        fh = self._fh.pop(name, None)
+        if fh is None or not rows:
             return
         fh.close()  # type: ignore[attr-defined]
         # read and write blocks through the file, not a memory map: the mapped pages of a multi-GB file would
         # count in this process's resident memory (9 GB at 45M rows)
-        row_bytes = self.cat_width * self.id_dtype.itemsize
-        with open(self.folder / "cat_ids.bin", "r+b") as f:
-            for lo in range(0, self.rows, block_rows):
-                n = min(block_rows, self.rows - lo)
+        width = len(luts)
+        row_bytes = width * self.id_dtype.itemsize
+        with open(self.folder / f"{name}.bin", "r+b") as f:
+            for lo in range(0, rows, block_rows):
+                n = min(block_rows, rows - lo)
                 f.seek(lo * row_bytes)
-                block = np.fromfile(f, dtype=self.id_dtype, count=n * self.cat_width).reshape(n, self.cat_width)
+                block = np.fromfile(f, dtype=self.id_dtype, count=n * width).reshape(n, width)
                 for j, lut in enumerate(luts):
                     block[:, j] = lut[block[:, j]]
                 f.seek(lo * row_bytes)
