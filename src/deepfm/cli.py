@@ -31,7 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     cfg = load_config(args.config, overrides)
     output = Path(args.output or cfg.output or default_output(args.config))
-    result = train(cfg, output, resume=args.resume, log=_log)
+    result = train(cfg, output, resume=args.resume, log=_log, init_from=args.init_from,
+                   reset_optimizer=args.reset_optimizer)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     print(metrics_table(result.metrics))
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this output")
+    t.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="train further from this model on new data: its vocabularies grow by the new data's "
+                        "values, known ids keep their rows, weights and optimiser state")
+    t.add_argument("--reset-optimizer", action="store_true",
+                   help="with --init-from: start the optimiser state afresh (weights still carry over)")
     t.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows, count them and write them to a side file")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -115,6 +115,9 @@ class _VocabMixin(_Frozen):
     vocab: str | None = None
     min_count: int = Field(1, ge=1)
     hash_buckets: int | None = Field(None, gt=0)
+    # at most this many tokens (ids 1..max_size); when a model is trained further on new data
+    # (--init-from), the least recently seen tokens are evicted (they map to the OOV id)
+    max_size: int | None = Field(None, gt=0)
 
     @property
     def vocab_name(self) -> str:
@@ -255,6 +258,8 @@ class TrainConfig(_Frozen):
     checkpoint_every_steps: int = Field(1000, gt=0)
     prefetch_batches: int = Field(4, ge=1)
     progress: bool = True
+    # write the optimisers' state into the model directory, so that `train --init-from` continues it
+    save_optimizer_state: bool = True
     # under torchrun: a rank that waits longer than this for the others fails instead of hanging
     dist_timeout_s: float = Field(1800.0, gt=0)
 
@@ -298,9 +303,9 @@ class Config(_Frozen):
             if not f.uses_vocab:
                 continue
             first = by_vocab.setdefault(f.vocab_name, f)
-            if (first.min_count, first.hash_buckets) != (f.min_count, f.hash_buckets):
+            if (first.min_count, first.hash_buckets, first.max_size) != (f.min_count, f.hash_buckets, f.max_size):
                 raise ValueError(f"fields '{first.name}' and '{f.name}' share vocab '{f.vocab_name}' "
-                                 "but differ in min_count / hash_buckets")
+                                 "but differ in min_count / hash_buckets / max_size")
         cols = self.data.column_names
         if cols is not None:
             missing = [n for n in [self.data.label, *(f.name for f in self.fields)] if n not in cols]

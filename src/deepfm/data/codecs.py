@@ -126,9 +126,9 @@ class Codec:
     def vocab_name(self) -> str | None:
         return self.spec.vocab_name if self.spec.uses_vocab else None
 
-    def vocab_settings(self) -> tuple[int, int | None]:
-        """``(min_count, hash_buckets)`` of the field's vocabulary."""
-        return self.spec.min_count, self.spec.hash_buckets
+    def vocab_settings(self) -> tuple[int, int | None, int | None]:
+        """``(min_count, hash_buckets, max_size)`` of the field's vocabulary."""
+        return self.spec.min_count, self.spec.hash_buckets, self.spec.max_size
 
     def checks(self, dtype: pl.DataType) -> list[Check]:
         """Row validations of the raw column (columnar engine)."""

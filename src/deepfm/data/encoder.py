@@ -57,7 +57,8 @@ class Encoder:
     """
 
     def __init__(self, fields: list[FieldConfig], data: DataConfig,
-                 vocabularies: dict[str, Vocabulary] | None = None, numeric: Stats | None = None) -> None:
+                 vocabularies: dict[str, Vocabulary] | None = None, numeric: Stats | None = None,
+                 parent: Encoder | None = None) -> None:
         self.fields = list(fields)
         self.label = data.label
         self.multi_value_separator, self.weight_separator = data.multi_value_separator, data.weight_separator
@@ -68,6 +69,8 @@ class Encoder:
         self.bag_codecs: list[MultiCodec] = [c for c in self.codecs if isinstance(c, MultiCodec)]
         self.vocabularies_ = vocabularies
         self.numeric_ = numeric
+        # fitting grows the parent's vocabularies and keeps its statistics (a model trained further on new data)
+        self.parent = parent
 
     @property
     def input_columns(self) -> list[str]:
@@ -85,7 +88,7 @@ class Encoder:
             self.accumulate_stats(chunk, acc)
         if rows == 0:
             raise DataError("the training split has no rows to fit vocabularies on")
-        self.set_fitted({name: c.build() for name, c in counters.items()}, acc)
+        self.set_fitted(counters, acc)
         return self
 
     def counters(self) -> dict[str, VocabularyCounter]:
@@ -120,11 +123,18 @@ class Encoder:
             field_acc[key] = value if old is None else {"sum": old + value, "min": min(old, value),
                                                         "max": max(old, value)}[how]
 
-    def set_fitted(self, vocabularies: dict[str, Vocabulary], acc: dict[str, dict[str, Any]]) -> None:
-        """Take the fitted vocabularies and finish the value codecs' statistics from their aggregations."""
-        self.vocabularies_ = vocabularies
-        stats = {c.name: c.fit_stats(acc.get(c.name, {})) for c in self.value_codecs}
-        self.numeric_ = {name: s for name, s in stats.items() if s is not None}
+    def set_fitted(self, counters: dict[str, VocabularyCounter], acc: dict[str, dict[str, Any]]) -> None:
+        """Build the vocabularies from their counters and the value codecs' statistics from their aggregations;
+        with a ``parent``, grow its vocabularies instead and keep its statistics (the meaning of a value must not
+        change under weights that learnt it)."""
+        if self.parent is None:
+            self.vocabularies_ = {name: c.build() for name, c in counters.items()}
+            stats = {c.name: c.fit_stats(acc.get(c.name, {})) for c in self.value_codecs}
+            self.numeric_ = {name: s for name, s in stats.items() if s is not None}
+            return
+        parent_vocabs, parent_stats = self.parent.fitted_state()
+        self.vocabularies_ = {name: counter.grow(parent_vocabs[name]) for name, counter in counters.items()}
+        self.numeric_ = {k: dict(v) for k, v in parent_stats.items()}
 
     @property
     def needs_stats(self) -> bool:

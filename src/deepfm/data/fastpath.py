@@ -265,7 +265,7 @@ def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _
         counters[str(c.vocab_name)].add_counts(b.tags, b.tag_counts())
     acc: dict[str, dict] = {}
     encoder.accumulate_stats(_chunk(numbers), acc)
-    encoder.set_fitted({name: c.build() for name, c in counters.items()}, acc)
+    encoder.set_fitted(counters, acc)
 
 
 def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], Any]) -> None:
@@ -320,7 +320,7 @@ def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], wri
     for c in encoder.id_codecs + encoder.bag_codecs:
         p = provisional[c.name]
         counters[str(c.vocab_name)].add_counts(p.known["token"], p.counts)
-    encoder.set_fitted({name: c.build() for name, c in counters.items()}, {})
+    encoder.set_fitted(counters, {})
     _check_id_range(encoder)
     vocabs = encoder.fitted_state()[0]
     luts = {}
