@@ -219,22 +219,24 @@ def decode_cells(path: str, batch: pa.RecordBatch, lines: np.ndarray, encoding: 
     """``batch`` with its binary columns as UTF-8 text; a row holding a cell that is not valid UTF-8 is an
     error naming file, line and field, or, with ``bad``, is recorded there and dropped."""
     binary = [i for i, t in enumerate(batch.schema.types) if pa.types.is_binary(t) or pa.types.is_large_binary(t)]
-    dropped = np.zeros(batch.num_rows, dtype=bool)
+    found: dict[int, tuple[str, bytes]] = {}  # row -> (field, cell): the first bad cell of each bad row
     for i in binary:
         try:
             batch.column(i).cast(pa.string())
             continue
         except pa.ArrowInvalid:
             pass
-        name = batch.schema.names[i]
         for row, cell in enumerate(batch.column(i).to_pylist()):
-            if cell is None or dropped[row] or _decodes_as(cell):
-                continue
-            reason = _not_text(cell, encoding)
-            if bad is None:
-                raise DataError(reason, path=path, line=int(lines[row]), field=name)
-            bad.add(path, int(lines[row]), f"field '{name}': {reason}", _shown(cell))
-            dropped[row] = True
+            if cell is not None and row not in found and not _decodes_as(cell):
+                found[row] = (batch.schema.names[i], cell)
+    dropped = np.zeros(batch.num_rows, dtype=bool)
+    for row in sorted(found):
+        name, cell = found[row]
+        reason = _not_text(cell, encoding)
+        if bad is None:
+            raise DataError(reason, path=path, line=int(lines[row]), field=name)
+        bad.add(path, int(lines[row]), f"field '{name}': {reason}", _shown(cell))
+        dropped[row] = True
     if dropped.any():
         batch, lines = batch.filter(pa.array(~dropped)), lines[~dropped]
     if binary:
@@ -260,7 +262,7 @@ def _decodes_as(cell: bytes, encoding: str = "utf-8") -> bool:
 def _shown(cell: bytes, encoding: str = "utf-8") -> str:
     """A cell for a message: its text with undecodable bytes as \\xNN escapes, shortened."""
     text = cell[:200].decode(encoding, "backslashreplace")
-    return repr(text if len(cell) <= 200 else text + "...")
+    return f"'{text}'" if len(cell) <= 200 else f"'{text}...'"
 
 
 def delimited_columns(path: str, data: DataConfig, columns: list[str] | None = None) -> tuple[list[str], int, str]:
