@@ -22,7 +22,7 @@ from conftest import CRITEO, criteo_config_dict
 
 from deepfm.cli import main
 from deepfm.config import DataConfig, config_from_dict, load_config
-from deepfm.data import readers
+from deepfm.data import fastpath, readers
 from deepfm.data.readers import BadRows, read_chunks
 from deepfm.data.store import prepare, remove_dead_temporaries
 from deepfm.errors import DataError
@@ -72,14 +72,25 @@ def model_dir(tmp_path_factory) -> Path:
 
 # --- a cell that is not UTF-8 ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [(), ("--set", "data.chunk_rows=64")])
-def test_invalid_utf8_cell_names_file_line_and_field_on_train(tmp_path, capsys, extra):
+def stream_fast_path(monkeypatch) -> None:
+    """The fast path's way with a file over 256 MB, on a small one: streamed in chunks of 100 rows."""
+    monkeypatch.setattr(fastpath, "WHOLE_FILE_BYTES", 0)
+    monkeypatch.setattr(fastpath, "BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(fastpath, "CHUNK_ROWS", 100)
+
+
+@pytest.mark.parametrize("mode", ["fast", "fast_streamed", "small_chunks"])
+def test_invalid_utf8_cell_names_file_line_and_field_on_train(tmp_path, capsys, monkeypatch, mode):
+    if mode == "fast_streamed":
+        stream_fast_path(monkeypatch)
+    extra = ("--set", "data.chunk_rows=64") if mode == "small_chunks" else ()
     bad = write(tmp_path / "train.tsv", with_cell(sample_lines(), 120, b"caf\xe9"))
     code = train(config_file(tmp_path, bad), tmp_path / "m", *extra)
     err = capsys.readouterr().err
     assert code == 2
     assert f"error: {bad}, line 120, field 'C7': 'caf\\xe9' is not valid utf-8 text" in err
     assert "data.encoding" in err and "Traceback" not in err
+    assert "Fast preparation stopped (field 'C7' holds a cell that is not valid UTF-8)" in err  # handed over
     assert not (tmp_path / "m").exists()
 
 
@@ -143,8 +154,11 @@ def _prepared(tmp_path: Path, train_file: Path, name: str, **data):
     return prepare(config_from_dict(raw), progress=False, log=lambda _m: None)
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["fast", "general"])
-def test_latin1_file_reads_as_its_utf8_twin(tmp_path, skip):
+@pytest.mark.parametrize("mode", ["fast", "fast_streamed", "general"])
+def test_latin1_file_reads_as_its_utf8_twin(tmp_path, monkeypatch, mode):
+    skip = mode == "general"
+    if mode == "fast_streamed":
+        stream_fast_path(monkeypatch)
     text = [b"caf\xc3\xa9", b"na\xc3\xafve", b"\xc3\xa9t\xc3\xa9"]  # UTF-8 text, twice each (min_count 2)
     lines = sample_lines()
     for k, cell in enumerate(text * 2):

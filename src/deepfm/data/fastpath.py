@@ -109,7 +109,7 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
                 yield table.unify_dictionaries()
         else:
             pending: list[pa.RecordBatch] = []
-            for batch in pacsv.open_csv(path, **options):
+            for batch in pacsv.open_csv(source, **options):
                 if invalid:
                     raise Unsupported(f"{path}: malformed rows")
                 pending.append(batch)
