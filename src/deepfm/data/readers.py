@@ -116,7 +116,7 @@ def _read_parquet(path: str, data: DataConfig, bad: BadRows | None,
     start = 0
     for batch in pf.iter_batches(batch_size=data.chunk_rows, columns=columns):
         n = batch.num_rows
-        batch, lines = decode_cells(path, batch, np.arange(start + 1, start + n + 1, dtype=np.int64), "utf-8", bad)
+        batch, lines = decode_cells(path, batch, np.arange(start + 1, start + n + 1, dtype=np.int64), None, bad)
         frame = pl.from_arrow(pa.Table.from_batches([batch]))
         assert isinstance(frame, pl.DataFrame)
         yield RawChunk(path, frame, lines, start)
@@ -214,10 +214,11 @@ def straddles(err: Exception) -> bool:
     return "straddl" in str(err)
 
 
-def decode_cells(path: str, batch: pa.RecordBatch, lines: np.ndarray, encoding: str,
+def decode_cells(path: str, batch: pa.RecordBatch, lines: np.ndarray, encoding: str | None,
                  bad: BadRows | None) -> tuple[pa.RecordBatch, np.ndarray]:
     """``batch`` with its binary columns as UTF-8 text; a row holding a cell that is not valid UTF-8 is an
-    error naming file, line and field, or, with ``bad``, is recorded there and dropped."""
+    error naming file, line and field, or, with ``bad``, is recorded there and dropped. ``encoding`` is the
+    text file's (its undecodable bytes were passed through); None for Parquet, whose text is UTF-8."""
     binary = [i for i, t in enumerate(batch.schema.types) if pa.types.is_binary(t) or pa.types.is_large_binary(t)]
     found: dict[int, tuple[str, bytes]] = {}  # row -> (field, cell): the first bad cell of each bad row
     for i in binary:
@@ -232,7 +233,7 @@ def decode_cells(path: str, batch: pa.RecordBatch, lines: np.ndarray, encoding: 
     dropped = np.zeros(batch.num_rows, dtype=bool)
     for row in sorted(found):
         name, cell = found[row]
-        reason = _not_text(cell, encoding)
+        reason = _not_text(_shown(cell), encoding)  # cells are UTF-8 here, but for the undecodable bytes
         if bad is None:
             raise DataError(reason, path=path, line=int(lines[row]), field=name)
         bad.add(path, int(lines[row]), f"field '{name}': {reason}", _shown(cell))
@@ -245,10 +246,13 @@ def decode_cells(path: str, batch: pa.RecordBatch, lines: np.ndarray, encoding: 
     return batch, lines
 
 
-def _not_text(cell: bytes, encoding: str) -> str:
-    """The reason given for a cell that does not decode in the file's encoding."""
+def _not_text(shown: str, encoding: str | None) -> str:
+    """The reason given for a cell (as ``_shown``) that does not decode in the file's encoding (None: Parquet's
+    UTF-8)."""
+    if encoding is None:
+        return f"{shown} is not valid UTF-8 text"
     hint = "; if the file is in another encoding, set data.encoding (e.g. latin-1)" if is_utf8(encoding) else ""
-    return f"{_shown(cell, encoding)} is not valid {encoding} text{hint}"
+    return f"{shown} is not valid {encoding} text{hint}"
 
 
 def _decodes_as(cell: bytes, encoding: str = "utf-8") -> bool:
@@ -496,7 +500,7 @@ def _decode_lines(path: str, raw: list[bytes], numbers: np.ndarray, data: DataCo
             name = names[int(fid)] if fid.isdigit() and int(fid) < len(names) else f"f{fid}"
         else:
             name = names[0] if names else "features"
-        reason = _not_text(tokens[j], enc)
+        reason = _not_text(_shown(tokens[j], enc), enc)
         if bad is None:
             raise DataError(reason, path=path, line=int(numbers[k]), field=name)
         bad.add(path, int(numbers[k]), f"field '{name}': {reason}", _shown(line, enc))
