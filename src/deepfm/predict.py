@@ -22,7 +22,7 @@ import torch
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.config import DataConfig
 from deepfm.data.loader import ModelInput, input_from_chunk
-from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, read_chunks
+from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, header_names, read_chunks
 from deepfm.errors import DataError
 from deepfm.metrics import group_auc, summarize
 from deepfm.progress import progress_bar
@@ -51,8 +51,7 @@ def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bo
         cfg = train_data.model_copy(update=update)
         sep = "\t" if fmt == "tsv" else ","
         if cfg.header:
-            first = (first_lines(path, cfg.encoding, 1) or [""])[0].split(sep)
-            return cfg, train_data.label in [c.strip() for c in first]
+            return cfg, train_data.label in header_names(path, sep, cfg.encoding)
         names = list(cfg.column_names or [])
         if _usual_width(path, sep, cfg.encoding) == len(names) - 1 and train_data.label in names:  # no labels
             return cfg.model_copy(update={"preset": None, "columns": [c for c in names

@@ -136,7 +136,8 @@ def first_lines(path: str, encoding: str, n: int) -> list[str]:
     return out
 
 
-def _header_names(path: str, sep: str, encoding: str) -> list[str]:
+def header_names(path: str, sep: str, encoding: str) -> list[str]:
+    """The column names on the first line of a text file."""
     first = (first_lines(path, encoding, 1) or [""])[0]
     return [c.strip() for c in first.split(sep)]
 
@@ -273,7 +274,7 @@ def delimited_columns(path: str, data: DataConfig, columns: list[str] | None = N
     """(column names, header lines to skip, separator) of a CSV/TSV file; checks ``columns`` are present."""
     sep = "\t" if data.format == "tsv" else ","
     if data.header:
-        names = _header_names(path, sep, data.encoding)
+        names = header_names(path, sep, data.encoding)
         header_lines = 1
         declared = data.column_names
         if declared is not None and declared != names:
