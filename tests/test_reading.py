@@ -364,3 +364,22 @@ def test_default_cache_dir_is_read_from_the_config_folder(tmp_path, monkeypatch)
     assert cfg.data.cache_dir == str(folder / ".cache" / "deepfm")
     given = load_config(folder / "cfg.yaml", ["data.cache_dir=/tmp/x"])
     assert given.data.cache_dir == "/tmp/x"
+
+
+def test_a_model_trained_on_a_latin1_file_predicts_latin1_files(tmp_path):
+    """data.encoding travels with the model: predict reads new files in it, and the latin-1 model scores its file
+    exactly as the model trained on the UTF-8 twin scores the twin."""
+    lines = sample_lines()
+    for k in range(8):
+        lines = with_cell(lines, 5 + 30 * k, "café".encode() if k % 2 else "naïve".encode())
+    utf8 = write(tmp_path / "utf8.tsv", lines)
+    latin = write(tmp_path / "latin.tsv", [line.decode("utf-8").encode("latin-1") for line in lines])
+    scores = {}
+    for name, path, extra in (("utf8", utf8, {}), ("latin", latin, {"encoding": "latin-1"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        assert train(config_file(folder, path, **extra), folder / "m") == 0
+        out = folder / "p.csv"
+        assert main(["predict", str(folder / "m"), str(path), "--output", str(out), "--no-progress"]) == 0
+        scores[name] = out.read_text().splitlines()
+    assert len(scores["latin"]) == 1 + ROWS and scores["latin"] == scores["utf8"]
