@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.config import DataConfig
 from deepfm.data.batch import input_from_chunk
-from deepfm.data.readers import BadRows, RawChunk, check_readable, read_chunks
+from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, header_names, read_chunks
 from deepfm.errors import DataError
 from deepfm.metrics import group_auc, summarize
 from deepfm.progress import progress_bar
@@ -49,16 +50,27 @@ def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bo
             update.update(header=True, columns=None, preset=None)
         cfg = train_data.model_copy(update=update)
         sep = "\t" if fmt == "tsv" else ","
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            first = fh.readline().rstrip("\r\n").split(sep)
         if cfg.header:
-            return cfg, train_data.label in [c.strip() for c in first]
+            return cfg, train_data.label in header_names(path, sep, cfg.encoding)
         names = list(cfg.column_names or [])
-        if len(first) == len(names) - 1 and train_data.label in names:  # headerless file without labels
+        if _usual_width(path, sep, cfg.encoding) == len(names) - 1 and train_data.label in names:  # no labels
             return cfg.model_copy(update={"preset": None, "columns": [c for c in names
                                                                       if c != train_data.label]}), False
         return cfg, True
     return train_data.model_copy(update=update), True
+
+
+WIDTH_SAMPLE_LINES = 100
+
+
+def _usual_width(path: str, sep: str, encoding: str) -> int:
+    """The most common number of columns among the first lines of a headerless file (ties: the wider), so
+    that one short or long row decides nothing: the reader then reports it by its line."""
+    widths = [line.count(sep) + 1 for line in first_lines(path, encoding, WIDTH_SAMPLE_LINES) if line]
+    if not widths:
+        return 0
+    counts = Counter(widths)
+    return max(counts, key=lambda w: (counts[w], w))
 
 
 class Predictor:
