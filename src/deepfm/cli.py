@@ -31,6 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     cfg = load_config(args.config, overrides)
     output = Path(args.output or cfg.output or default_output(args.config))
+    if not (args.output or cfg.output):
+        _log(f"Output: {output} (named after {args.config}; choose with --output DIR)")
     result = train(cfg, output, resume=args.resume, log=_log)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
