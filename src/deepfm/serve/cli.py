@@ -88,8 +88,8 @@ def register(sub) -> None:
     """Add ``deepfm serve`` and ``deepfm export`` to the CLI's subcommands."""
     s = sub.add_parser("serve", help="serve a model over an HTTP JSON API (POST /v1/predict)")
     s.add_argument("model_dir")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: cores / (2 * workers), at least 1)")
@@ -99,13 +99,14 @@ def register(sub) -> None:
                    help="requests up to this many rows use the pure-Python encoder (0: never)")
     s.add_argument("--no-reload-endpoint", action="store_true",
                    help="disable POST /v1/reload (SIGHUP still reloads the current directory)")
-    s.add_argument("--log-level", default="warning")
+    s.add_argument("--log-level", default="warning", help="uvicorn log level")
     s.add_argument("--access-log", action="store_true", help="log every request (costs latency)")
     s.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a model as ONNX or TorchScript over encoded inputs")
     x.add_argument("model_dir")
-    x.add_argument("--format", "-f", choices=("onnx", "torchscript"), default="onnx")
+    x.add_argument("--format", "-f", choices=("onnx", "torchscript"), default="onnx",
+                   help="ONNX (onnxruntime) or TorchScript")
     x.add_argument("--output", "-o", help="file to write (default: MODEL_DIR/export/model.onnx or "
                                           "model.torchscript.pt); vocabularies are copied beside it")
     x.set_defaults(func=cmd_export)
