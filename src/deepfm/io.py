@@ -68,6 +68,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     tmp = temp_file_beside(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        apply_umask(tmp)  # safetensors writes the file anew (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
