@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import _serve_models as models
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"
@@ -60,12 +61,6 @@ def test_every_runnable_block_is_found_and_every_skip_has_a_reason():
     assert sum(b.lang in ("bash", "python") and b.skip is None for b in found) == 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_every_snippet_runs_as_written(tmp_path):
     if not (VENV / "bin" / "deepfm").exists():
@@ -78,7 +73,7 @@ def test_every_snippet_runs_as_written(tmp_path):
     (work / ".venv").symlink_to(VENV)
     stamp = (VENV / "bin" / "deepfm").stat().st_mtime  # make: the environment is set up (as after `make setup`)
     os.utime(work / "pyproject.toml", (stamp - 10, stamp - 10))
-    port = str(_free_port())
+    port = str(models.free_port())
     env = dict(os.environ, PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("PYTHONPATH", None)
     outputs: dict[str, str] = {}

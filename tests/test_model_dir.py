@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,12 +139,6 @@ def test_modes_follow_the_umask(two_models, tmp_path, umask, dir_mode, file_mode
     assert (tmp_path / "p.csv").stat().st_mode & 0o777 == file_mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("damage", ["truncated-encoder", "empty-layout", "truncated-layout", "layout-list",
                                     "truncated-metrics", "bad-config"])
 def test_a_damaged_model_file_is_a_clean_error_in_every_command(two_models, tmp_path, capsys, damage):
@@ -155,8 +148,8 @@ def test_a_damaged_model_file_is_a_clean_error_in_every_command(two_models, tmp_
             "layout-list": "layout.json", "truncated-metrics": "metrics.json", "bad-config": "config.yaml"}[damage]
     path = broken / name
     text = path.read_text()
-    path.write_text({"empty-layout": "{}", "layout-list": "[1, 2]", "bad-config": "data: [\n"}.get(damage,
-                                                                                                   text[:len(text) // 2]))
+    replacement = {"empty-layout": "{}", "layout-list": "[1, 2]", "bad-config": "data: [\n"}
+    path.write_text(replacement.get(damage, text[:len(text) // 2]))
     for argv in (["predict", str(broken), str(TEST_TSV), "--output", str(tmp_path / "p.csv")],
                  ["evaluate", str(broken), str(TEST_TSV)], ["inspect", str(broken)]):
         assert main(argv) == 2, argv
@@ -166,7 +159,7 @@ def test_a_damaged_model_file_is_a_clean_error_in_every_command(two_models, tmp_
     assert not (tmp_path / "p.csv").exists()
     if damage in ("truncated-encoder", "empty-layout"):  # the server too (a subprocess: it would block if it served)
         env = dict(os.environ, PYTHONPATH=str(models.ROOT / "src"))
-        proc = subprocess.run([sys.executable, "-m", "deepfm", "serve", str(broken), "--port", str(_free_port())],
+        proc = subprocess.run([sys.executable, "-m", "deepfm", "serve", str(broken), "--port", str(models.free_port())],
                               capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 2, proc.stderr
         assert str(path) in proc.stderr and "Traceback" not in proc.stderr and "Serving" not in proc.stderr

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -350,15 +349,9 @@ def test_fuzz_openapi_no_5xx(multi_dir):
 
 
 # ------------------------------------------------------------------------- a real server on loopback
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_uvicorn_end_to_end(criteo_dir, tmp_path):
     httpx = pytest.importorskip("httpx")
-    port = _free_port()
+    port = models.free_port()
     env = dict(os.environ, PYTHONPATH=str(models.ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "deepfm", "serve", str(criteo_dir), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

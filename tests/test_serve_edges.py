@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,18 +23,8 @@ ROW = {"I1": 3, "C1": "68fd1e64"}
 
 
 @pytest.fixture(scope="module")
-def criteo_dir() -> Path:
-    return models.criteo_model()
-
-
-@pytest.fixture(scope="module")
-def multi_dir() -> Path:
-    return models.multi_model()
-
-
-@pytest.fixture(scope="module")
-def client(criteo_dir):
-    return TestClient(create_app(criteo_dir, Settings(max_rows=50)))
+def client():
+    return TestClient(create_app(models.criteo_model(), Settings(max_rows=50)))
 
 
 @pytest.mark.parametrize("body", [
@@ -69,7 +57,8 @@ def _features_schema(c: TestClient) -> dict:
     return c.get("/openapi.json").json()["components"]["schemas"]["Row"]["properties"]["features"]
 
 
-def test_openapi_lists_the_served_models_fields_and_follows_a_reload(criteo_dir, multi_dir):
+def test_openapi_lists_the_served_models_fields_and_follows_a_reload():
+    criteo_dir, multi_dir = models.criteo_model(), models.multi_model()
     from deepfm.config import CRITEO_COLUMNS
 
     c = TestClient(create_app(criteo_dir))
@@ -96,8 +85,8 @@ def test_docs_are_served_from_the_installed_package(client):
     assert client.get("/docs-assets/swagger-ui.css").status_code == 200
 
 
-def test_the_small_request_forward_runs_off_the_event_loop(criteo_dir):
-    app = create_app(criteo_dir)
+def test_the_small_request_forward_runs_off_the_event_loop():
+    app = create_app(models.criteo_model())
     served = app.state.serving["model"]
     seen: list[bool] = []
     real = served.fast.probs
@@ -116,15 +105,10 @@ def test_the_small_request_forward_runs_off_the_event_loop(criteo_dir):
     assert 'deepfm_predict_batches_total{path="fast"} 1' in app.state.metrics.render()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_serving_is_announced_after_the_bind_and_a_taken_port_says_what_to_do(criteo_dir, tmp_path):
+def test_serving_is_announced_after_the_bind_and_a_taken_port_says_what_to_do(tmp_path):
+    criteo_dir = models.criteo_model()
     httpx = pytest.importorskip("httpx")
-    port = _free_port()
+    port = models.free_port()
     env = dict(os.environ, PYTHONPATH=str(models.ROOT / "src"))
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     first = subprocess.Popen([sys.executable, "-m", "deepfm", "serve", str(criteo_dir), "--port", str(port)],
@@ -152,11 +136,11 @@ def test_serving_is_announced_after_the_bind_and_a_taken_port_says_what_to_do(cr
 
 
 # ------------------------------------------------------------------ fuzz: raw bodies, non-finite numbers included
-def test_fuzz_raw_bodies_with_non_finite_numbers_never_5xx(multi_dir):
+def test_fuzz_raw_bodies_with_non_finite_numbers_never_5xx():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    app = create_app(multi_dir, Settings(max_rows=20))
+    app = create_app(models.multi_model(), Settings(max_rows=20))
     c = TestClient(app, raise_server_exceptions=False)
     numbers = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e-400", "0", "-3", "3.5",
                                "1e38", "3.5e38", "9007199254740993", "-0.0"])

@@ -88,7 +88,8 @@ def register(sub) -> None:
     """Add ``deepfm serve`` and ``deepfm export`` to the CLI's subcommands."""
     s = sub.add_parser("serve", help="serve a model over an HTTP JSON API (POST /v1/predict)")
     s.add_argument("model_dir")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
     s.add_argument("--threads", type=int, default=None,
