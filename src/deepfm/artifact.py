@@ -137,9 +137,9 @@ def read_info(path: Path) -> dict[str, Any]:
     if missing:
         raise ArtifactError(f"{path}: not a complete deepfm model directory, missing {missing}")
     info = _read_json(path / "deepfm.json")
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        info = info if isinstance(info, dict) else {}
-        raise ArtifactError(f"{path}: not a deepfm model (format {info.get('format')!r})")
+    fmt = info.get("format") if isinstance(info, dict) else None
+    if fmt != FORMAT:
+        raise ArtifactError(f"{path}: not a deepfm model (format {fmt!r})")
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         made_by = info.get("versions", {}).get("deepfm", "?")
