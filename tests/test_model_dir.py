@@ -64,6 +64,9 @@ elif where == "during-cleanup":
     io.shutil.rmtree = rmtree
 elif where == "first-rename":  # the first write of a directory: one rename
     io.os.rename = lambda a, b: die()
+elif where == "between-two-renames":  # the fallback without renameat2: old aside, then (killed) new in
+    io.exchange_paths = lambda a, b: False
+    io.os.rename = lambda a, b: (real_rename(a, b), die()) if ".old-" in str(b) else real_rename(a, b)
 m = load_model(new)
 save_model(target, config=m.config, layout=m.layout, encoder=m.encoder, model=m.model, metrics=m.metrics,
            history=[])
@@ -185,3 +188,23 @@ def test_retraining_keeps_an_export_inside_the_model_dir(tmp_path):
                     f"made from the previous weights: run `deepfm export {out}` again)"]
     json.loads((out / "deepfm.json").read_text())
     load_model(out)
+
+
+def test_the_fallback_swap_killed_between_its_renames_says_where_the_model_is(two_models, tmp_path, capsys):
+    """Without renameat2 (other platforms, some filesystems) the swap is two renames; a kill between them
+    leaves the previous model beside the path, and every command says so and how to put it back."""
+    old, new = two_models
+    target = tmp_path / "model"
+    shutil.copytree(old, target)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(script), str(target), str(new), "between-two-renames"])
+    assert proc.returncode == -signal.SIGKILL
+    aside = [p for p in leftover_siblings(target) if ".old-" in p.name]
+    assert not target.exists() and len(aside) == 1 and _weights(aside[0]) == _weights(old)
+    assert main(["inspect", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"the previous model {aside[0]} is beside it: rename it to model" in err
+    aside[0].rename(target)
+    assert _weights(target) == _weights(old)
+    load_model(target)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from deepfm.config import Config, config_from_dict, config_to_dict
 from deepfm.data.encoder import Encoder
 from deepfm.errors import ArtifactError, ConfigError
-from deepfm.io import atomic_directory, atomic_save_tensors
+from deepfm.io import atomic_directory, atomic_save_tensors, leftover_siblings
 from deepfm.layout import TableLayout
 from deepfm.model import DeepFM
 
@@ -132,6 +132,12 @@ def _read_json(path: Path, parse: Callable[[Any], Any] | None = None) -> Any:
 def read_info(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
+        # only where the swap takes two renames (no renameat2) and a kill fell between them: the previous
+        # model, complete, was renamed aside to .NAME.old-*
+        aside = [p for p in leftover_siblings(path) if ".old-" in p.name and all((p / f).is_file() for f in REQUIRED)]
+        if aside:
+            raise ArtifactError(f"{path}: model directory not found, but a write of it was interrupted; the "
+                                f"previous model {aside[-1]} is beside it: rename it to {path.name}")
         raise ArtifactError(f"{path}: model directory not found (train one with `deepfm train CONFIG.yaml`)")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
