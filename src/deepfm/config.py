@@ -251,6 +251,9 @@ class TrainConfig(_Frozen):
     l1: float = Field(0.0, ge=0.0)
     l2: float = Field(0.0, ge=0.0)
     patience: int = Field(2, ge=0)
+    # an epoch counts as a gain only when the monitored validation score beats the best by more than this
+    # (Keras / PyTorch Lightning's min_delta); 0 = any gain
+    min_delta: float = Field(0.0, ge=0.0)
     lr_plateau_factor: float = Field(0.1, gt=0.0, le=1.0)
     lr_plateau_patience: int = Field(0, ge=0)
     min_lr: float = Field(1e-6, ge=0.0)

@@ -7,7 +7,6 @@ through unchanged next to a ``probability`` column; the output file appears only
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,9 +23,22 @@ from deepfm.config import DataConfig
 from deepfm.data.batch import input_from_chunk
 from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, header_names, read_chunks
 from deepfm.errors import DataError
+from deepfm.io import temp_file_beside
 from deepfm.metrics import group_auc, summarize
 from deepfm.progress import progress_bar
 from deepfm.runtime import Runtime, resolve_device
+
+
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def output_format(path: str | Path) -> str:
+    """The predictions file's format, from its extension; any other extension is an error (never a silent CSV)."""
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise DataError(f"unknown output extension '{Path(path).suffix}': use "
+                        f"{', '.join(OUTPUT_FORMATS)} (predictions are written as CSV or Parquet)", path=str(path))
+    return fmt
 
 
 @dataclass
@@ -104,7 +116,8 @@ class Predictor:
 
     def score_chunks(self, path: str, *, need_labels: bool = False, skip_bad_rows: bool = False,
                      bad: BadRows | None = None, progress: bool = True) -> Iterator[Scored]:
-        check_readable(path)
+        check_readable(path, hint="the input file to score; relative paths are read from the current folder "
+                                  f"{os.getcwd()}")
         data, has_labels = infer_data_config(self.config.data, path)
         if need_labels and not has_labels:
             raise DataError(f"has no label column '{data.label}' to evaluate against", path=path)
@@ -147,10 +160,8 @@ class Predictor:
         """Write ``id columns + probability`` for every row of ``path`` to ``output`` (.csv or .parquet)."""
         ids = list(id_columns if id_columns is not None else self.config.data.id_columns)
         out_path = Path(output)
-        fmt = "parquet" if out_path.suffix.lower() in (".parquet", ".pq") else "csv"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-        os.close(fd)
+        fmt = output_format(out_path)
+        tmp = temp_file_beside(out_path)  # the umask's mode, as a plain open() would give
         rows = 0
         writer = None
         bad = BadRows(out_path.with_name(out_path.name + ".bad_rows.txt")) if skip_bad_rows else None

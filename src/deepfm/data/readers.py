@@ -76,10 +76,13 @@ class BadRows:
             self._handle = None
 
 
-def check_readable(path: str) -> None:
+CONFIG_HINT = "check data.train / valid / test in the config, relative paths are read from the config's folder"
+
+
+def check_readable(path: str, hint: str = CONFIG_HINT) -> None:
+    """``hint`` says where the path came from (the config by default), so the user knows what to fix."""
     if not os.path.exists(path):
-        raise DataError("file not found (check data.train / valid / test in the config, "
-                        "relative paths are read from the config's folder)", path=path)
+        raise DataError(f"file not found ({hint})", path=path)
     if os.path.isdir(path):
         raise DataError("is a folder, expected a file", path=path)
     if os.path.getsize(path) == 0:
