@@ -114,7 +114,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
         raise ArtifactError(f"{path}: its config.yaml does not validate with this deepfm:\n{err}") from None
     layout = TableLayout.from_json(json.loads((path / "layout.json").read_text()))
     encoder = Encoder.from_json(config.fields, config.data, json.loads((path / "encoder.json").read_text()))
-    model = DeepFM(layout, config.model, sparse=False)
+    model = DeepFM(layout, config.model, sparse=False, logit_shift=config.data.logit_shift)
     try:
         state = load_file(str(path / "model.safetensors"), device=str(device))
     except (SafetensorError, OSError) as err:
