@@ -115,6 +115,22 @@ def test_time_split_config_is_validated(tmp_path):
     assert (random.data.split.valid, random.data.split.test, random.data.split.seed) == (0.2, 0.1, 2017)
 
 
+def test_readme_split_examples_validate():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("**Splits.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    import yaml
+
+    split = yaml.safe_load(block)["split"]
+    cfg = config_from_dict({"data": {"train": "x.csv", "split": split}, "fields": [{"name": "c"}]})
+    assert cfg.data.split.by == "hour" and cfg.data.split.numeric
+    iso = '{by: day, valid_from: "2024-05-01", test_from: "2024-05-08"}'
+    assert iso in readme
+    cfg = config_from_dict({"data": {"train": "x.csv", "split": yaml.safe_load(iso)}, "fields": [{"name": "c"}]})
+    assert not cfg.data.split.numeric
+
+
 # ------------------------------------------------------------------------------------- negative downsampling
 def test_sampling_is_seeded_keeps_positives_and_a_share_of_negatives():
     rows = np.arange(200_000)
