@@ -43,7 +43,7 @@ def config(data: str, rate: float, cache: Path, args: argparse.Namespace):
                    {"names": CAT_COLS, "kind": "categorical"}],
         "model": {"embed_dim": 16, "hidden_units": [400, 400, 400]},
         "train": {"batch_size": args.batch_size, "eval_batch_size": 16384, "epochs": args.epochs, "lr": 1e-3,
-                  "seed": 2017, "precision": args.precision, "progress": False, "patience": 10**6,
+                  "seed": 2017, "precision": args.precision, "progress": False, "patience": args.patience,
                   "checkpoint_every_steps": 10**9},
     })
 
@@ -63,7 +63,8 @@ def run(data: str, rate: float, work: Path, args: argparse.Namespace) -> dict:
     row = {"rate": rate, "train_rows": len(prepared.splits["train"]),
            "train_positive_share": float(np.mean(np.asarray(prepared.splits["train"].labels))),
            "prep_s": prep_s, "train_s": sum(r["seconds"] for r in result.history),
-           "steps": result.metrics["train"]["steps"], "auc": test["auc"], "logloss": test["logloss"],
+           "steps": result.metrics["train"]["steps"], "epochs_run": result.metrics["train"]["epochs_run"],
+           "best_epoch": result.metrics["train"]["best_epoch"], "auc": test["auc"], "logloss": test["logloss"],
            "calibration": test["calibration"], "uncorrected_calibration": float(uncorrected.mean() / labels.mean()),
            "test_rows": len(labels)}
     shutil.rmtree(out, ignore_errors=True)
@@ -87,9 +88,12 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--patience", type=int, default=10**6,
+                    help="early stopping on validation AUC (default: run every epoch); the best epoch is kept")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--out", default="bench/NEGATIVE_SAMPLING.md")
+    ap.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")
     args = ap.parse_args()
 
     runs: dict[float, list[dict]] = {r: [] for r in args.rates}
@@ -103,40 +107,53 @@ def main() -> None:
 
     base = args.rates[0]
     med = {r: float(np.median([x["train_s"] for x in rows])) for r, rows in runs.items()}
+    stopping = args.patience < 10**6
+    command = (f"python bench/negative_sampling.py --data {args.data} --rates {' '.join(map(str, args.rates))} "
+               f"--rounds {args.rounds} --epochs {args.epochs} --batch-size {args.batch_size}"
+               + (f" --patience {args.patience}" if stopping else ""))
+    schedule = (f"at most {args.epochs} epoch(s), early stopping after {args.patience} epoch(s) without a better "
+                "validation AUC (the best epoch's weights are scored)") if stopping else f"{args.epochs} epoch(s)"
+    head = ["w", "training rows", "positive share", "epochs (best)", "steps", "test AUC", "AUC - no sampling",
+            "test log loss", "calibration", "calibration without the correction", "training s (rounds)",
+            "time / no sampling", "preparation s"]
     lines = [
         "# Negative downsampling: w against no downsampling",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `python bench/negative_sampling.py "
-        f"--data {args.data} --rates {' '.join(map(str, args.rates))} --rounds {args.rounds} --epochs {args.epochs} "
-        f"--batch-size {args.batch_size}`.",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`.",
         "",
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU, "
-        f"precision {args.precision}. The machine is shared with other jobs: training seconds are noisy "
-        "(median of the rounds; every round's figure is listed).",
+        (f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU, "
+         f"precision {args.precision}. The machine is shared with other jobs: seconds are noisy "
+         "(training: median of the rounds, every round's figure listed)."),
         "",
-        f"Data: `{args.data}_train.tsv` ({runs[base][0]['train_rows']:,} training rows without downsampling), "
-        f"test split {runs[base][0]['test_rows']:,} rows, neither valid nor test sampled. Model: embedding 16, "
-        f"DNN 400-400-400, Adam 1e-3, batch {args.batch_size}, {args.epochs} epoch(s).",
+        (f"Data: `{args.data}_train.tsv` ({runs[base][0]['train_rows']:,} training rows without downsampling), "
+         f"test split {runs[base][0]['test_rows']:,} rows; neither valid nor test is sampled. Model: embedding "
+         f"16, DNN 400-400-400, Adam 1e-3, batch {args.batch_size}, {schedule}."),
         "",
-        "| w | training rows | positive share | steps | test AUC | AUC - no sampling | test log loss | calibration "
-        "| calibration without the correction | training s (rounds) | time / no sampling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for rate, rows in runs.items():
         r = rows[0]
         times = " / ".join(f"{x['train_s']:.1f}" for x in rows)
-        lines.append(
-            f"| {rate:g} | {r['train_rows']:,} | {r['train_positive_share']:.3f} | {r['steps']} | {r['auc']:.5f} "
-            f"| {r['auc'] - runs[base][0]['auc']:+.5f} | {r['logloss']:.5f} | {r['calibration']:.4f} "
-            f"| {r['uncorrected_calibration']:.4f} | {med[rate]:.1f} ({times}) | {med[rate] / med[base]:.2f} |")
+        cells = [f"{rate:g}", f"{r['train_rows']:,}", f"{r['train_positive_share']:.3f}",
+                 f"{r['epochs_run']} ({r['best_epoch']})", str(r["steps"]), f"{r['auc']:.5f}",
+                 f"{r['auc'] - runs[base][0]['auc']:+.5f}", f"{r['logloss']:.5f}", f"{r['calibration']:.4f}",
+                 f"{r['uncorrected_calibration']:.4f}", f"{med[rate]:.1f} ({times})", f"{med[rate] / med[base]:.2f}",
+                 f"{np.median([x['prep_s'] for x in rows]):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Calibration = mean predicted probability / observed click rate on the test split (1.0 = calibrated). "
-        "Training seconds are the trainer's epoch time (data loading included, evaluation and preparation "
-        "excluded).",
+        ("Calibration = mean predicted probability / observed click rate on the test split (1.0 = calibrated). "
+         "Training seconds are the trainer's epoch time (data loading included, evaluation and preparation "
+         "excluded). Preparation (reading, fitting vocabularies, writing the arrays) is separate: with "
+         "downsampling it runs deepfm's general path, not the CSV fast path, which declines "
+         "`negative_sampling_rate`."),
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    text = "\n".join(lines)
+    if args.append and Path(args.out).is_file():
+        text = Path(args.out).read_text().rstrip("\n") + "\n\n" + text.replace("# Negative", "## Negative", 1)
+    Path(args.out).write_text(text)
     print("\n".join(lines))
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-
 from conftest import criteo_config_dict
+
 from deepfm.artifact import load_model
 from deepfm.config import config_from_dict, config_to_dict
 from deepfm.data.readers import RawChunk
@@ -173,10 +173,10 @@ def test_prepare_samples_train_rows_only_independent_of_chunking(tmp_path, crite
 def test_calibration_formula_on_a_known_case():
     """w = 0.1 and p_s = 0.5 (logit 0): p = 0.5 / (0.5 + 0.5 / 0.1) = 1/11, through the model's scoring path."""
     from deepfm.config import ModelConfig
+    from deepfm.data.batch import make_input
     from deepfm.layout import TableLayout
     from deepfm.model import DeepFM
     from deepfm.runtime import Runtime
-    from deepfm.data.batch import make_input
 
     cfg = config_from_dict({"data": {"train": "x.csv", "negative_sampling_rate": 0.1}, "fields": [{"name": "c"}]})
     assert cfg.data.logit_shift == pytest.approx(math.log(0.1))

@@ -74,7 +74,7 @@ class TimeSplitConfig(_Frozen):
         return self
 
 
-def _as_number(value: int | float | str) -> float | None:
+def _as_number(value: float | str) -> float | None:
     """``value`` as a float if it is a number or text that parses as one (not NaN), else None."""
     if isinstance(value, bool):
         return None
@@ -82,7 +82,7 @@ def _as_number(value: int | float | str) -> float | None:
         number = float(value)
     except ValueError:
         return None
-    return None if number != number else number
+    return None if math.isnan(number) else number
 
 
 _TIME_KEYS = {"by", "valid_from", "test_from"}
