@@ -172,7 +172,8 @@ def route_rows(chunk: RawChunk, data: DataConfig, bad: BadRows | None) -> tuple[
 
 
 def _subset(chunk: RawChunk, mask: np.ndarray) -> RawChunk:
-    return RawChunk(chunk.path, chunk.frame.filter(pl.Series(mask)), chunk.lines[mask], chunk.row_start)
+    return RawChunk(chunk.path, chunk.frame.filter(pl.Series(mask)), chunk.lines[mask], chunk.row_start,
+                    chunk.absent_is_missing)
 
 
 class _SplitWriter:
