@@ -187,7 +187,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     layout = _read_json(path / "layout.json", TableLayout.from_json)
     encoder = _read_json(path / "encoder.json", lambda d: Encoder.from_json(config.fields, config.data, d))
     try:
-        model = DeepFM(layout, config.model, sparse=False)
+        model = DeepFM(layout, config.model, sparse=False, logit_shift=config.data.logit_shift)
     except (ValueError, TypeError, RuntimeError) as err:
         raise ArtifactError(f"{path / 'layout.json'}: does not describe a model this config can build ({err})"
                             ) from None

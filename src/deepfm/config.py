@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,6 +45,64 @@ class SplitConfig(_Frozen):
         return self
 
 
+class TimeSplitConfig(_Frozen):
+    """A split of one file by the value of a column, as production follows time: rows with ``by`` <
+    ``valid_from`` train, [``valid_from``, ``test_from``) validate, >= ``test_from`` test.
+
+    The thresholds decide how values compare: numbers (YAML numbers, or text that parses as one) compare the
+    column's values as numbers (Avazu's YYMMDDHH ``hour``, a Unix time), any other text compares them as text,
+    code point by code point (ISO dates such as ``2024-05-01T00``). A value that is missing, or not a number
+    when the thresholds are numbers, is a bad row."""
+
+    by: str
+    valid_from: int | float | str
+    test_from: int | float | str
+
+    @property
+    def numeric(self) -> bool:
+        return _as_number(self.valid_from) is not None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeSplitConfig:
+        lo, hi = _as_number(self.valid_from), _as_number(self.test_from)
+        if (lo is None) != (hi is None):
+            raise ValueError("split.valid_from and split.test_from must both be numbers or both be text "
+                             f"(got {self.valid_from!r} and {self.test_from!r})")
+        later = lo > hi if lo is not None and hi is not None else str(self.valid_from) > str(self.test_from)
+        if later:
+            raise ValueError(f"split.valid_from ({self.valid_from!r}) must not come after split.test_from "
+                             f"({self.test_from!r})")
+        return self
+
+
+def _as_number(value: float | str) -> float | None:
+    """``value`` as a float if it is a number or text that parses as one (not NaN), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return None if math.isnan(number) else number
+
+
+_TIME_KEYS = {"by", "valid_from", "test_from"}
+_RANDOM_KEYS = {"valid", "test", "seed"}
+
+
+def _split_kind(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return "time" if _TIME_KEYS & set(obj) else "random"
+    return "time" if isinstance(obj, TimeSplitConfig) else "random"
+
+
+# ``data.split``: a random split (valid / test fractions + seed) or a time split (by / valid_from / test_from)
+Split = Annotated[
+    Annotated[SplitConfig, Tag("random")] | Annotated[TimeSplitConfig, Tag("time")],
+    Discriminator(_split_kind),
+]
+
+
 class DeriveConfig(_Frozen):
     """A column computed from another one before encoding, as BARS's Avazu preprocessing: from a YYMMDDHH
     timestamp (Avazu's ``hour``), ``hour_of_day`` (0-23), ``weekday`` (0 = Sunday .. 6, as ``%w``) or
@@ -60,7 +119,7 @@ class DataConfig(_Frozen):
     train: str
     valid: str | None = None
     test: str | None = None
-    split: SplitConfig | None = None
+    split: Split | None = None
     header: bool = True
     columns: list[str] | None = None
     preset: Literal["criteo"] | None = None
@@ -75,6 +134,27 @@ class DataConfig(_Frozen):
     skip_bad_rows: bool = False
     chunk_rows: int = Field(262_144, gt=0)
     derive: list[DeriveConfig] = []
+    # keep each negative training row with this probability (1 = keep all); probabilities leaving the model
+    # are calibrated back (see ``logit_shift``)
+    negative_sampling_rate: float = Field(1.0, gt=0.0, le=1.0)
+    sampling_seed: int = 2017
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_split_kind(cls, raw: Any) -> Any:
+        split = raw.get("split") if isinstance(raw, dict) else None
+        if isinstance(split, dict) and _TIME_KEYS & set(split) and _RANDOM_KEYS & set(split):
+            raise ValueError("data.split is either a time split (by, valid_from, test_from) or a random one "
+                             f"(valid, test, seed), not both: got {sorted(split)}")
+        return raw
+
+    @property
+    def logit_shift(self) -> float:
+        """What scoring adds to the logit of a model trained on negatives kept with probability w: log(w).
+
+        The model learns p_s = p / (p + (1 - p) w) on the sample; adding log(w) to its logit gives back
+        p = p_s / (p_s + (1 - p_s) / w). 0 without downsampling."""
+        return math.log(self.negative_sampling_rate)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -319,7 +399,8 @@ class Config(_Frozen):
                                  "but differ in min_count / hash_buckets / max_size")
         cols = self.data.column_names
         if cols is not None:
-            missing = [n for n in [self.data.label, *(f.name for f in self.fields)] if n not in cols]
+            split_by = [self.data.split.by] if isinstance(self.data.split, TimeSplitConfig) else []
+            missing = [n for n in [self.data.label, *(f.name for f in self.fields), *split_by] if n not in cols]
             if missing:
                 raise ValueError(f"data.columns lacks {missing}")
         return self
@@ -352,6 +433,8 @@ def _format_validation(err: ValidationError, source: str) -> str:
         parts = list(e["loc"])
         if len(parts) >= 3 and parts[0] == "fields" and parts[2] in _FIELD_KINDS:
             del parts[2]  # the union's tag: the entry's own kind, not a key the user wrote
+        if parts[:2] == ["data", "split"] and len(parts) >= 3 and parts[2] in ("random", "time"):
+            del parts[2]
         loc = ".".join(str(p) for p in parts)
         msg = "unknown key (check the spelling; see the config reference in README.md)" \
             if e["type"] == "extra_forbidden" else e["msg"]

@@ -9,6 +9,8 @@ The exported graph takes what ``Encoder.transform`` + ``input_from_chunk`` produ
     multi_bags     int64   [nnz]     field_index * B + row, sorted ascending        (only if the model has any)
 
 and returns ``logits`` float32 [B] and ``probabilities`` float32 [B]; the batch ``B`` and ``nnz`` are dynamic.
+A model trained with negative downsampling (``data.negative_sampling_rate`` w) has the correction log(w) in its
+graph: both outputs are calibrated, as ``deepfm predict`` and ``deepfm serve`` return them.
 ``encoder.json``, ``layout.json``, ``config.yaml`` are copied beside the file and ``export.json`` lists
 the inputs, the field order along each axis and the vocabulary of each field.
 
@@ -102,6 +104,8 @@ def manifest(loaded: LoadedModel, fmt: str, file_name: str) -> dict:
         "cat_fields": [fields[n] for n in lay.cat_fields],
         "num_fields": [fields[n] for n in lay.num_fields],
         "multi_fields": [fields[n] for n in lay.multi_fields],
+        # already in the graph's outputs (DeepFM.forward): log(data.negative_sampling_rate), 0 without sampling
+        "logit_shift": loaded.model.logit_shift,
         "encoding": "see docs/serving.md; encoder.json holds the vocabularies (id = index in tokens + 1, "
                     "0 = unseen) and numeric statistics",
     }

@@ -58,7 +58,7 @@ def run_dir_for(output: Path) -> Path:
 
 def build_model(cfg: Config, data: PreparedData) -> DeepFM:
     torch.manual_seed(cfg.train.seed)
-    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse)
+    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse, logit_shift=cfg.data.logit_shift)
 
 
 def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None,

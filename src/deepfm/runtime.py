@@ -2,7 +2,8 @@
 
 One place for the trainer's evaluation, ``Predictor`` (predict, evaluate, the server's batch path) and the
 server's per-record path, so that all of them score a row the same way: logits in float32 from the model,
-probabilities by a float64 sigmoid on the host.
+probabilities by a float64 sigmoid on the host. The model's ``forward`` includes the negative downsampling
+correction (``DeepFM.logit_shift``), so every one of them returns calibrated probabilities.
 """
 
 from __future__ import annotations

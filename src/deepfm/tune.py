@@ -94,14 +94,16 @@ def tune(config_path: str, trials: int, *, space: dict[str, dict[str, Any]] | No
         import optuna
     except ImportError:
         raise DeepFMError("deepfm tune needs optuna: pip install 'deepfm[tune]'") from None
-    from deepfm.config import config_to_dict, load_config
+    from deepfm.config import SplitConfig, config_to_dict, load_config
     from deepfm.pipeline import train
 
     space = space or DEFAULT_SPACE
     base_overrides = list(overrides or [])
     base = load_config(config_path, base_overrides)  # a bad config fails here, before any trial
-    if base.data.valid is None and (base.data.split is None or base.data.split.valid <= 0):
-        raise ConfigError("deepfm tune chooses on validation AUC: the config needs data.valid or data.split.valid")
+    split = base.data.split
+    if base.data.valid is None and (split is None or isinstance(split, SplitConfig) and split.valid <= 0):
+        raise ConfigError("deepfm tune chooses on validation AUC: the config needs data.valid, data.split.valid or "
+                          "a time split (data.split.by)")
     out = Path(output or Path("runs") / f"tune-{Path(config_path).stem}")
     out.mkdir(parents=True, exist_ok=True)
     trial_fixed = ["train.progress=false", "data.test=null"]

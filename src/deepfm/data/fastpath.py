@@ -10,8 +10,8 @@ its codec, and rows gather their cell's tags.
 
 It yields exactly the vocabularies and arrays of the general path (the tests compare them), driving the same
 codecs for validation, bucketing and scaling. It applies only where it can be exact: CSV/TSV, no
-``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``, and no fitted numeric transform (``standardize``,
-``minmax``) in a streamed file.
+``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive`` / ``negative_sampling_rate``, and no fitted
+numeric transform (``standardize``, ``minmax``) in a streamed file.
 A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a larger one is streamed in chunks of
 ``CHUNK_ROWS`` rows: each token gets a provisional id in first-seen order (one hash join per chunk over its
 distinct values; a multi-valued field's tags likewise), the training ids are written provisionally and renumbered
@@ -54,8 +54,8 @@ def why_not(cfg: Config) -> str | None:
     d = cfg.data
     if d.format not in ("csv", "tsv"):
         return f"format {d.format}"
-    if d.split is not None or d.group_column is not None or d.skip_bad_rows:
-        return "data.split, data.group_column or data.skip_bad_rows is set"
+    if d.split is not None or d.group_column is not None or d.skip_bad_rows or d.negative_sampling_rate < 1.0:
+        return "data.split, data.group_column, data.skip_bad_rows or data.negative_sampling_rate is set"
     if d.derive:
         return "data.derive is set"
     return None

@@ -22,11 +22,18 @@ from deepfm.model.interaction import BiInteraction, _tracing, fused_head
 
 
 class DeepFM(nn.Module):
-    """Inputs of a batch (``ModelInput.tensors()``) -> logits ``[B]``. Pure: no data, device or optimiser."""
+    """Inputs of a batch (``ModelInput.tensors()``) -> logits ``[B]``. Pure: no data, device or optimiser.
 
-    def __init__(self, layout: TableLayout, cfg: ModelConfig, *, sparse: bool = False) -> None:
+    ``logit_shift`` (``DataConfig.logit_shift``: log of the negative downsampling rate) is added by ``forward``,
+    the scoring entry that evaluation, prediction, serving and export all go through, and not by
+    ``forward_with_penalty``, which training calls: the model learns the click rate of its downsampled
+    training rows and scores the calibrated one. It is a constant of the config, not a weight."""
+
+    def __init__(self, layout: TableLayout, cfg: ModelConfig, *, sparse: bool = False,
+                 logit_shift: float = 0.0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.logit_shift = float(logit_shift)
         num_fields = layout.num_fields_total
         self.embedding = FieldEmbedding(layout, cfg.embed_dim, init_std=cfg.init_std, sparse=sparse)
         self.fm = BiInteraction()
@@ -71,4 +78,5 @@ class DeepFM(nn.Module):
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                 multi_weights: torch.Tensor, multi_bags: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_penalty(cat_ids, num_values, multi_ids, multi_weights, multi_bags, False)[0]
+        logit = self.forward_with_penalty(cat_ids, num_values, multi_ids, multi_weights, multi_bags, False)[0]
+        return logit + self.logit_shift if self.logit_shift else logit

@@ -1,0 +1,161 @@
+"""Negative downsampling against none, on the generated benchmark data: test AUC, calibration, training time.
+
+    python bench/generate.py --rows 1000000 --seed 1 --out bench/.data/ns1m.tsv --split
+    .venv/bin/python bench/negative_sampling.py --data bench/.data/ns1m [--rates 1.0 0.1] [--rounds 2]
+
+Each rate trains deepfm with the Criteo-layout defaults of bench/run_deepfm.py (log-bucketed integers,
+categorical vocabularies, embedding 16, DNN 400-400-400, Adam 1e-3, batch 4096, one epoch) on
+``<data>_train.tsv`` (validation on ``<data>_valid.tsv``, test on ``<data>_test.tsv``, neither sampled) through
+``deepfm.pipeline.train``, so the scores are the ones a user gets: probabilities calibrated back by log(w).
+Calibration is mean prediction / observed click rate on the test split; the uncorrected column shows what
+the same model would report without the correction. Rounds interleave the rates (the machine may be shared:
+training seconds are the median of the rounds, AUC and calibration are the same every round). Writes
+``bench/NEGATIVE_SAMPLING.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepfm.config import config_from_dict
+from deepfm.data.store import prepare
+from deepfm.pipeline import train
+
+INT_COLS = [f"I{i}" for i in range(1, 14)]
+CAT_COLS = [f"C{i}" for i in range(1, 27)]
+
+
+def config(data: str, rate: float, cache: Path, args: argparse.Namespace):
+    return config_from_dict({
+        "data": {"format": "tsv", "header": False, "preset": "criteo", "train": f"{data}_train.tsv",
+                 "valid": f"{data}_valid.tsv", "test": f"{data}_test.tsv", "cache_dir": str(cache),
+                 "negative_sampling_rate": rate},
+        "fields": [{"names": INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
+                   {"names": CAT_COLS, "kind": "categorical"}],
+        "model": {"embed_dim": 16, "hidden_units": [400, 400, 400]},
+        "train": {"batch_size": args.batch_size, "eval_batch_size": 16384, "epochs": args.epochs, "lr": 1e-3,
+                  "seed": 2017, "precision": args.precision, "progress": False, "patience": args.patience,
+                  "checkpoint_every_steps": 10**9},
+    })
+
+
+def run(data: str, rate: float, work: Path, args: argparse.Namespace) -> dict:
+    cfg = config(data, rate, work / "cache", args)
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, progress=False, log=lambda m: None)
+    prep_s = time.perf_counter() - t0
+    out = work / f"model-{rate}"
+    result = train(cfg, out, log=lambda m: None)
+    assert result is not None
+    test = result.metrics["test"]
+    labels = np.asarray(prepared.splits["test"].labels, dtype=np.float64)
+    probs = np.clip(result.trainer.predict(prepared.splits["test"]), 1e-12, 1 - 1e-12)
+    uncorrected = 1.0 / (1.0 + np.exp(-(np.log(probs / (1 - probs)) - cfg.data.logit_shift)))
+    row = {"rate": rate, "train_rows": len(prepared.splits["train"]),
+           "train_positive_share": float(np.mean(np.asarray(prepared.splits["train"].labels))),
+           "prep_s": prep_s, "train_s": sum(r["seconds"] for r in result.history),
+           "steps": result.metrics["train"]["steps"], "epochs_run": result.metrics["train"]["epochs_run"],
+           "best_epoch": result.metrics["train"]["best_epoch"], "auc": test["auc"], "logloss": test["logloss"],
+           "calibration": test["calibration"], "uncorrected_calibration": float(uncorrected.mean() / labels.mean()),
+           "test_rows": len(labels)}
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    return row
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="bench/.data/ns1m", help="stem of <stem>_train/_valid/_test.tsv")
+    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--patience", type=int, default=10**6,
+                    help="early stopping on validation AUC (default: run every epoch); the best epoch is kept")
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--out", default="bench/NEGATIVE_SAMPLING.md")
+    ap.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")
+    args = ap.parse_args()
+
+    runs: dict[float, list[dict]] = {r: [] for r in args.rates}
+    with tempfile.TemporaryDirectory(prefix="deepfm-ns-") as tmp:
+        for rnd in range(args.rounds):
+            for rate in args.rates:
+                row = run(args.data, rate, Path(tmp), args)
+                runs[rate].append(row)
+                print(f"round {rnd + 1} rate {rate}: " + ", ".join(
+                    f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+    base = args.rates[0]
+    med = {r: float(np.median([x["train_s"] for x in rows])) for r, rows in runs.items()}
+    stopping = args.patience < 10**6
+    command = (f"python bench/negative_sampling.py --data {args.data} --rates {' '.join(map(str, args.rates))} "
+               f"--rounds {args.rounds} --epochs {args.epochs} --batch-size {args.batch_size}"
+               + (f" --patience {args.patience}" if stopping else ""))
+    schedule = (f"at most {args.epochs} epoch(s), early stopping after {args.patience} epoch(s) without a better "
+                "validation AUC (the best epoch's weights are scored)") if stopping else f"{args.epochs} epoch(s)"
+    head = ["w", "training rows", "positive share", "epochs (best)", "steps", "test AUC", "AUC - no sampling",
+            "test log loss", "calibration", "calibration without the correction", "training s (rounds)",
+            "time / no sampling", "preparation s"]
+    lines = [
+        "# Negative downsampling: w against no downsampling",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`.",
+        "",
+        (f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU, "
+         f"precision {args.precision}. The machine is shared with other jobs: seconds are noisy "
+         "(training: median of the rounds, every round's figure listed)."),
+        "",
+        (f"Data: `{args.data}_train.tsv` ({runs[base][0]['train_rows']:,} training rows without downsampling), "
+         f"test split {runs[base][0]['test_rows']:,} rows; neither valid nor test is sampled. Model: embedding "
+         f"16, DNN 400-400-400, Adam 1e-3, batch {args.batch_size}, {schedule}."),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for rate, rows in runs.items():
+        r = rows[0]
+        times = " / ".join(f"{x['train_s']:.1f}" for x in rows)
+        cells = [f"{rate:g}", f"{r['train_rows']:,}", f"{r['train_positive_share']:.3f}",
+                 f"{r['epochs_run']} ({r['best_epoch']})", str(r["steps"]), f"{r['auc']:.5f}",
+                 f"{r['auc'] - runs[base][0]['auc']:+.5f}", f"{r['logloss']:.5f}", f"{r['calibration']:.4f}",
+                 f"{r['uncorrected_calibration']:.4f}", f"{med[rate]:.1f} ({times})", f"{med[rate] / med[base]:.2f}",
+                 f"{np.median([x['prep_s'] for x in rows]):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        ("Calibration = mean predicted probability / observed click rate on the test split (1.0 = calibrated). "
+         "Training seconds are the trainer's epoch time (data loading included, evaluation and preparation "
+         "excluded). Preparation (reading, fitting vocabularies, writing the arrays) is separate: with "
+         "downsampling it runs deepfm's general path, not the CSV fast path, which declines "
+         "`negative_sampling_rate`."),
+        "",
+    ]
+    text = "\n".join(lines)
+    if args.append and Path(args.out).is_file():
+        text = Path(args.out).read_text().rstrip("\n") + "\n\n" + text.replace("# Negative", "## Negative", 1)
+    Path(args.out).write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
