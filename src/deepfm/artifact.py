@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from safetensors.torch import load_file
 from deepfm.config import Config, config_from_dict, config_to_dict
 from deepfm.data.encoder import Encoder
 from deepfm.errors import ArtifactError, ConfigError
-from deepfm.io import atomic_directory, atomic_save_tensors
+from deepfm.io import StreamedTensor, atomic_directory, atomic_save_tensors
 from deepfm.layout import TableLayout
 from deepfm.model import DeepFM
 
 FORMAT = "deepfm-model"
 FORMAT_VERSION = 1
+TABLE = "embedding.weight"  # the embedding table's name in model.safetensors
 REQUIRED = ("deepfm.json", "config.yaml", "layout.json", "encoder.json", "model.safetensors")
 
 
@@ -59,8 +61,13 @@ class LoadedModel:
 
 def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Encoder, model: DeepFM,
                metrics: dict[str, Any], history: list[dict[str, Any]], fingerprint: str | None = None,
-               extra_files: dict[str, Path] | None = None) -> None:
-    """Write the model directory atomically: a reader sees the old directory or the complete new one."""
+               extra_files: dict[str, Path] | None = None, table_blocks: Iterable[torch.Tensor] | None = None
+               ) -> None:
+    """Write the model directory atomically: a reader sees the old directory or the complete new one.
+
+    ``table_blocks``: the embedding table's rows in order, block by block, when ``model`` holds only a shard of
+    it (row sharding): the table is streamed into ``model.safetensors`` and never held whole here.
+    """
 
     def fill(tmp: Path) -> None:
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": package_versions(),
@@ -71,7 +78,12 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
         (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
         state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in
                  model.state_dict().items()}
-        atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT})
+        streamed = None
+        if table_blocks is not None:
+            del state[TABLE]
+            streamed = StreamedTensor(TABLE, (layout.num_rows, model.cfg.embed_dim + 1), torch.float32,
+                                      (b.float() for b in table_blocks))
+        atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT}, streamed=streamed)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         for name, src in (extra_files or {}).items():

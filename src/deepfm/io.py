@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +33,79 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-                        ) -> None:
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor written to a safetensors file block by block (its rows in order), never held whole."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: Iterable[torch.Tensor]
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
+                        streamed: StreamedTensor | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        if streamed is None:
+            save_file(plain, tmp, metadata=metadata)
+        else:
+            _write_safetensors(plain, streamed, Path(tmp), metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], streamed: StreamedTensor, path: Path,
+                       metadata: dict[str, str] | None) -> None:
+    """The safetensors format (8-byte header size, JSON header, raw little-endian data) written by hand, so that
+    ``streamed`` goes to disk block by block; ``safetensors.torch.load_file`` reads the result as usual."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    total = int(torch.Size(streamed.shape).numel()) * torch.empty(0, dtype=streamed.dtype).element_size()
+    header[streamed.name] = {"dtype": _SAFETENSORS_DTYPES[streamed.dtype], "shape": list(streamed.shape),
+                             "data_offsets": [offset, offset + total]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for t in tensors.values():
+            fh.write(_raw_bytes(t))
+        written = 0
+        for block in streamed.blocks:
+            if block.dtype != streamed.dtype or tuple(block.shape[1:]) != tuple(streamed.shape[1:]):
+                raise ValueError(f"{streamed.name}: a block of {block.dtype} {tuple(block.shape)} does not fit "
+                                 f"{streamed.dtype} {streamed.shape}")
+            data = _raw_bytes(block.detach().cpu().contiguous())
+            fh.write(data)
+            written += len(data)
+        if written != total:
+            raise ValueError(f"{streamed.name}: blocks hold {written} bytes, the shape {streamed.shape} needs {total}")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A CPU tensor's little-endian bytes (through a same-width integer view: numpy has no bfloat16)."""
+    if t.dtype == torch.bool:
+        return t.numpy().tobytes()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(ints).numpy().astype(f"<i{t.element_size()}", copy=False).tobytes()
 
 
 def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
@@ -53,17 +115,22 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         fill(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-            os.rmdir(old)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Swap the complete directory ``tmp`` in for ``final`` (on the same filesystem; an existing one is removed)."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+        os.rmdir(old)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
 
 
 def state_to_tensors(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

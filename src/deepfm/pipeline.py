@@ -22,6 +22,7 @@ from deepfm.metrics import summarize
 from deepfm.model import DeepFM
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
+from deepfm.train import sharding
 from deepfm.train.trainer import Trainer
 
 
@@ -44,9 +45,15 @@ def run_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.run"
 
 
-def build_model(cfg: Config, data: PreparedData) -> DeepFM:
+def build_model(cfg: Config, data: PreparedData, dist: ddp.DistContext = ddp.SINGLE) -> DeepFM:
+    """The initial model; under row sharding (several ranks) with only this rank's rows of the table."""
     torch.manual_seed(cfg.train.seed)
-    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse)
+    rows = ddp.shard_bounds(data.layout.num_rows, dist) if row_sharded(cfg, dist) else None
+    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse, table_rows=rows)
+
+
+def row_sharded(cfg: Config, dist: ddp.DistContext) -> bool:
+    return dist.enabled and cfg.train.embedding_sharding == "row"
 
 
 def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None) -> TrainResult | None:
@@ -81,7 +88,7 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
     if batch != "auto" and n_train < 20 * batch and suggested < batch:
         log(f"Note: {n_train:,} training rows make only {-(-n_train // batch)} step(s) per epoch at batch {batch}; "
             f"small data trains better with more steps: try --set train.batch_size={suggested} (or auto)")
-    model = build_model(cfg, data)
+    model = build_model(cfg, data, dist)
     run_dir = run_dir_for(output)
     if not resume and run_dir.exists() and dist.is_main:
         shutil.rmtree(run_dir)
@@ -99,7 +106,11 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
                                       None if split.group is None else np.asarray(split.group))
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
                         "ranks": dist.world_size}
+    # row sharding: the table reaches rank 0 block by block, as it writes model.safetensors
+    blocks = sharding.table_blocks(trainer.model.embedding, dist) if row_sharded(cfg, dist) else None
     if not dist.is_main:
+        for _ in blocks or ():  # sends this rank's rows
+            pass
         return None
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +129,7 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
                 plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
         save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
                    metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
-                   extra_files=plots)
+                   extra_files=plots, table_blocks=blocks)
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(output, metrics, state.history, data, trainer)
 

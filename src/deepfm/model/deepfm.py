@@ -24,11 +24,14 @@ from deepfm.model.interaction import BiInteraction, _tracing, fused_head
 class DeepFM(nn.Module):
     """Inputs of a batch (``ModelInput.tensors()``) -> logits ``[B]``. Pure: no data, device or optimiser."""
 
-    def __init__(self, layout: TableLayout, cfg: ModelConfig, *, sparse: bool = False) -> None:
+    def __init__(self, layout: TableLayout, cfg: ModelConfig, *, sparse: bool = False,
+                 table_rows: tuple[int, int] | None = None) -> None:
+        """``table_rows``: hold only these rows of the embedding table (a rank's shard under row sharding)."""
         super().__init__()
         self.cfg = cfg
         num_fields = layout.num_fields_total
-        self.embedding = FieldEmbedding(layout, cfg.embed_dim, init_std=cfg.init_std, sparse=sparse)
+        self.embedding = FieldEmbedding(layout, cfg.embed_dim, init_std=cfg.init_std, sparse=sparse,
+                                        rows=table_rows)
         self.fm = BiInteraction()
         self.bias = nn.Parameter(torch.zeros(1))
         self.fuse = True  # the fused training head where it applies (see ``_fusable``); False: the plain graph

@@ -40,6 +40,11 @@ SINGLE = DistContext()
 _comm_device = torch.device("cpu")  # where collectives put their tensors (the GPU under NCCL)
 
 
+def comm_device() -> torch.device:
+    """Where tensors given to collectives must live: the GPU under NCCL, else the CPU."""
+    return _comm_device
+
+
 def from_env() -> DistContext:
     """The rank and world size torchrun put in the environment (one process: rank 0 of 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,8 +86,9 @@ def broadcast_parameters(module: torch.nn.Module, names: list[str]) -> None:
         dist.broadcast(params[name].data, src=0)
 
 
-def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> None:
-    """Average a sparse (row-wise) gradient over ranks, in place: all-gather indices and values, sum, divide."""
+def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> int:
+    """Average a sparse (row-wise) gradient over ranks, in place: all-gather indices and values, sum, divide.
+    Returns the bytes this rank sent (its padded part, to each of the other ranks)."""
     grad = param.grad
     if grad is None:
         grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=param.device),
@@ -105,6 +111,9 @@ def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> None:
     keep = cat_idx >= 0
     param.grad = torch.sparse_coo_tensor(cat_idx[keep].unsqueeze(0), cat_val[keep] / world_size,
                                          param.shape, check_invariants=False).coalesce()
+    part = count.element_size() + padded_idx.numel() * padded_idx.element_size() \
+        + padded_val.numel() * padded_val.element_size()
+    return (world_size - 1) * part
 
 
 def shard_bounds(n: int, ctx: DistContext) -> tuple[int, int]:

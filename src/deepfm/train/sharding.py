@@ -1,0 +1,153 @@
+"""Row sharding of the one embedding table (``train.embedding_sharding: row``): model parallelism for the table,
+data parallelism (DDP) for the dense layers.
+
+Rank ``r`` of ``N`` holds the contiguous rows ``ddp.shard_bounds(rows, r)`` of the table and their optimiser
+state (the same ``RowwiseAdam`` / sparse Adagrad as one process, applied to the shard). A step:
+
+1. each rank takes the unique global row ids of its part of the batch (sorted, hence already grouped by owner),
+2. sends each id to its owner and gets the row back (two ``all_to_all_single``: ids out, rows back),
+3. runs the model on those rows (a small dense leaf tensor, one row per unique id),
+4. after backward, sends each row's gradient back to its owner (a third all-to-all), which sets a sparse
+   gradient on its shard, divided by ``N`` as DDP averages, and steps its row-wise optimiser.
+
+Contiguous rather than modulo ownership: the sorted unique ids of a batch are then already grouped by owner
+(no permutation on the way out or back), an owner's shard is one slice of the table, so writing the model
+directory is a walk over ranks in order and each rank's checkpoint is a plain tensor. The price is balance:
+a rank whose rows belong to busier fields serves more lookups (each field is looked up once per example,
+so ranks are balanced to the extent that fields' row counts are). ``sent_bytes`` counts what goes to other
+ranks; ``bench/sharding.py`` measures both schemes' traffic.
+
+Every rank must join every exchange, so a rank with no rows in a batch (or fewer evaluation batches) still
+calls the lookup with no ids (``join_empty``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from deepfm.io import replace_directory
+from deepfm.model.embedding import FieldEmbedding
+from deepfm.train import distributed as ddp
+
+SAVE_BLOCK_BYTES = 64 << 20  # the most of the table rank 0 holds at once while writing the model directory
+
+
+class RowExchange:
+    """The ``row_source`` of a sharded ``FieldEmbedding``: fetches a batch's rows from their owners and sends
+    their gradients back. Counts the bytes this rank sends to the others (``sent_bytes``, ``exchanges``)."""
+
+    def __init__(self, embedding: FieldEmbedding, ctx: ddp.DistContext) -> None:
+        self.embedding = embedding
+        self.ctx = ctx
+        self.per = -(-embedding.num_rows // ctx.world_size)  # rows per rank, as ddp.shard_bounds
+        self.lo = embedding.rows[0]
+        if embedding.rows != ddp.shard_bounds(embedding.num_rows, ctx):
+            raise ValueError(f"rank {ctx.rank} holds rows {embedding.rows}, not its shard "
+                             f"{ddp.shard_bounds(embedding.num_rows, ctx)}")
+        self.sent_bytes = 0
+        self.exchanges = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None = None
+
+    def _all_to_all(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send)
+        per_row = x.shape[1:].numel() * x.element_size()
+        self.sent_bytes += (sum(send) - send[self.ctx.rank]) * per_row
+        return out
+
+    def __call__(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        flat = torch.cat([i.reshape(-1) for i in ids])
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        world = self.ctx.world_size
+        send_counts = torch.bincount(torch.div(uniq, self.per, rounding_mode="floor"), minlength=world)
+        recv_counts = self._all_to_all(send_counts, [1] * world, [1] * world)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        wanted = self._all_to_all(uniq, send, recv)  # ids other ranks want from this shard
+        table = self.embedding.weight.detach()
+        rows = self._all_to_all(table.index_select(0, wanted - self.lo), recv, send)  # [U, D + 1], in uniq order
+        self.exchanges += 1
+        if torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            self._pending = (rows, wanted, send, recv)
+        looked_up = F.embedding(inverse, rows)
+        return [part.reshape(*i.shape, rows.shape[1]) for part, i in
+                zip(looked_up.split([i.numel() for i in ids]), ids, strict=True)]
+
+    def join_empty(self) -> None:
+        """Serve the other ranks' lookups without asking for any row (this rank has no batch left)."""
+        with torch.no_grad():
+            self([torch.zeros(0, dtype=torch.long, device=self.embedding.weight.device)])
+
+    def push_gradients(self) -> None:
+        """Send the gradients of the rows fetched by the last forward pass to their owners; set this shard's
+        (uncoalesced) sparse gradient: every rank's contribution, divided by the number of ranks."""
+        if self._pending is None:
+            raise RuntimeError("push_gradients without a forward pass that fetched rows")
+        rows, wanted, send, recv = self._pending
+        self._pending = None
+        grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
+        received = self._all_to_all(grad, send, recv)
+        weight = self.embedding.weight
+        weight.grad = torch.sparse_coo_tensor((wanted - self.lo).unsqueeze(0), received / self.ctx.world_size,
+                                              weight.shape, check_invariants=False)
+
+
+def table_state_bytes(embedding: FieldEmbedding, optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of this rank's table and of the optimiser state kept for it (moments, accumulators)."""
+    weight = embedding.weight
+    total = weight.numel() * weight.element_size()
+    for opt in optimizers:
+        for value in opt.state.get(weight, {}).values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def table_blocks(embedding: FieldEmbedding, ctx: ddp.DistContext, block_bytes: int = SAVE_BLOCK_BYTES
+                 ) -> Iterator[torch.Tensor]:
+    """The whole table in row order, block by block, on rank 0 (each block sent by its owner; at most one
+    block held at a time). On the other ranks: send this shard's blocks to rank 0 and yield nothing.
+    Every rank must consume it to the end."""
+    width = embedding.weight.shape[1]
+    step = max(1, block_bytes // (width * embedding.weight.element_size()))
+    device = ddp.comm_device()
+    for owner in range(ctx.world_size):
+        lo, hi = ddp.shard_bounds(embedding.num_rows, ddp.DistContext(owner, ctx.world_size))
+        for start in range(lo, hi, step):
+            n = min(step, hi - start)
+            if owner == ctx.rank:
+                block = embedding.weight.detach()[start - lo: start - lo + n]
+                if ctx.is_main:
+                    yield block.cpu()
+                else:
+                    dist.send(block.to(device).contiguous(), dst=0)
+            elif ctx.is_main:
+                block = torch.empty(n, width, dtype=embedding.weight.dtype, device=device)
+                dist.recv(block, src=owner)
+                yield block.cpu()
+
+
+def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistContext) -> None:
+    """A directory every rank writes its part of (``fill(tmp)``), swapped in for ``final`` by rank 0 once all
+    have written: readers see the old directory or the complete new one, never a mix of steps."""
+    pending = final.parent / f".{final.name}.pending"
+    if ctx.is_main:
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir(parents=True)
+    ctx.barrier()
+    fill(pending)
+    ctx.barrier()
+    if ctx.is_main:
+        replace_directory(pending, final)
+    ctx.barrier()
+
+
+def rank_dir(directory: Path, ctx: ddp.DistContext) -> Path:
+    """This rank's part of a directory written by ``write_directory``."""
+    return directory / f"rank-{ctx.rank}"

@@ -1,0 +1,154 @@
+"""Row sharding of the embedding table (train.embedding_sharding: row) on gloo ranks over loopback.
+
+One small data set with every field kind (categorical, two fields sharing one vocabulary, a scaled numeric
+field with missing values, a log-bucketed numeric field, a multi-valued field) trained the same way by one
+process, by 2 and 4 row-sharded ranks and by 2 replicated ranks; the runs are shared by the tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from deepfm.config import config_from_dict
+from deepfm.pipeline import train
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def _write_data(folder: Path) -> None:
+    rng = np.random.default_rng(7)
+    rows = ["label,user,src,dst,x,n,tags"]
+    for i in range(1600):
+        user, src, dst = rng.integers(0, 300), rng.integers(0, 40), rng.integers(0, 40)
+        tags = rng.choice(60, size=rng.integers(0, 5), replace=False)
+        x = "" if i % 11 == 0 else f"{rng.normal():.3f}"
+        logit = float(user % 3 == 0) - float(src == dst) + 0.5 * (0 if x == "" else float(x)) + 0.3 * sum(t < 20 for t in tags)
+        y = int(rng.random() < 1 / (1 + np.exp(-(logit - 0.5))))
+        rows.append(f"{y},u{user},c{src},c{dst},{x},{rng.integers(0, 50)},{'^'.join(f't{t}:{1 + t % 3}' for t in tags)}")
+    (folder / "train.csv").write_text("\n".join(rows[:1281]) + "\n")
+    (folder / "valid.csv").write_text("\n".join([rows[0]] + rows[1281:]) + "\n")
+
+
+def _config(folder: Path, sharding: str, **train_over) -> dict:
+    return {
+        "data": {"format": "csv", "train": str(folder / "train.csv"), "valid": str(folder / "valid.csv"),
+                 "cache_dir": str(folder / "cache")},
+        "fields": [{"name": "user"}, {"names": ["src", "dst"], "vocab": "city"},
+                   {"name": "x", "kind": "numeric", "numeric": "scale"}, {"name": "n", "kind": "numeric"},
+                   {"name": "tags", "kind": "multi", "combiner": "sqrtn"}],
+        "model": {"embed_dim": 4, "hidden_units": [16, 8], "dropout": 0.0},
+        "train": {"batch_size": 128, "epochs": 2, "lr": 0.01, "precision": "fp32", "progress": False,
+                  "checkpoint_every_steps": 4, "patience": 5, "dist_timeout_s": 60, "embedding_sharding": sharding,
+                  **train_over},
+    }
+
+
+def _torchrun(spec: dict, nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORKER), json.dumps(spec)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (model directory, stdout, per-rank table state bytes) of each run, made once for the module."""
+    folder = tmp_path_factory.mktemp("sharding")
+    _write_data(folder)
+    out: dict[str, tuple[Path, str, list[int]]] = {}
+    one = train(config_from_dict(_config(folder, "replicated")), folder / "one", log=lambda _m: None)
+    out["one"] = (one.model_dir, "", [_table_bytes(one.trainer)])
+    for name, sharding, nproc in (("row2", "row", 2), ("replicated2", "replicated", 2), ("row4", "row", 4)):
+        bytes_file = folder / f"{name}.bytes"
+        proc = _torchrun({"config": _config(folder, sharding), "output": str(folder / name),
+                          "table_bytes": str(bytes_file)}, nproc)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        sizes = [int((folder / f"{name}.bytes.{r}").read_text()) for r in range(nproc)]
+        out[name] = (folder / name, proc.stdout, sizes)
+    out["folder"] = (folder, "", [])
+    return out
+
+
+def _table_bytes(trainer) -> int:
+    from deepfm.train.sharding import table_state_bytes
+
+    return table_state_bytes(trainer.model.embedding, trainer.optimizers)
+
+
+@pytest.mark.parametrize("name", ["row2", "row4", "replicated2"])
+def test_sharded_ranks_give_the_weights_of_one_process(runs, name):
+    one = load_file(str(runs["one"][0] / "model.safetensors"))
+    got = load_file(str(runs[name][0] / "model.safetensors"))
+    assert got.keys() == one.keys() and got["embedding.weight"].shape == one["embedding.weight"].shape
+    for key in one:  # same global batch, seed and initial values: only float summation order differs
+        torch.testing.assert_close(got[key], one[key], rtol=1e-4, atol=2e-6, msg=key)
+    m1 = json.loads((runs["one"][0] / "metrics.json").read_text())
+    m2 = json.loads((runs[name][0] / "metrics.json").read_text())
+    assert m2["valid"]["auc"] == pytest.approx(m1["valid"]["auc"], abs=1e-4)
+    assert m2["valid"]["rows"] == m1["valid"]["rows"] == 320
+    assert m2["train"]["steps"] == m1["train"]["steps"] == 20
+
+
+def test_row_sharded_model_directory_matches_and_predicts(runs):
+    from deepfm.predict import Predictor
+
+    one, row = runs["one"][0], runs["row4"][0]
+    assert sorted(p.name for p in row.iterdir()) == sorted(p.name for p in one.iterdir())
+    valid = str(runs["folder"][0] / "valid.csv")
+    m_row = Predictor(row).evaluate_file(valid, progress=False)
+    assert m_row["auc"] == pytest.approx(json.loads((row / "metrics.json").read_text())["valid"]["auc"], abs=1e-9)
+    assert m_row["auc"] == pytest.approx(Predictor(one).evaluate_file(valid, progress=False)["auc"], abs=1e-4)
+
+
+def test_each_rank_holds_a_1_over_n_share_of_the_table_and_its_adam_state(runs):
+    (whole,) = runs["one"][2]
+    rows = load_file(str(runs["one"][0] / "model.safetensors"))["embedding.weight"].shape[0]
+    row_bytes = whole // rows  # weight + exp_avg + exp_avg_sq per row
+    assert row_bytes == 3 * 5 * 4
+    for name, n in (("row2", 2), ("row4", 4)):
+        sizes = runs[name][2]
+        assert sum(sizes) == whole, (name, sizes, whole)
+        assert max(sizes) <= -(-rows // n) * row_bytes  # each rank: its ceil(rows / n) rows and their state
+        assert max(sizes) - min(sizes) <= n * row_bytes
+    assert runs["replicated2"][2] == [whole, whole]
+
+
+def test_bytes_sent_per_step_are_printed_per_rank(runs):
+    for name, n in (("row2", 2), ("row4", 4), ("replicated2", 2)):
+        history = [json.loads(line) for line in (runs[name][0] / "metrics.jsonl").read_text().splitlines()]
+        sent = history[0]["table_sent_bytes_per_step"]
+        assert len(sent) == n and all(b > 0 for b in sent), sent
+        assert history[0]["dense_allreduce_bytes_per_step"] > 0
+        assert "sent per step and rank: table" in runs[name][1]
+    # row: ids out, rows back, gradients back (~2 rows per unique id); replicated: every rank's gradient rows
+    # to every other rank: with 2 ranks of similar batches the row exchange sends less
+    row2 = json.loads((runs["row2"][0] / "metrics.jsonl").read_text().splitlines()[0])
+    rep2 = json.loads((runs["replicated2"][0] / "metrics.jsonl").read_text().splitlines()[0])
+    assert max(row2["table_sent_bytes_per_step"]) < 2 * max(rep2["table_sent_bytes_per_step"])
+
+
+def test_resume_of_a_row_sharded_run_gives_the_same_model(runs):
+    folder = runs["folder"][0]
+    raw = _config(folder, "row")
+    out = folder / "resumed"
+    stopped = _torchrun({"config": raw, "output": str(out), "stop_step": 14}, 2)  # epoch 2; checkpoint at 12
+    assert stopped.returncode != 0 and not out.exists()
+    last = folder / ".resumed.run" / "last"
+    assert sorted(p.name for p in last.iterdir()) == ["rank-0", "rank-1", "state.json"]
+    wrong = _torchrun({"config": raw, "output": str(out), "resume": True}, 4)
+    assert wrong.returncode != 0 and "not a checkpoint of 4 row-sharded ranks" in wrong.stdout + wrong.stderr
+    resumed = _torchrun({"config": raw, "output": str(out), "resume": True}, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout
+    a, b = load_file(str(runs["row2"][0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
