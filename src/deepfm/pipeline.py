@@ -88,6 +88,13 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
     if batch != "auto" and n_train < 20 * batch and suggested < batch:
         log(f"Note: {n_train:,} training rows make only {-(-n_train // batch)} step(s) per epoch at batch {batch}; "
             f"small data trains better with more steps: try --set train.batch_size={suggested} (or auto)")
+    with sharding.explain_out_of_memory(cfg, data.layout.num_rows, dist):
+        return _fit_and_save(cfg, data, output, resume=resume, log=log, callbacks=callbacks, dist=dist)
+
+
+def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool, log, callbacks,
+                  dist: ddp.DistContext) -> TrainResult | None:
+    splits = data.splits
     model = build_model(cfg, data, dist)
     run_dir = run_dir_for(output)
     if not resume and run_dir.exists() and dist.is_main:

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from deepfm.config import Config, TrainConfig
+from deepfm.errors import OutOfMemory
 from deepfm.io import replace_directory
 from deepfm.model.embedding import FieldEmbedding
 from deepfm.train import distributed as ddp
@@ -107,6 +110,44 @@ def table_state_bytes(embedding: FieldEmbedding, optimizers: list[torch.optim.Op
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
     return total
+
+
+def table_state_bytes_needed(cfg: TrainConfig, num_rows: int, embed_dim: int, ranks: int) -> int:
+    """What one rank's table and its optimiser state take (the shape ``table_state_bytes`` measures)."""
+    copies = {"adam": 3, "adagrad": 2, "proximal_adagrad": 2}[cfg.optimizer]  # weights + moments / accumulator
+    rows = -(-num_rows // ranks) if cfg.embedding_sharding == "row" else num_rows
+    return rows * (embed_dim + 1) * 4 * copies
+
+
+def _address_space_limit() -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+@contextmanager
+def explain_out_of_memory(cfg: Config, num_rows: int, ctx: ddp.DistContext) -> Iterator[None]:
+    """Turn a failed allocation into an ``OutOfMemory`` error naming the memory cap and what the table needs,
+    with the ways out, instead of an allocator traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        text = str(err)
+        if not (isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text):
+            raise
+        cap = _address_space_limit()
+        limit = (f"this process's address-space limit (RLIMIT_AS) of {cap / 2**20:,.0f} MiB" if cap is not None
+                 else "the memory this machine has (no address-space limit set)")
+        need = table_state_bytes_needed(cfg.train, num_rows, cfg.model.embed_dim, ctx.world_size)
+        ways = (f"train over more ranks with train.embedding_sharding: row (each holds 1/N of it)"
+                if cfg.train.embedding_sharding == "replicated" else "train over more ranks")
+        raise OutOfMemory(
+            f"rank {ctx.rank} of {ctx.world_size} ran out of memory under {limit}: the embedding table "
+            f"({num_rows:,} rows x {cfg.model.embed_dim + 1}) and its {cfg.train.optimizer} state take "
+            f"{need / 2**20:,.0f} MiB on each rank with embedding_sharding: {cfg.train.embedding_sharding}. "
+            f"Ways out: {ways}, cap the big fields with hash_buckets / a higher min_count, or raise the limit "
+            f"({text.splitlines()[0][:200]})") from None
 
 
 def table_blocks(embedding: FieldEmbedding, ctx: ddp.DistContext, block_bytes: int = SAVE_BLOCK_BYTES
