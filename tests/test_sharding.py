@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,13 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from deepfm.config import config_from_dict
+from deepfm.errors import ConfigError
 from deepfm.pipeline import train
+from deepfm.train.distributed import DistContext
+from deepfm.train.sharding import checkpoint_part
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+CLIP = {"grad_clip_norm": 0.05}  # small enough to bind at every step of this data
 
 
 def _write_data(folder: Path) -> None:
@@ -68,9 +74,13 @@ def runs(tmp_path_factory):
     out: dict[str, tuple[Path, str, list[int]]] = {}
     one = train(config_from_dict(_config(folder, "replicated")), folder / "one", log=lambda _m: None)
     out["one"] = (one.model_dir, "", [_table_bytes(one.trainer)])
-    for name, sharding, nproc in (("row2", "row", 2), ("replicated2", "replicated", 2), ("row4", "row", 4)):
+    clipped = train(config_from_dict(_config(folder, "replicated", **CLIP)), folder / "one_clip", log=lambda _m: None)
+    out["one_clip"] = (clipped.model_dir, "", [])
+    # row4 clips the global gradient norm (summed over the shards), row2 overlaps the gradient exchange
+    for name, sharding, nproc, extra in (("row2", "row", 2, {}), ("replicated2", "replicated", 2, {}),
+                                         ("row4", "row", 4, CLIP)):
         bytes_file = folder / f"{name}.bytes"
-        proc = _torchrun({"config": _config(folder, sharding), "output": str(folder / name),
+        proc = _torchrun({"config": _config(folder, sharding, **extra), "output": str(folder / name),
                           "table_bytes": str(bytes_file)}, nproc)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         sizes = [int((folder / f"{name}.bytes.{r}").read_text()) for r in range(nproc)]
@@ -85,14 +95,14 @@ def _table_bytes(trainer) -> int:
     return table_state_bytes(trainer.model.embedding, trainer.optimizers)
 
 
-@pytest.mark.parametrize("name", ["row2", "row4", "replicated2"])
-def test_sharded_ranks_give_the_weights_of_one_process(runs, name):
-    one = load_file(str(runs["one"][0] / "model.safetensors"))
+@pytest.mark.parametrize("name, reference", [("row2", "one"), ("row4", "one_clip"), ("replicated2", "one")])
+def test_sharded_ranks_give_the_weights_of_one_process(runs, name, reference):
+    one = load_file(str(runs[reference][0] / "model.safetensors"))
     got = load_file(str(runs[name][0] / "model.safetensors"))
     assert got.keys() == one.keys() and got["embedding.weight"].shape == one["embedding.weight"].shape
     for key in one:  # same global batch, seed and initial values: only float summation order differs
         torch.testing.assert_close(got[key], one[key], rtol=1e-4, atol=2e-6, msg=key)
-    m1 = json.loads((runs["one"][0] / "metrics.json").read_text())
+    m1 = json.loads((runs[reference][0] / "metrics.json").read_text())
     m2 = json.loads((runs[name][0] / "metrics.json").read_text())
     assert m2["valid"]["auc"] == pytest.approx(m1["valid"]["auc"], abs=1e-4)
     assert m2["valid"]["rows"] == m1["valid"]["rows"] == 320
@@ -102,12 +112,14 @@ def test_sharded_ranks_give_the_weights_of_one_process(runs, name):
 def test_row_sharded_model_directory_matches_and_predicts(runs):
     from deepfm.predict import Predictor
 
-    one, row = runs["one"][0], runs["row4"][0]
+    one, row = runs["one_clip"][0], runs["row4"][0]
     assert sorted(p.name for p in row.iterdir()) == sorted(p.name for p in one.iterdir())
     valid = str(runs["folder"][0] / "valid.csv")
     m_row = Predictor(row).evaluate_file(valid, progress=False)
     assert m_row["auc"] == pytest.approx(json.loads((row / "metrics.json").read_text())["valid"]["auc"], abs=1e-9)
     assert m_row["auc"] == pytest.approx(Predictor(one).evaluate_file(valid, progress=False)["auc"], abs=1e-4)
+    clip, no_clip = (load_file(str(runs[k][0] / "model.safetensors"))["embedding.weight"] for k in ("one_clip", "one"))
+    assert (clip - no_clip).abs().max() > 1e-3  # clipping changed the result: row4's match above is not vacuous
 
 
 def test_each_rank_holds_a_1_over_n_share_of_the_table_and_its_adam_state(runs):
@@ -145,10 +157,29 @@ def test_resume_of_a_row_sharded_run_gives_the_same_model(runs):
     assert stopped.returncode != 0 and not out.exists()
     last = folder / ".resumed.run" / "last"
     assert sorted(p.name for p in last.iterdir()) == ["rank-0", "rank-1", "state.json"]
-    wrong = _torchrun({"config": raw, "output": str(out), "resume": True}, 4)
-    assert wrong.returncode != 0 and "not a checkpoint of 4 row-sharded ranks" in wrong.stdout + wrong.stderr
+    for world in (1, 3, 4):
+        for rank in range(world):
+            with pytest.raises(ConfigError, match=f"not a checkpoint of {world} row-sharded ranks"):
+                checkpoint_part(last, DistContext(rank, world))
+    with pytest.raises(ConfigError, match="checkpoint of row-sharded ranks; resume with train.embedding_sharding"):
+        checkpoint_part(last, DistContext(0, 2), sharded=False)
     resumed = _torchrun({"config": raw, "output": str(out), "resume": True}, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout
     a, b = load_file(str(runs["row2"][0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_readme_row_sharding_command_runs_as_written(tmp_path):
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "embedding_sharding=row" in x)
+    assert line.startswith("deepfm train examples/criteo/config.yaml --nproc 2")
+    shutil.copytree(ROOT / "examples" / "criteo", tmp_path / "examples" / "criteo",
+                    ignore=shutil.ignore_patterns(".cache"))
+    deepfm = str(Path(sys.executable).with_name("deepfm"))
+    proc = subprocess.run([deepfm, *shlex.split(line)[1:], "--no-progress"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "row-sharded over 2 ranks" in log and "sent per step and rank: table" in log
+    metrics = json.loads((tmp_path / "runs" / "criteo-row" / "metrics.json").read_text())
+    assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6

@@ -74,15 +74,10 @@ class FieldEmbedding(nn.Module):
             while start < n:
                 end = min(start + INIT_BLOCK_ROWS, n)
                 end = n if n - end == 1 else end
-                if end <= lo or start >= hi:  # another rank's rows: draw them, keep nothing
-                    block = torch.empty(end - start, d + 1)
-                    nn.init.normal_(block[:, :d], std=self.init_std)
-                elif lo <= start and end <= hi:
-                    nn.init.normal_(self.weight[start - lo: end - lo, :d], std=self.init_std)
-                else:
-                    block = torch.empty(end - start, d + 1)
-                    nn.init.normal_(block[:, :d], std=self.init_std)
-                    a, b = max(start, lo), min(end, hi)
+                block = torch.empty(end - start, d + 1)
+                nn.init.normal_(block[:, :d], std=self.init_std)
+                a, b = max(start, lo), min(end, hi)  # the part of this block that is ours (maybe none)
+                if a < b:
                     self.weight[a - lo: b - lo, :d] = block[a - start: b - start, :d]
                 start = end
 

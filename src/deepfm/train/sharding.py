@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from deepfm.config import Config, TrainConfig
-from deepfm.errors import OutOfMemory
+from deepfm.errors import ConfigError, OutOfMemory
 from deepfm.io import replace_directory
 from deepfm.model.embedding import FieldEmbedding
 from deepfm.train import distributed as ddp
@@ -60,8 +60,7 @@ class RowExchange:
     def _all_to_all(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         out = x.new_empty((sum(recv), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv, send)
-        per_row = x.shape[1:].numel() * x.element_size()
-        self.sent_bytes += (sum(send) - send[self.ctx.rank]) * per_row
+        self.sent_bytes += (sum(send) - send[self.ctx.rank]) * x.shape[1:].numel() * x.element_size()
         return out
 
     def __call__(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -87,18 +86,27 @@ class RowExchange:
         with torch.no_grad():
             self([torch.zeros(0, dtype=torch.long, device=self.embedding.weight.device)])
 
-    def push_gradients(self) -> None:
-        """Send the gradients of the rows fetched by the last forward pass to their owners; set this shard's
-        (uncoalesced) sparse gradient: every rank's contribution, divided by the number of ranks."""
+    def push_gradients(self) -> Callable[[], None]:
+        """Start sending the gradients of the rows fetched by the last forward pass to their owners; the
+        returned ``finish()`` waits for them and sets this shard's (uncoalesced) sparse gradient: every rank's
+        contribution, divided by the number of ranks. In between, the caller can step the dense layers'
+        optimiser: the transfer runs on the backend's own thread (gloo) or stream (NCCL) meanwhile."""
         if self._pending is None:
             raise RuntimeError("push_gradients without a forward pass that fetched rows")
         rows, wanted, send, recv = self._pending
         self._pending = None
-        grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
-        received = self._all_to_all(grad, send, recv)
-        weight = self.embedding.weight
-        weight.grad = torch.sparse_coo_tensor((wanted - self.lo).unsqueeze(0), received / self.ctx.world_size,
-                                              weight.shape, check_invariants=False)
+        grad = (rows.grad if rows.grad is not None else torch.zeros_like(rows)).contiguous()
+        received = grad.new_empty((sum(recv), grad.shape[1]))
+        work = dist.all_to_all_single(received, grad, recv, send, async_op=True)
+        self.sent_bytes += (sum(send) - send[self.ctx.rank]) * grad.shape[1] * grad.element_size()
+
+        def finish() -> None:
+            work.wait()
+            weight = self.embedding.weight
+            weight.grad = torch.sparse_coo_tensor((wanted - self.lo).unsqueeze(0), received / self.ctx.world_size,
+                                                  weight.shape, check_invariants=False)
+
+        return finish
 
 
 def table_state_bytes(embedding: FieldEmbedding, optimizers: list[torch.optim.Optimizer]) -> int:
@@ -192,3 +200,20 @@ def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistCont
 def rank_dir(directory: Path, ctx: ddp.DistContext) -> Path:
     """This rank's part of a directory written by ``write_directory``."""
     return directory / f"rank-{ctx.rank}"
+
+
+def checkpoint_part(directory: Path, ctx: ddp.DistContext, sharded: bool = True) -> Path:
+    """Where this rank's weights and optimiser state of a checkpoint directory are: its ``rank-R`` part when
+    ``sharded``, else the directory itself. A clear error when the checkpoint was written by another number of
+    row-sharded ranks (a shard's rows depend on it), or with the other ``embedding_sharding``."""
+    world = ctx.world_size
+    if not sharded:
+        if (directory / "rank-0").is_dir():
+            raise ConfigError(f"{directory}: a checkpoint of row-sharded ranks; resume with "
+                              "train.embedding_sharding: row and the number of ranks it was written with")
+        return directory
+    own = rank_dir(directory, ctx)
+    if not (own.is_dir() and (directory / f"rank-{world - 1}").is_dir()) or (directory / f"rank-{world}").exists():
+        raise ConfigError(f"{directory}: not a checkpoint of {world} row-sharded ranks; resume with the number "
+                          "of ranks (and the embedding_sharding) it was written with")
+    return own

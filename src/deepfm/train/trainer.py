@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deepfm.config import TrainConfig, auto_batch_size
-from deepfm.errors import ConfigError
 from deepfm.data.loader import ModelInput, iterate_batches, num_batches
 from deepfm.data.store import SplitArrays
 from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text, load_state,
@@ -183,14 +182,7 @@ class Trainer:
 
     def _weights_dir(self, directory: Path) -> Path:
         """Where this rank's weights of a checkpoint directory are (its own part under row sharding)."""
-        if self.exchange is None:
-            return directory
-        world = self.dist.world_size
-        own = sharding.rank_dir(directory, self.dist)
-        if not (own.is_dir() and (directory / f"rank-{world - 1}").is_dir()) or (directory / f"rank-{world}").exists():
-            raise ConfigError(f"{directory}: not a checkpoint of {self.dist.world_size} row-sharded ranks; "
-                              "resume with the number of ranks (and the embedding_sharding) it was written with")
-        return own
+        return sharding.checkpoint_part(directory, self.dist, sharded=self.exchange is not None)
 
     def _load_checkpoint(self) -> bool:
         last = self.run_dir / "last"
@@ -311,15 +303,32 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         total.backward()
         if self.exchange is not None:
-            self.exchange.push_gradients()
-        elif self.dist.enabled and self._sparse_table:
+            self._step_sharded(self.exchange.push_gradients())
+            return loss
+        if self.dist.enabled and self._sparse_table:
             self.sent_bytes += ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
         if self.cfg.grad_clip_norm is not None:
-            sharded = [self.model.embedding.weight] if self.exchange is not None else []
-            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm, sharded=sharded)
+            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         return loss
+
+    def _step_sharded(self, finish_gradients: Callable[[], None]) -> None:
+        """Row sharding: the dense layers' optimiser steps while the table's gradients travel to their owners
+        (unless clipping needs every gradient first), then the table's."""
+        table = self.model.embedding.weight
+        holds_table = [any(p is table for g in o.param_groups for p in g["params"]) for o in self.optimizers]
+        if self.cfg.grad_clip_norm is not None:
+            finish_gradients()
+            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm, sharded=[table])
+        else:
+            for opt, has_table in zip(self.optimizers, holds_table, strict=True):
+                if not has_table:
+                    opt.step()
+            finish_gradients()
+        for opt, has_table in zip(self.optimizers, holds_table, strict=True):
+            if has_table or self.cfg.grad_clip_norm is not None:
+                opt.step()
 
     def _end_epoch(self, valid: SplitArrays | None) -> None:
         cfg, st = self.cfg, self.state
