@@ -183,3 +183,24 @@ def test_the_readme_row_sharding_command_runs_as_written(tmp_path):
     assert "row-sharded over 2 ranks" in log and "sent per step and rank: table" in log
     metrics = json.loads((tmp_path / "runs" / "criteo-row" / "metrics.json").read_text())
     assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
+
+
+def test_a_replicated_table_over_the_memory_cap_fails_naming_the_cap(tmp_path):
+    """The small half of bench/memory_cap.py (where 2 row-sharded ranks train the same table under the same
+    cap to the uncapped AUC): 10.4M rows x 17 floats with Adam's moments (2.1 GB) under a 3,500 MiB cap."""
+    from conftest import criteo_config_dict
+
+    raw = criteo_config_dict(tmp_path, epochs=1, max_steps=2)
+    raw["fields"][1].pop("min_count", None)
+    raw["fields"][1]["hash_buckets"] = 400_000
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(raw))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "rank.py"), "--cap-mib", "3500", "--report",
+                           str(tmp_path / "rep"), "--", "train", str(cfg), "--output", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "address-space limit (RLIMIT_AS) of 3,500 MiB" in error and "10,400,605 rows x 17" in error
+    assert "2,023 MiB on each rank with embedding_sharding: replicated" in error and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+    assert json.loads((tmp_path / "rep" / "rank-0.json").read_text())["exit"] == 2
