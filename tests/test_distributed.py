@@ -84,7 +84,6 @@ def test_two_hosts_over_a_veth_pair(tmp_path):
         pytest.skip(f"this machine does not allow network namespaces: {probe.stderr.strip()}")
     subprocess.run(["ip", "netns", "del", "deepfm-probe"], check=False)
     raw = _config(tmp_path)
-    raw["train"]["epochs"] = 1
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(raw))
     aucs = {}
