@@ -34,7 +34,7 @@ ROOT = HERE.parent
 
 def cpu_name() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
         name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         name = platform.processor() or "unknown CPU"
@@ -72,7 +72,7 @@ def run(out: Path, config: Path, ranks: int, sharding: str) -> dict:
     cmd = [str(HERE / "rank.py"), "--report", str(report), "--", "train", str(config), "--output", str(out / name),
            "--no-progress", "--set", f"train.embedding_sharding={sharding}"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    proc = subprocess.run((launcher if ranks > 1 else [sys.executable]) + cmd, capture_output=True, text=True,
+    proc = subprocess.run((launcher if ranks > 1 else [sys.executable]) + cmd, check=False, capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))})
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -131,17 +131,17 @@ def markdown(cpu: str, args: argparse.Namespace, measured: list[dict], paper: li
     lines = [f"## {time.strftime('%Y-%m-%d')}: {args.rows:,} generated rows, batch {args.batch}, one epoch{hashed}",
              "", f"CPU: {cpu}. gloo over loopback; every rank on the same cores (torch threads = cores / ranks).",
              f"Embedding table {table_rows:,} rows x 17 (fp32), DNN 400-400-400.", "",
-             "| ranks | sharding | samples/s | table KiB sent / step, per rank | dense all-reduce KiB / step | "
-             "peak RSS MiB, per rank | valid AUC |",
+             ("| ranks | sharding | samples/s | table KiB sent / step, per rank | dense all-reduce KiB / step | "
+              "peak RSS MiB, per rank | valid AUC |"),
              "|---|---|---|---|---|---|---|"]
     for m in measured:
         lines.append(f"| {m['ranks']} | {m['sharding']} | {m['samples_per_s']:,.0f} | "
                      f"{', '.join(f'{k:,.1f}' for k in m['table_sent_kib'])} | {m['dense_sent_kib']:,.1f} | "
                      f"{', '.join(f'{r:,.0f}' for r in m['peak_rss_mib'])} | {m['valid_auc']:.5f} |")
-    lines += ["", f"On paper, global batch {args.paper_batch:,} (the ids of the first batches of this data; bytes are "
-              "the same over NCCL, only the time differs): MiB each rank sends per step, the most loaded rank.", "",
-              "| ranks | local batch | unique ids / rank | row: table MiB | replicated: table MiB | "
-              "dense all-reduce MiB | table + Adam MiB / rank, row | ... replicated |",
+    lines += ["", (f"On paper, global batch {args.paper_batch:,} (the ids of the first batches of this data; bytes are "
+                   "the same over NCCL, only the time differs): MiB each rank sends per step, the most loaded rank."),
+              "", ("| ranks | local batch | unique ids / rank | row: table MiB | replicated: table MiB | "
+                   "dense all-reduce MiB | table + Adam MiB / rank, row | ... replicated |"),
               "|---|---|---|---|---|---|---|---|"]
     for p in paper:
         lines.append(f"| {p['ranks']} | {p['local_batch']:,} | {p['unique_ids_per_rank']:,} | {p['row_table_mib']} | "

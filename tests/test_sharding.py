@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from deepfm.config import config_from_dict
 from deepfm.errors import ConfigError
 from deepfm.pipeline import train
@@ -62,7 +62,7 @@ def _config(folder: Path, sharding: str, **train_over) -> dict:
 def _torchrun(spec: dict, nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), json.dumps(spec)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -176,7 +176,7 @@ def test_the_readme_row_sharding_command_runs_as_written(tmp_path):
     shutil.copytree(ROOT / "examples" / "criteo", tmp_path / "examples" / "criteo",
                     ignore=shutil.ignore_patterns(".cache"))
     deepfm = str(Path(sys.executable).with_name("deepfm"))
-    proc = subprocess.run([deepfm, *shlex.split(line)[1:], "--no-progress"], capture_output=True, text=True,
+    proc = subprocess.run([deepfm, *shlex.split(line)[1:], "--no-progress"], check=False, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -197,7 +197,7 @@ def test_a_replicated_table_over_the_memory_cap_fails_naming_the_cap(tmp_path):
     cfg.write_text(json.dumps(raw))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "rank.py"), "--cap-mib", "3500", "--report",
                            str(tmp_path / "rep"), "--", "train", str(cfg), "--output", str(tmp_path / "m")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          check=False, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "address-space limit (RLIMIT_AS) of 3,500 MiB" in error and "10,400,605 rows x 17" in error

@@ -13,9 +13,9 @@ state (the same ``RowwiseAdam`` / sparse Adagrad as one process, applied to the 
 Contiguous rather than modulo ownership: the sorted unique ids of a batch are then already grouped by owner
 (no permutation on the way out or back), an owner's shard is one slice of the table, so writing the model
 directory is a walk over ranks in order and each rank's checkpoint is a plain tensor. The price is balance:
-a rank whose rows belong to busier fields serves more lookups (each field is looked up once per example,
-so ranks are balanced to the extent that fields' row counts are). ``sent_bytes`` counts what goes to other
-ranks; ``bench/sharding.py`` measures both schemes' traffic.
+how many of a batch's unique ids a rank serves depends on which fields' rows it holds (modulo ownership
+would spread them evenly); ``bench/sharding.py`` measures it, per rank, from ``sent_bytes``: what each
+rank sends to the others.
 
 Every rank must join every exchange, so a rank with no rows in a batch (or fewer evaluation batches) still
 calls the lookup with no ids (``join_empty``).
@@ -43,7 +43,7 @@ SAVE_BLOCK_BYTES = 64 << 20  # the most of the table rank 0 holds at once while 
 
 class RowExchange:
     """The ``row_source`` of a sharded ``FieldEmbedding``: fetches a batch's rows from their owners and sends
-    their gradients back. Counts the bytes this rank sends to the others (``sent_bytes``, ``exchanges``)."""
+    their gradients back. Counts the bytes this rank sends to the others (``sent_bytes``)."""
 
     def __init__(self, embedding: FieldEmbedding, ctx: ddp.DistContext) -> None:
         self.embedding = embedding
@@ -54,26 +54,26 @@ class RowExchange:
             raise ValueError(f"rank {ctx.rank} holds rows {embedding.rows}, not its shard "
                              f"{ddp.shard_bounds(embedding.num_rows, ctx)}")
         self.sent_bytes = 0
-        self.exchanges = 0
         self._pending: tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None = None
 
-    def _all_to_all(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    def _all_to_all(self, x: torch.Tensor, send: list[int], recv: list[int], *, async_op: bool = False
+                    ) -> tuple[torch.Tensor, dist.Work | None]:
+        """Rows ``x`` (``send[r]`` of them for rank r, in rank order) out; ``recv[r]`` rows from rank r back."""
         out = x.new_empty((sum(recv), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv, send)
+        work = dist.all_to_all_single(out, x.contiguous(), recv, send, async_op=async_op)
         self.sent_bytes += (sum(send) - send[self.ctx.rank]) * x.shape[1:].numel() * x.element_size()
-        return out
+        return out, work
 
     def __call__(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([i.reshape(-1) for i in ids])
         uniq, inverse = torch.unique(flat, return_inverse=True)
         world = self.ctx.world_size
         send_counts = torch.bincount(torch.div(uniq, self.per, rounding_mode="floor"), minlength=world)
-        recv_counts = self._all_to_all(send_counts, [1] * world, [1] * world)
+        recv_counts, _ = self._all_to_all(send_counts, [1] * world, [1] * world)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        wanted = self._all_to_all(uniq, send, recv)  # ids other ranks want from this shard
+        wanted, _ = self._all_to_all(uniq, send, recv)  # ids other ranks want from this shard
         table = self.embedding.weight.detach()
-        rows = self._all_to_all(table.index_select(0, wanted - self.lo), recv, send)  # [U, D + 1], in uniq order
-        self.exchanges += 1
+        rows, _ = self._all_to_all(table.index_select(0, wanted - self.lo), recv, send)  # [U, D + 1], uniq order
         if torch.is_grad_enabled():
             rows.requires_grad_(True)
             self._pending = (rows, wanted, send, recv)
@@ -95,12 +95,11 @@ class RowExchange:
             raise RuntimeError("push_gradients without a forward pass that fetched rows")
         rows, wanted, send, recv = self._pending
         self._pending = None
-        grad = (rows.grad if rows.grad is not None else torch.zeros_like(rows)).contiguous()
-        received = grad.new_empty((sum(recv), grad.shape[1]))
-        work = dist.all_to_all_single(received, grad, recv, send, async_op=True)
-        self.sent_bytes += (sum(send) - send[self.ctx.rank]) * grad.shape[1] * grad.element_size()
+        grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
+        received, work = self._all_to_all(grad, send, recv, async_op=True)
 
         def finish() -> None:
+            assert work is not None
             work.wait()
             weight = self.embedding.weight
             weight.grad = torch.sparse_coo_tensor((wanted - self.lo).unsqueeze(0), received / self.ctx.world_size,
