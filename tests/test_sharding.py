@@ -204,3 +204,25 @@ def test_a_replicated_table_over_the_memory_cap_fails_naming_the_cap(tmp_path):
     assert "2,023 MiB on each rank with embedding_sharding: replicated" in error and "Traceback" not in proc.stderr
     assert not (tmp_path / "m").exists()
     assert json.loads((tmp_path / "rep" / "rank-0.json").read_text())["exit"] == 2
+
+
+def test_row_sharding_needs_sparse_updates(tmp_path):
+    raw = _config(tmp_path, "row", sparse=False)
+    with pytest.raises(ConfigError, match="embedding_sharding: row .* set train.sparse: true"):
+        config_from_dict(raw)
+
+
+def test_a_streamed_table_is_written_block_by_block_as_a_safetensors_file(tmp_path):
+    from deepfm.io import StreamedTensor, atomic_save_tensors
+
+    table = torch.randn(1001, 5)
+    small = {"bias": torch.tensor([0.5]), "offsets": torch.arange(3)}
+    atomic_save_tensors(small, tmp_path / "m.safetensors", {"format": "x"},
+                        StreamedTensor("embedding.weight", (1001, 5), torch.float32, iter(table.split(300))))
+    got = load_file(str(tmp_path / "m.safetensors"))
+    assert torch.equal(got["embedding.weight"], table) and torch.equal(got["offsets"], small["offsets"])
+    assert torch.equal(got["bias"], small["bias"])
+    with pytest.raises(ValueError, match="blocks hold 12000 bytes, the shape"):
+        atomic_save_tensors(small, tmp_path / "short.safetensors",
+                            streamed=StreamedTensor("t", (1001, 5), torch.float32, iter(table[:600].split(300))))
+    assert not (tmp_path / "short.safetensors").exists()
