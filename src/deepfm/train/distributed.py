@@ -3,7 +3,8 @@
 The dense layers are wrapped in ``DistributedDataParallel``. The embedding table is not: DDP's bucketed
 all-reduce cannot take sparse gradients ("Cannot access storage of SparseTensorImpl"), and a dense all-reduce
 would ship the whole table every step. Its sparse gradient is all-reduced here instead, by gathering every
-rank's (row, gradient) pairs: traffic grows with the rows a batch touches, not with the table.
+rank's (row, gradient) pairs: traffic grows with the rows a batch touches, not with the table. With
+``train.embedding_sharding: row`` the table is not replicated at all: see ``deepfm.train.sharding``.
 """
 
 from __future__ import annotations

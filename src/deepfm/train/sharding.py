@@ -17,7 +17,8 @@ how many of a batch's unique ids a rank serves depends on which fields' rows it 
 would spread them evenly); ``bench/sharding.py`` measures it, per rank, from ``sent_bytes``: what each
 rank sends to the others.
 
-Every rank must join every exchange, so a rank with no rows in a batch (or fewer evaluation batches) still
+gloo has ``all_to_all_single`` on CPU (checked with torch 2.13), so no send/recv fallback is needed; NCCL has it
+on GPUs. Every rank must join every exchange, so a rank with no rows in a batch (or fewer evaluation batches) still
 calls the lookup with no ids (``join_empty``).
 """
 
