@@ -29,7 +29,8 @@ from deepfm.config import config_from_dict  # noqa: E402
 from deepfm.data.loader import load_batch  # noqa: E402
 from deepfm.data.store import prepare  # noqa: E402
 from deepfm.pipeline import build_model  # noqa: E402
-from deepfm.train.trainer import Trainer, resolve_precision  # noqa: E402
+from deepfm.runtime import resolve_precision  # noqa: E402
+from deepfm.train.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from deepfm.config import DataConfig, FieldConfig, config_from_dict
+from deepfm.config import DataConfig, FieldConfig, config_from_dict, parse_field
 from deepfm.data.encoder import Encoder
 from deepfm.data.hashing import bucketize
 from deepfm.data.loader import batch_rows, iterate_batches, load_batch
@@ -16,7 +16,7 @@ from deepfm.data.store import prepare, split_of_rows
 
 
 def _fields(*specs: dict) -> list[FieldConfig]:
-    return [f for s in specs for f in FieldConfig(**s).expand()]
+    return [f for s in specs for f in parse_field(s).expand()]
 
 
 def _fit(path, data: DataConfig, fields):

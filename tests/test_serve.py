@@ -28,7 +28,6 @@ from deepfm.config import CRITEO_COLUMNS  # noqa: E402
 from deepfm.data.loader import make_input  # noqa: E402
 from deepfm.data.readers import RawChunk  # noqa: E402
 from deepfm.serve.app import ServedModel, Settings, create_app  # noqa: E402
-from deepfm.data.records import log_bucket_token as _log_bucket_token  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TEST_TSV = models.CRITEO / "data" / "test.tsv"
@@ -140,8 +139,7 @@ def _encoder_arrays(served: ServedModel, rows: list[dict]):
     """The batch encoder on the same validated rows, as the frame path builds them."""
     from deepfm.serve.encode import build_frame
 
-    cfg = served.predictor.config
-    frame = build_frame(rows, cfg.fields, "^", ":")
+    frame = build_frame(rows, served.loaded.encoder.codecs, "^", ":")
     enc = served.loaded.encoder.transform(RawChunk("<t>", frame, np.arange(1, len(rows) + 1), 0), labels=False)
     return enc.cat_ids, enc.num_values, [(m.ids, m.weights, m.lengths) for m in enc.multi]
 
@@ -176,13 +174,16 @@ def test_fast_path_identical_to_encoder(which, criteo_dir, multi_dir):
 
 
 def test_log_bucket_matches_polars():
-    from deepfm.data.encoder import _bucket
+    from deepfm.config import NumericField
+    from deepfm.data.codecs import LogBucketCodec
 
+    codec = LogBucketCodec(NumericField(name="v", kind="numeric"))
     values = [0.0, 0.5, 1.0, 1.9999, 2.0, 2.0000001, 3.0, -0.5, -1.5, -3.7, math.e ** 2, math.e ** 3, 7.389056,
               20.085536923187668, 1e10, 1e18, 1e300, -1e18, -1e19, -9.3e18, 123456.789]
     values += list(np.random.default_rng(0).lognormal(2, 3, 2000))
-    expected = _bucket(pl.Series(values, dtype=pl.Float64)).to_list()
-    assert [_log_bucket_token(v) for v in values] == expected
+    frame = pl.DataFrame({"v": pl.Series(values, dtype=pl.Float64)})
+    expected = frame.select(codec.token_expr(pl.col("v"), pl.Float64))["v"].to_list()
+    assert [codec.record_token(v) for v in values] == expected
 
 
 def test_missing_values_like_empty_cells(criteo_client):
@@ -216,7 +217,7 @@ BAD = [
     ({"rows": [{"features": {"I3": [1, 2]}}]}, 422, ["row 0", "field 'I3'", "numeric field", "list"]),
     ({"rows": [{"features": {"I3": True}}]}, 422, ["row 0", "field 'I3'", "boolean"]),
     ({"rows": [{"features": {"C1": {"a": 1}}}]}, 422, ["row 0", "field 'C1'", "categorical", "object"]),
-    ({"rows": [{"features": {"I4": "1e999"}}]}, 422, ["row 0", "field 'I4'", "out of range"]),
+    ({"rows": [{"features": {"I4": "1e999"}}]}, 422, ["row 0", "field 'I4'", "'1e999' is not a finite number"]),
     (b'{"rows": [{"features": {"I4": NaN}}]}', 422, ["row 0", "field 'I4'", "finite"]),
     ({"rows": [{"features": {}}] * 501}, 413, ["501 rows", "limit of 500"]),
     ({"rows": [{"id": "x" * 3_000_000, "features": {}}]}, 413, ["exceeds the limit"]),

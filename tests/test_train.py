@@ -52,7 +52,7 @@ def test_same_seed_same_model_and_save_load_identical_predictions(tmp_path):
     in_memory = a.trainer.predict(a.data.splits["test"])
     loaded = load_model(a.model_dir)
     from deepfm.data.loader import iterate_batches
-    from deepfm.train.trainer import predict_logits, sigmoid
+    from deepfm.runtime import predict_logits, sigmoid
 
     reloaded = sigmoid(predict_logits(loaded.model, iterate_batches(a.data.splits["test"], 4096),
                                       torch.device("cpu"), a.trainer.precision))

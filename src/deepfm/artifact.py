@@ -6,6 +6,8 @@
     encoder.json       fitted vocabularies and numeric statistics (the encoder's whole state)
     model.safetensors  weights (loading never unpickles)
     metrics.json       final validation / test metrics;  metrics.jsonl  one line per epoch
+    optimizer.safetensors + optimizer.json   the optimisers' state (train.save_optimizer_state), so that
+                       ``deepfm train --init-from`` continues with it; deepfm.json then records the lineage
     plots/             history.png, roc.png, calibration.png
 """
 
@@ -27,7 +29,8 @@ from safetensors.torch import load_file
 from deepfm.config import Config, config_from_dict, config_to_dict
 from deepfm.data.encoder import Encoder
 from deepfm.errors import ArtifactError, ConfigError
-from deepfm.io import StreamedTensor, atomic_directory, atomic_save_tensors
+from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, load_state, optimizer_state_from_json,
+                       save_state)
 from deepfm.layout import TableLayout
 from deepfm.model import DeepFM
 
@@ -58,11 +61,21 @@ class LoadedModel:
     info: dict[str, Any]
     metrics: dict[str, Any]
 
+    def optimizer_state(self) -> list[dict[str, Any]] | None:
+        """The optimisers' saved state (None when the model was written without it)."""
+        if not (self.path / "optimizer.safetensors").is_file():
+            return None
+        try:
+            return [optimizer_state_from_json(s) for s in load_state(self.path / "optimizer")["optimizers"]]
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise ArtifactError(f"{self.path / 'optimizer.safetensors'}: unreadable optimiser state ({err}); "
+                                "train with --reset-optimizer to start it afresh") from None
+
 
 def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Encoder, model: DeepFM,
                metrics: dict[str, Any], history: list[dict[str, Any]], fingerprint: str | None = None,
-               extra_files: dict[str, Path] | None = None, table_blocks: Iterable[torch.Tensor] | None = None
-               ) -> None:
+               extra_files: dict[str, Path] | None = None, optimizers: list[torch.optim.Optimizer] | None = None,
+               lineage: dict[str, Any] | None = None, table_blocks: Iterable[torch.Tensor] | None = None) -> None:
     """Write the model directory atomically: a reader sees the old directory or the complete new one.
 
     ``table_blocks``: the embedding table's rows in order, block by block, when ``model`` holds only a shard of
@@ -72,6 +85,8 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
     def fill(tmp: Path) -> None:
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": package_versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_fingerprint": fingerprint}
+        if lineage is not None:
+            info["lineage"] = lineage
         (tmp / "deepfm.json").write_text(json.dumps(info, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         (tmp / "layout.json").write_text(json.dumps(layout.to_json(), indent=1))
@@ -84,6 +99,8 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
             streamed = StreamedTensor(TABLE, (layout.num_rows, model.cfg.embed_dim + 1), torch.float32,
                                       (b.float() for b in table_blocks))
         atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT}, streamed=streamed)
+        if optimizers is not None:
+            save_state(tmp / "optimizer", {"optimizers": [o.state_dict() for o in optimizers]})
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         for name, src in (extra_files or {}).items():

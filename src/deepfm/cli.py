@@ -31,7 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     cfg = load_config(args.config, overrides)
     output = Path(args.output or cfg.output or default_output(args.config))
-    result = train(cfg, output, resume=args.resume, log=_log)
+    result = train(cfg, output, resume=args.resume, log=_log, init_from=args.init_from,
+                   reset_optimizer=args.reset_optimizer)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     print(metrics_table(result.metrics))
@@ -84,18 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from deepfm.config import config_to_dict
 
     m = load_model(Path(args.model_dir))
-    vocabs = m.encoder.vocabularies_ or {}
-    fields = []
-    for f in m.config.fields:
-        entry = {"name": f.name, "kind": f.kind}
-        if f.kind == "numeric":
-            entry["numeric"] = f.numeric
-        if f.kind == "multi":
-            entry["combiner"] = f.combiner
-        if not f.is_scaled_numeric:
-            entry["vocab"] = f.vocab_name
-            entry["vocab_size"] = vocabs[f.vocab_name].size
-        fields.append(entry)
+    fields = m.encoder.describe()
     report = {"path": str(m.path), "versions": m.info.get("versions"), "created": m.info.get("created"),
               "format_version": m.info.get("format_version"), "embedding_rows": m.layout.num_rows,
               "parameters": sum(p.numel() for p in m.model.parameters()), "fields": fields,
@@ -112,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"hidden={mc.hidden_units} dropout={mc.dropout} batch_norm={mc.batch_norm}")
     print(f"\n{'field':16s} {'kind':18s} {'vocab':16s} {'size':>10s}")
     for f in fields:
-        kind = f["kind"] + (f"/{f.get('numeric') or f.get('combiner')}" if f["kind"] != "categorical" else "")
+        kind = "/".join([f["kind"]] + [str(f[k]) for k in ("numeric", "combiner") if k in f])
         print(f"{f['name']:16s} {kind:18s} {f.get('vocab', '-'):16s} {f.get('vocab_size', 2):>10,}")
     print("\nmetrics:")
     for split, vals in m.metrics.items():
@@ -142,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this output")
+    t.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="train further from this model on new data: its vocabularies grow by the new data's "
+                        "values, known ids keep their rows, weights and optimiser state")
+    t.add_argument("--reset-optimizer", action="store_true",
+                   help="with --init-from: start the optimiser state afresh (weights still carry over)")
     t.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows, count them and write them to a side file")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")

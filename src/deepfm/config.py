@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from deepfm.errors import ConfigError
 
@@ -92,46 +93,97 @@ class DataConfig(_Frozen):
         return list(PRESETS[self.preset]) if self.preset else self.columns
 
 
-FieldKind = Literal["categorical", "numeric", "multi"]
-
-
-class FieldConfig(_Frozen):
-    """One input field. ``names`` expands into one field per name with the same settings."""
+class _FieldBase(_Frozen):
+    """What every field has: a column name (``names`` expands into one field per name, same settings)."""
 
     name: str | None = None
     names: list[str] | None = None
-    kind: FieldKind = "categorical"
-    # vocabulary: fields naming the same vocab share one vocabulary and one block of embedding rows
-    vocab: str | None = None
-    min_count: int = Field(1, ge=1)
-    hash_buckets: int | None = Field(None, gt=0)
-    # numeric handling: "scale" (the paper: embedding times value), "standardize" ((x-mean)/std fitted on
-    # train, then scaled), "log_bucket" (floor(ln(x)^2) for x > 2, else int(x): a categorical token)
-    numeric: Literal["scale", "standardize", "log_bucket"] = "log_bucket"
-    log1p: bool = False
-    # multi-valued fields: pooling of tag vectors weighted by their values
-    combiner: Literal["sum", "mean", "sqrtn"] = "mean"
-    max_len: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _one_name(self) -> FieldConfig:
+    def _one_name(self) -> _FieldBase:
         if (self.name is None) == (self.names is None):
             raise ValueError("each field needs exactly one of 'name' or 'names'")
-        if self.names is not None and self.vocab is None and len(self.names) > 1:
-            pass  # each expanded field gets its own vocabulary named after it
         return self
 
     def expand(self) -> list[FieldConfig]:
         names = [self.name] if self.name is not None else list(self.names or [])
-        return [self.model_copy(update={"name": n, "names": None}) for n in names]
+        return [self.model_copy(update={"name": n, "names": None}) for n in names]  # type: ignore[misc]
+
+
+class _VocabMixin(_Frozen):
+    # fields naming the same vocab share one vocabulary and one block of embedding rows
+    vocab: str | None = None
+    min_count: int = Field(1, ge=1)
+    hash_buckets: int | None = Field(None, gt=0)
+    # at most this many tokens (ids 1..max_size); when a model is trained further on new data
+    # (--init-from), the least recently seen tokens are evicted (they map to the OOV id)
+    max_size: int | None = Field(None, gt=0)
 
     @property
     def vocab_name(self) -> str:
-        return self.vocab or str(self.name)
+        return self.vocab or str(getattr(self, "name", ""))
 
     @property
-    def is_scaled_numeric(self) -> bool:
-        return self.kind == "numeric" and self.numeric in ("scale", "standardize")
+    def uses_vocab(self) -> bool:
+        """Whether the field's values become ids through a vocabulary (a block of embedding rows)."""
+        return True
+
+
+class CategoricalField(_FieldBase, _VocabMixin):
+    """One value per row, mapped to an id by a vocabulary."""
+
+    kind: Literal["categorical"] = "categorical"
+
+
+class NumericField(_FieldBase, _VocabMixin):
+    """One number per row. ``numeric`` picks the transform (deepfm.data.codecs has one codec each):
+    ``log_bucket`` (floor(ln(x)^2) for x > 2, else int(x): a categorical token with a vocabulary),
+    ``scale`` (the paper: embedding times value), ``standardize`` ((x-mean)/std fitted on train, then scaled),
+    ``minmax`` ((x-min)/(max-min) fitted on train, clipped to [0, 1], then scaled). ``log1p`` applies
+    ln(1 + max(x, 0)) first. ``vocab`` / ``min_count`` / ``hash_buckets`` apply to ``log_bucket`` only."""
+
+    kind: Literal["numeric"]
+    numeric: Literal["log_bucket", "scale", "standardize", "minmax"] = "log_bucket"
+    log1p: bool = False
+
+    @property
+    def uses_vocab(self) -> bool:
+        return self.numeric == "log_bucket"
+
+    @model_validator(mode="after")
+    def _vocab_only_for_buckets(self) -> NumericField:
+        if not self.uses_vocab and self.vocab is not None:
+            raise ValueError(f"field '{self.name}': a '{self.numeric}' numeric field has no vocabulary to share")
+        return self
+
+
+class MultiField(_FieldBase, _VocabMixin):
+    """Several tags per cell (``a:1.0^b:0.5``, or a Parquet list column), pooled by ``combiner``."""
+
+    kind: Literal["multi"]
+    combiner: Literal["sum", "mean", "sqrtn"] = "mean"
+    max_len: int | None = Field(None, gt=0)
+
+
+def _field_kind(obj: Any) -> str:
+    return obj.get("kind", "categorical") if isinstance(obj, dict) else getattr(obj, "kind", "categorical")
+
+
+# one entry of ``fields``: a union discriminated by ``kind`` (default categorical), so each kind accepts its
+# own keys only (``combiner`` on a categorical field is an unknown key)
+FieldConfig = Annotated[
+    Annotated[CategoricalField, Tag("categorical")] | Annotated[NumericField, Tag("numeric")]
+    | Annotated[MultiField, Tag("multi")],
+    Discriminator(_field_kind, custom_error_type="field_kind",
+                  custom_error_message="kind must be one of categorical, numeric, multi"),
+]
+_FIELD_ADAPTER: TypeAdapter[Any] = TypeAdapter(FieldConfig)
+_FIELD_KINDS = ("categorical", "numeric", "multi")
+
+
+def parse_field(obj: dict[str, Any] | Any) -> Any:
+    """One ``fields`` entry (a mapping) -> its typed config (before ``names`` expansion)."""
+    return _FIELD_ADAPTER.validate_python(obj)
 
 
 class ModelConfig(_Frozen):
@@ -206,6 +258,8 @@ class TrainConfig(_Frozen):
     checkpoint_every_steps: int = Field(1000, gt=0)
     prefetch_batches: int = Field(4, ge=1)
     progress: bool = True
+    # write the optimisers' state into the model directory, so that `train --init-from` continues it
+    save_optimizer_state: bool = True
     # under torchrun: a rank that waits longer than this for the others fails instead of hanging
     dist_timeout_s: float = Field(1800.0, gt=0)
     # under torchrun: "replicated" (every rank holds the whole embedding table and its optimiser state) or
@@ -248,18 +302,16 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        by_vocab: dict[str, FieldConfig] = {}
+        by_vocab: dict[str, Any] = {}
         for f in self.fields:
             if f.name == self.data.label:
                 raise ValueError(f"field '{f.name}' is the label column")
-            if f.is_scaled_numeric:
-                if f.vocab is not None:
-                    raise ValueError(f"field '{f.name}': a scaled numeric field has no vocabulary to share")
+            if not f.uses_vocab:
                 continue
             first = by_vocab.setdefault(f.vocab_name, f)
-            if (first.min_count, first.hash_buckets) != (f.min_count, f.hash_buckets):
+            if (first.min_count, first.hash_buckets, first.max_size) != (f.min_count, f.hash_buckets, f.max_size):
                 raise ValueError(f"fields '{first.name}' and '{f.name}' share vocab '{f.vocab_name}' "
-                                 "but differ in min_count / hash_buckets")
+                                 "but differ in min_count / hash_buckets / max_size")
         cols = self.data.column_names
         if cols is not None:
             missing = [n for n in [self.data.label, *(f.name for f in self.fields)] if n not in cols]
@@ -292,7 +344,10 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = list(e["loc"])
+        if len(parts) >= 3 and parts[0] == "fields" and parts[2] in _FIELD_KINDS:
+            del parts[2]  # the union's tag: the entry's own kind, not a key the user wrote
+        loc = ".".join(str(p) for p in parts)
         msg = "unknown key (check the spelling; see the config reference in README.md)" \
             if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc or '(top level)'}: {msg}")

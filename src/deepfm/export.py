@@ -86,7 +86,7 @@ def default_output(model_dir: Path, fmt: str) -> Path:
 
 def manifest(loaded: LoadedModel, fmt: str, file_name: str) -> dict:
     lay = loaded.layout
-    fields = {str(f.name): f for f in loaded.config.fields}
+    fields = {f["name"]: f for f in loaded.encoder.describe()}
     inputs = [{"name": "cat_ids", "dtype": "int64", "shape": ["batch", len(lay.cat_fields)]},
               {"name": "num_values", "dtype": "float32", "shape": ["batch", len(lay.num_fields)]}]
     if lay.multi_fields:
@@ -98,12 +98,10 @@ def manifest(loaded: LoadedModel, fmt: str, file_name: str) -> dict:
         "inputs": inputs,
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch"]},
                     {"name": "probabilities", "dtype": "float32", "shape": ["batch"]}],
-        "cat_fields": [{"name": n, "vocab": fields[n].vocab_name, "kind": fields[n].kind,
-                        "numeric": fields[n].numeric if fields[n].kind == "numeric" else None,
-                        "log1p": fields[n].log1p} for n in lay.cat_fields],
-        "num_fields": [{"name": n, "numeric": fields[n].numeric, "log1p": fields[n].log1p} for n in lay.num_fields],
-        "multi_fields": [{"name": n, "vocab": fields[n].vocab_name, "combiner": fields[n].combiner,
-                          "max_len": fields[n].max_len} for n in lay.multi_fields],
+        # the fields of each input, in its column order, as their codecs describe them
+        "cat_fields": [fields[n] for n in lay.cat_fields],
+        "num_fields": [fields[n] for n in lay.num_fields],
+        "multi_fields": [fields[n] for n in lay.multi_fields],
         "encoding": "see docs/serving.md; encoder.json holds the vocabularies (id = index in tokens + 1, "
                     "0 = unseen) and numeric statistics",
     }

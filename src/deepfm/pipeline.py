@@ -15,15 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfm.artifact import save_model
+from deepfm.artifact import LoadedModel, load_model, save_model
 from deepfm.config import Config, auto_batch_size
+from deepfm.errors import ConfigError
 from deepfm.data.store import PreparedData, prepare
 from deepfm.metrics import summarize
 from deepfm.model import DeepFM
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
+from deepfm.data.vocab import growth
 from deepfm.train import sharding
 from deepfm.train.trainer import Trainer
+from deepfm.train.warm import carry_optimizer_state, check_compatible, table_source, warm_start
 
 
 @dataclass
@@ -56,14 +59,24 @@ def row_sharded(cfg: Config, dist: ddp.DistContext) -> bool:
     return dist.enabled and cfg.train.embedding_sharding == "row"
 
 
-def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None) -> TrainResult | None:
-    """Run the whole job. Under ``torchrun`` every rank calls this; rank 0 returns the result, others None."""
+def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None,
+          init_from: str | Path | None = None, reset_optimizer: bool = False) -> TrainResult | None:
+    """Run the whole job. Under ``torchrun`` every rank calls this; rank 0 returns the result, others None.
+    ``init_from``: a model directory to train further on this config's data (``deepfm.train.warm``)."""
     dist = ddp.from_env()
     if dist.enabled:
         ddp.init(dist, ddp.device_for(dist, cfg.train.device), cfg.train.dist_timeout_s)
     try:
+        parent = None
+        if init_from is not None and row_sharded(cfg, dist):
+            raise ConfigError(f"--init-from {init_from}: training further with train.embedding_sharding: row is "
+                              "not supported yet (it would load the whole parent table on every rank); train further "
+                              "with embedding_sharding: replicated")
+        if init_from is not None:
+            parent = load_model(Path(init_from))
+            check_compatible(parent.config, cfg)
         result = _train(cfg, Path(output), resume=resume, log=log if dist.is_main else (lambda _m: None),
-                        callbacks=callbacks, dist=dist)
+                        callbacks=callbacks, dist=dist, parent=parent, reset_optimizer=reset_optimizer)
         # leave together: a rank that tears down its process group while rank 0 is still writing the model
         # directory can abort ("terminate called without an active exception") and fail the whole job
         dist.barrier()
@@ -73,12 +86,14 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
             ddp.shutdown()
 
 
-def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp.DistContext) -> TrainResult | None:
+def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp.DistContext,
+           parent: LoadedModel | None = None, reset_optimizer: bool = False) -> TrainResult | None:
+    grow_from = None if parent is None else parent.encoder
     if dist.is_main:
-        data = prepare(cfg, progress=cfg.train.progress, log=log)
+        data = prepare(cfg, progress=cfg.train.progress, log=log, parent=grow_from)
     dist.barrier()  # the others wait for rank 0's preparation, then map the same files
     if not dist.is_main:
-        data = prepare(cfg, progress=False, log=lambda _m: None)
+        data = prepare(cfg, progress=False, log=lambda _m: None, parent=grow_from)
     splits = data.splits
     log(f"Data: {', '.join(f'{k} {len(v):,} rows' for k, v in splits.items())}; "
         f"embedding table {data.layout.num_rows:,} rows x {cfg.model.embed_dim + 1} "
@@ -89,18 +104,35 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
         log(f"Note: {n_train:,} training rows make only {-(-n_train // batch)} step(s) per epoch at batch {batch}; "
             f"small data trains better with more steps: try --set train.batch_size={suggested} (or auto)")
     with sharding.explain_out_of_memory(cfg, data.layout.num_rows, dist):
-        return _fit_and_save(cfg, data, output, resume=resume, log=log, callbacks=callbacks, dist=dist)
+        return _fit_and_save(cfg, data, output, resume=resume, log=log, callbacks=callbacks, dist=dist,
+                             parent=parent, reset_optimizer=reset_optimizer)
 
 
 def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool, log, callbacks,
-                  dist: ddp.DistContext) -> TrainResult | None:
+                  dist: ddp.DistContext, parent: LoadedModel | None, reset_optimizer: bool) -> TrainResult | None:
     splits = data.splits
     model = build_model(cfg, data, dist)
     run_dir = run_dir_for(output)
     if not resume and run_dir.exists() and dist.is_main:
         shutil.rmtree(run_dir)
     dist.barrier()
+    lineage = None
+    if parent is not None:
+        source = table_source(parent.layout, data.layout, parent.encoder.fitted_state()[0],
+                              data.encoder.fitted_state()[0])
+        warm_start(model, parent.model.state_dict(), source)
+        lineage = _lineage(parent, data)
     trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist)
+    if parent is not None:
+        saved = parent.optimizer_state()
+        if saved is not None and not reset_optimizer:
+            carry_optimizer_state(trainer.optimizers, saved, trainer.model.embedding.weight, source,
+                                  parent.layout.num_rows)
+        log(f"Training further from {parent.path} (generation {lineage['generation']}): " + ", ".join(
+            f"{name} +{g['added']:,}" + (f" -{g['evicted']:,}" if g["evicted"] else "")
+            for name, g in lineage["vocabularies"].items() if g["added"] or g["evicted"])
+            + ("; optimiser state carried over" if saved is not None and not reset_optimizer
+               else "; optimiser state afresh"))
     state = trainer.fit(splits["train"], splits.get("valid"), resume=resume)
 
     metrics: dict[str, dict[str, float]] = {}
@@ -113,8 +145,13 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                                       None if split.group is None else np.asarray(split.group))
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
                         "ranks": dist.world_size}
-    # row sharding: the table reaches rank 0 block by block, as it writes model.safetensors
+    # row sharding: the table reaches rank 0 block by block, as it writes model.safetensors; its optimiser
+    # state stays in the ranks' checkpoints (the model directory gets none: --init-from then starts it afresh)
     blocks = sharding.table_blocks(trainer.model.embedding, dist) if row_sharded(cfg, dist) else None
+    optimizers = trainer.optimizers if cfg.train.save_optimizer_state and blocks is None else None
+    if blocks is not None and cfg.train.save_optimizer_state:
+        log("Note: under row sharding the model directory gets no optimiser state (each rank's part stays in "
+            "its checkpoints); train --init-from this model starts the optimiser afresh")
     if not dist.is_main:
         for _ in blocks or ():  # sends this rank's rows
             pass
@@ -136,9 +173,25 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                 plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
         save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
                    metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
-                   extra_files=plots, table_blocks=blocks)
+                   extra_files=plots, optimizers=optimizers, lineage=lineage, table_blocks=blocks)
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(output, metrics, state.history, data, trainer)
+
+
+def _lineage(parent: LoadedModel, data: PreparedData) -> dict[str, Any]:
+    """Where a model trained further comes from: its parent, the parent's ancestry, and how every vocabulary
+    changed (ids added, evicted)."""
+    parent_vocabs, vocabs = parent.encoder.fitted_state()[0], data.encoder.fitted_state()[0]
+    changes = {}
+    for name, vocab in vocabs.items():
+        g = growth(parent_vocabs[name], vocab)
+        changes[name] = {"rows": vocab.size, "added": g.added, "evicted": g.evicted}
+    before = parent.info.get("lineage") or {}
+    ancestry = list(before.get("ancestry", [])) + [{
+        "path": str(parent.path.resolve()), "created": parent.info.get("created"),
+        "data_fingerprint": parent.info.get("data_fingerprint")}]
+    return {"generation": int(before.get("generation", 0)) + 1, "parent": ancestry[-1], "ancestry": ancestry,
+            "data_fingerprint": data.manifest["fingerprint"], "vocabularies": changes}
 
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> str:

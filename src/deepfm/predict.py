@@ -20,12 +20,12 @@ import torch
 
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.config import DataConfig
-from deepfm.data.loader import ModelInput, input_from_chunk
+from deepfm.data.batch import input_from_chunk
 from deepfm.data.readers import BadRows, RawChunk, check_readable, read_chunks
 from deepfm.errors import DataError
 from deepfm.metrics import group_auc, summarize
 from deepfm.progress import progress_bar
-from deepfm.train.trainer import autocast, resolve_device, resolve_precision, sigmoid
+from deepfm.runtime import Runtime, resolve_device
 
 
 @dataclass
@@ -66,33 +66,29 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path | LoadedModel, device: str = "auto", precision: str = "fp32",
                  batch_size: int = 16384) -> None:
-        self.device = resolve_device(device)
-        self.loaded = model_dir if isinstance(model_dir, LoadedModel) else load_model(Path(model_dir),
-                                                                                       self.device)
-        self.loaded.model.to(self.device).eval()
-        self.precision = resolve_precision(precision, self.device)
-        self.batch_size = batch_size
+        dev = resolve_device(device)
+        self.loaded = model_dir if isinstance(model_dir, LoadedModel) else load_model(Path(model_dir), dev)
+        self.runtime = Runtime.place(self.loaded.model, str(dev), precision, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
 
     @property
     def config(self):
         return self.loaded.config
 
-    @torch.no_grad()
     def _probs(self, chunk: RawChunk, labels: bool, bad: BadRows | None) -> tuple[RawChunk, np.ndarray,
                                                                                     np.ndarray | None]:
         enc = self.loaded.encoder.transform(chunk, labels=labels, bad=bad)
         if not enc.kept.all():
             chunk = RawChunk(chunk.path, chunk.frame.filter(pl.Series(enc.kept)), chunk.lines[enc.kept],
                              chunk.row_start)
-        inp = input_from_chunk(enc).to(self.device)
-        out = []
-        model = self.loaded.model
-        for lo in range(0, len(inp), self.batch_size):
-            part = _slice_input(inp, lo, min(lo + self.batch_size, len(inp)))
-            with autocast(self.device, self.precision):
-                out.append(model(*part.tensors()).float())
-        logits = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
-        return chunk, sigmoid(logits), enc.labels
+        return chunk, self.runtime.probabilities(input_from_chunk(enc)), enc.labels
 
     def score_chunks(self, path: str, *, need_labels: bool = False, skip_bad_rows: bool = False,
                      bad: BadRows | None = None, progress: bool = True) -> Iterator[Scored]:
@@ -102,16 +98,10 @@ class Predictor:
             raise DataError(f"has no label column '{data.label}' to evaluate against", path=path)
         if skip_bad_rows and bad is None:
             bad = BadRows()
-        encoder = self.loaded.encoder
-        saved = encoder.data
-        encoder.data = data
-        try:
-            for chunk in progress_bar(read_chunks(path, data, bad if skip_bad_rows else None),
-                                      desc="score", enabled=progress, unit="chunk"):
-                kept_chunk, probs, labels = self._probs(chunk, has_labels, bad if skip_bad_rows else None)
-                yield Scored(kept_chunk, probs, labels)
-        finally:
-            encoder.data = saved
+        for chunk in progress_bar(read_chunks(path, data, bad if skip_bad_rows else None),
+                                  desc="score", enabled=progress, unit="chunk"):
+            kept_chunk, probs, labels = self._probs(chunk, has_labels, bad if skip_bad_rows else None)
+            yield Scored(kept_chunk, probs, labels)
 
     def predict_proba(self, frame) -> np.ndarray:
         """Probabilities for the rows of a pandas or polars DataFrame holding the training columns."""
@@ -185,17 +175,3 @@ class Predictor:
     def _has_header(self, path: str) -> bool:
         data, _ = infer_data_config(self.config.data, path)
         return data.format in ("csv", "tsv") and data.header
-
-
-def _slice_input(inp: ModelInput, lo: int, hi: int) -> ModelInput:
-    """Rows ``lo:hi`` of a ModelInput (multi-valued bags re-based)."""
-    if lo == 0 and hi == len(inp):
-        return inp
-    b = len(inp)
-    field = torch.div(inp.multi_bags, b, rounding_mode="floor")
-    row = inp.multi_bags - field * b
-    keep = (row >= lo) & (row < hi)
-    bags = field[keep] * (hi - lo) + (row[keep] - lo)
-    order = torch.argsort(bags, stable=True)
-    return ModelInput(inp.cat_ids[lo:hi], inp.num_values[lo:hi], inp.multi_ids[keep][order],
-                      inp.multi_weights[keep][order], bags[order])

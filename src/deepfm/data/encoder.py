@@ -1,6 +1,6 @@
 """The encoder: raw columns -> typed model inputs. One piece of code for preparation, predict and serve.
 
-``Encoder.fit`` streams the training split once to fit vocabularies (with min count) and numeric
+``Encoder.fit`` streams the training split once to fit vocabularies (with min count) and the value codecs'
 statistics; ``Encoder.transform`` turns a chunk of raw rows into an ``EncodedChunk`` of numpy arrays:
 
     labels      float32 [N]          0/1 (None when the data has no label column)
@@ -16,81 +16,22 @@ line and the field, or, under ``skip_bad_rows``, drops the row and reports it.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from deepfm.config import DataConfig, FieldConfig
+from deepfm.data.batch import EncodedChunk, MultiValues  # noqa: F401 (re-exported)
+from deepfm.data.codecs import MISSING, Check, Codec, IdCodec, MultiCodec, ValueCodec, bad_label_expr, codec_for, \
+    label_expr
 from deepfm.data.readers import BadRows, RawChunk
 from deepfm.data.vocab import Vocabulary, VocabularyCounter
 from deepfm.errors import DataError
 from deepfm.layout import TableLayout
 
-MISSING = ""
-
-
-@dataclass
-class MultiValues:
-    ids: np.ndarray  # int64 [nnz]
-    weights: np.ndarray  # float32 [nnz]
-    lengths: np.ndarray  # int64 [N]
-
-
-@dataclass
-class EncodedChunk:
-    labels: np.ndarray | None
-    cat_ids: np.ndarray
-    num_values: np.ndarray
-    multi: list[MultiValues]
-    kept: np.ndarray  # bool [N_raw]: rows of the raw chunk that were encoded (all True unless skipping)
-
-    def __len__(self) -> int:
-        return int(self.cat_ids.shape[0])
-
-
-@dataclass
-class NumericStats:
-    mean: float
-    std: float
-
-
-def _as_float(col: pl.Series) -> pl.Series:
-    return pl.DataFrame({"v": col}).select(_float_expr(pl.col("v"), col.dtype))["v"]
-
-
-def _float_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
-    """Numbers from a text or numeric column; an empty cell is missing (null)."""
-    if dtype == pl.Utf8:
-        return col.str.strip_chars().replace("", None).cast(pl.Float64, strict=False)
-    return col.cast(pl.Float64, strict=False)
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _bad_number_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
-    """True where a value was given but is not a finite number that fits a float32 (NaN and inf included)."""
-    parsed = _float_expr(col, dtype)
-    given = (col.str.strip_chars().fill_null("") != "") if dtype == pl.Utf8 else col.is_not_null()
-    return given & (parsed.is_null() | ~(parsed.abs() <= FLOAT32_MAX).fill_null(False))
-
-
-def bucket_int_expr(values: pl.Expr) -> pl.Expr:
-    """The Criteo winners' / BARS numeric bucketing: floor(ln(x)^2) for x > 2, else int(x) (Int64; null if missing)."""
-    return pl.when(values > 2).then((values.log() ** 2).floor()).otherwise(values).cast(pl.Int64, strict=False)
-
-
-def _bucket_expr(values: pl.Expr) -> pl.Expr:
-    """The bucket's vocabulary token: its integer as text; missing -> ''."""
-    return bucket_int_expr(values).cast(pl.Utf8).fill_null(MISSING)
-
-
-def _bucket(values: pl.Series) -> pl.Series:
-    return pl.DataFrame({"v": values}).select(_bucket_expr(pl.col("v")))["v"]
+Stats = dict[str, dict[str, float]]  # fitted state of the value codecs, by field name
 
 
 def _derive_exprs(source: pl.Expr, dtype: pl.DataType) -> tuple[pl.Expr, dict[str, pl.Expr]]:
@@ -106,262 +47,238 @@ def _derive_exprs(source: pl.Expr, dtype: pl.DataType) -> tuple[pl.Expr, dict[st
                                                  for k, v in tokens.items()}
 
 
+
 class Encoder:
-    """Fitted state (vocabularies, numeric statistics) plus the code that applies it."""
+    """Fitted state (vocabularies, value statistics) plus the columnar engine that applies the codecs.
+
+    It knows fields only through their codecs (``deepfm.data.codecs``) and files not at all: it reads the
+    columns of ``RawChunk``s, whoever made them. From the data config it keeps what belongs to the fields:
+    the label column, the multi-value separators and the derived columns.
+    """
 
     def __init__(self, fields: list[FieldConfig], data: DataConfig,
-                 vocabularies: dict[str, Vocabulary] | None = None,
-                 numeric: dict[str, NumericStats] | None = None) -> None:
-        self.fields = fields
-        self.data = data
-        self.cat_fields = [f for f in fields if f.kind == "categorical"
-                           or (f.kind == "numeric" and f.numeric == "log_bucket")]
-        self.num_fields = [f for f in fields if f.is_scaled_numeric]
-        self.multi_fields = [f for f in fields if f.kind == "multi"]
+                 vocabularies: dict[str, Vocabulary] | None = None, numeric: Stats | None = None,
+                 parent: Encoder | None = None) -> None:
+        self.fields = list(fields)
+        self.label = data.label
+        self.multi_value_separator, self.weight_separator = data.multi_value_separator, data.weight_separator
+        self.derive = tuple(data.derive)
+        self.codecs: list[Codec] = [codec_for(f) for f in self.fields]
+        self.id_codecs: list[IdCodec] = [c for c in self.codecs if isinstance(c, IdCodec)]
+        self.value_codecs: list[ValueCodec] = [c for c in self.codecs if isinstance(c, ValueCodec)]
+        self.bag_codecs: list[MultiCodec] = [c for c in self.codecs if isinstance(c, MultiCodec)]
         self.vocabularies_ = vocabularies
         self.numeric_ = numeric
+        # fitting grows the parent's vocabularies and keeps its statistics (a model trained further on new data)
+        self.parent = parent
 
-    # ---------------------------------------------------------------- fitting
     @property
     def input_columns(self) -> list[str]:
-        return [str(f.name) for f in self.fields]
+        return [c.name for c in self.codecs]
 
+    # ---------------------------------------------------------------- fitting
     def fit(self, chunks: Iterable[RawChunk], bad: BadRows | None = None) -> Encoder:
         counters = self.counters()
-        sums = {str(f.name): [0.0, 0.0, 0] for f in self.num_fields if f.numeric == "standardize"}
+        acc: dict[str, dict[str, Any]] = {}
         rows = 0
         for chunk in chunks:
-            chunk, _ = self._drop_bad(chunk, bad)
+            chunk, _ = self.validate(chunk, bad)
             rows += len(chunk)
-            tokens = self._token_frame(chunk, self.cat_fields)
-            for f in self.cat_fields:
-                counters[f.vocab_name].update(tokens[str(f.name)])
-            for f in self.multi_fields:
-                _, tags, _ = self._multi_long(chunk, f)
-                counters[f.vocab_name].update(tags)
-            self.accumulate_moments(chunk, sums)
+            self.count(chunk, counters)
+            self.accumulate_stats(chunk, acc)
         if rows == 0:
             raise DataError("the training split has no rows to fit vocabularies on")
-        self.vocabularies_ = {name: c.build() for name, c in counters.items()}
-        self.fit_numeric(sums)
+        self.set_fitted(counters, acc)
         return self
 
     def counters(self) -> dict[str, VocabularyCounter]:
         """One empty counter per vocabulary (fields sharing a vocabulary share its counter)."""
         counters: dict[str, VocabularyCounter] = {}
-        for f in self.cat_fields + self.multi_fields:
-            counters.setdefault(f.vocab_name, VocabularyCounter(f.vocab_name, f.min_count, f.hash_buckets))
+        for c in self.id_codecs + self.bag_codecs:
+            assert c.vocab_name is not None
+            counters.setdefault(c.vocab_name, VocabularyCounter(c.vocab_name, *c.vocab_settings()))
         return counters
 
-    def _moment_exprs(self, chunk: RawChunk, f: FieldConfig) -> list[pl.Expr]:
-        v = self._number_expr(chunk, f)
-        name = str(f.name)
-        return [v.sum().alias(f"{name}__s"), (v * v).sum().alias(f"{name}__ss"), v.count().alias(f"{name}__n")]
+    def count(self, chunk: RawChunk, counters: dict[str, VocabularyCounter]) -> None:
+        """Add the tokens of a (validated) chunk to the vocabulary counters."""
+        tokens = self._token_frame(chunk, self.id_codecs)
+        for c in self.id_codecs:
+            counters[str(c.vocab_name)].update(tokens[c.name])
+        for c in self.bag_codecs:
+            _, tags, _ = self._long_form(chunk, c)
+            counters[str(c.vocab_name)].update(tags)
+
+    def accumulate_stats(self, chunk: RawChunk, acc: dict[str, dict[str, Any]]) -> None:
+        """Fold a (validated) chunk into the value codecs' running aggregations (``acc``, by field name)."""
+        specs = [(c, key, expr, how) for c in self.value_codecs
+                 for key, expr, how in c.stat_exprs(c.number_expr(pl.col(c.name), self._dtype(chunk, c.name)))]
+        if not specs:
+            return
+        row = chunk.frame.select(expr.alias(f"{c.name}__{key}") for c, key, expr, _ in specs).row(0)
+        for (c, key, _, how), value in zip(specs, row, strict=True):
+            field_acc = acc.setdefault(c.name, {})
+            if value is None:
+                continue
+            old = field_acc.get(key)
+            field_acc[key] = value if old is None else {"sum": old + value, "min": min(old, value),
+                                                        "max": max(old, value)}[how]
+
+    def set_fitted(self, counters: dict[str, VocabularyCounter], acc: dict[str, dict[str, Any]]) -> None:
+        """Build the vocabularies from their counters and the value codecs' statistics from their aggregations;
+        with a ``parent``, grow its vocabularies instead and keep its statistics (the meaning of a value must not
+        change under weights that learnt it)."""
+        if self.parent is None:
+            self.vocabularies_ = {name: c.build() for name, c in counters.items()}
+            stats = {c.name: c.fit_stats(acc.get(c.name, {})) for c in self.value_codecs}
+            self.numeric_ = {name: s for name, s in stats.items() if s is not None}
+            return
+        parent_vocabs, parent_stats = self.parent.fitted_state()
+        self.vocabularies_ = {name: counter.grow(parent_vocabs[name]) for name, counter in counters.items()}
+        self.numeric_ = {k: dict(v) for k, v in parent_stats.items()}
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether a value must be fitted on the whole training split before any row can be encoded."""
+        return any(c.needs_stats for c in self.value_codecs)
 
     # ---------------------------------------------------------------- layout
     def layout(self) -> TableLayout:
         vocabs = self._fitted()[0]
         blocks: dict[str, tuple[int, int]] = {}
         row = 0
-        for f in self.cat_fields + self.multi_fields:
-            if f.vocab_name not in blocks:
-                blocks[f.vocab_name] = (row, vocabs[f.vocab_name].size)
-                row += vocabs[f.vocab_name].size
+        for c in self.id_codecs + self.bag_codecs:
+            name = str(c.vocab_name)
+            if name not in blocks:
+                blocks[name] = (row, vocabs[name].size)
+                row += vocabs[name].size
         num_offsets = []
-        for _ in self.num_fields:
+        for _ in self.value_codecs:
             num_offsets.append(row)
-            row += 2
+            row += 2  # the value row and the "missing" row
         return TableLayout(
             num_rows=row,
-            cat_fields=tuple(str(f.name) for f in self.cat_fields),
-            cat_offsets=tuple(blocks[f.vocab_name][0] for f in self.cat_fields),
-            num_fields=tuple(str(f.name) for f in self.num_fields),
+            cat_fields=tuple(c.name for c in self.id_codecs),
+            cat_offsets=tuple(blocks[str(c.vocab_name)][0] for c in self.id_codecs),
+            num_fields=tuple(c.name for c in self.value_codecs),
             num_offsets=tuple(num_offsets),
-            multi_fields=tuple(str(f.name) for f in self.multi_fields),
-            multi_offsets=tuple(blocks[f.vocab_name][0] for f in self.multi_fields),
-            multi_combiners=tuple(f.combiner for f in self.multi_fields),
+            multi_fields=tuple(c.name for c in self.bag_codecs),
+            multi_offsets=tuple(blocks[str(c.vocab_name)][0] for c in self.bag_codecs),
+            multi_combiners=tuple(c.spec.combiner for c in self.bag_codecs),
             vocab_blocks=blocks,
         )
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every field as its codec describes it (kind, transform, vocabulary and its size)."""
+        vocabs = self._fitted()[0]
+        return [c.describe(vocabs[c.vocab_name].size if c.vocab_name is not None else None) for c in self.codecs]
 
     # ---------------------------------------------------------------- transform
     def transform(self, chunk: RawChunk, *, labels: bool = True, bad: BadRows | None = None) -> EncodedChunk:
         """Encode a raw chunk. ``labels=False`` for data without a label column (predict, serve)."""
-        vocabs, stats = self._fitted()
-        chunk, kept = self._drop_bad(chunk, bad, check_label=labels)
+        vocabs, _ = self._fitted()
+        chunk, kept = self.validate(chunk, bad, check_label=labels)
         n = len(chunk)
         label_arr = self._labels(chunk) if labels else None
         # one select for every field: polars evaluates the columns in parallel
-        cat = np.empty((n, len(self.cat_fields)), dtype=np.int64)
-        looked_up = [(j, f) for j, f in enumerate(self.cat_fields) if not vocabs[f.vocab_name].hash_buckets]
-        hashed = [(j, f) for j, f in enumerate(self.cat_fields) if vocabs[f.vocab_name].hash_buckets]
-        exprs = [vocabs[f.vocab_name].lookup_expr(self._token_expr(chunk, f)).alias(f"c{j}") for j, f in looked_up]
-        exprs += self.numeric_exprs(chunk)
+        cat = np.empty((n, len(self.id_codecs)), dtype=np.int64)
+        looked_up = [(j, c) for j, c in enumerate(self.id_codecs) if not vocabs[str(c.vocab_name)].hash_buckets]
+        hashed = [(j, c) for j, c in enumerate(self.id_codecs) if vocabs[str(c.vocab_name)].hash_buckets]
+        exprs = [vocabs[str(c.vocab_name)].lookup_expr(self._token_expr(chunk, c)).alias(f"c{j}")
+                 for j, c in looked_up]
+        exprs += self.value_exprs(chunk)
         encoded = chunk.frame.select(exprs) if exprs else pl.DataFrame()
         for j, _ in looked_up:
             cat[:, j] = encoded[f"c{j}"].to_numpy()
         if hashed:
-            tokens = self._token_frame(chunk, [f for _, f in hashed])
-            for j, f in hashed:
-                cat[:, j] = vocabs[f.vocab_name].encode(tokens[str(f.name)])
-        num = np.empty((n, len(self.num_fields)), dtype=np.float32)
-        for j in range(len(self.num_fields)):
+            tokens = self._token_frame(chunk, [c for _, c in hashed])
+            for j, c in hashed:
+                cat[:, j] = vocabs[str(c.vocab_name)].encode(tokens[c.name])
+        num = np.empty((n, len(self.value_codecs)), dtype=np.float32)
+        for j in range(len(self.value_codecs)):
             num[:, j] = encoded[f"n{j}"].to_numpy()
         multi = []
-        for f in self.multi_fields:
-            rows, tags, weights = self._multi_long(chunk, f)
-            ids = vocabs[f.vocab_name].encode(tags)
+        for c in self.bag_codecs:
+            rows, tags, weights = self._long_form(chunk, c)
+            ids = vocabs[str(c.vocab_name)].encode(tags)
             lengths = np.bincount(rows, minlength=n).astype(np.int64) if len(rows) else np.zeros(n, np.int64)
             multi.append(MultiValues(ids.astype(np.int64), weights.astype(np.float32), lengths))
         return EncodedChunk(label_arr, cat, num, multi, kept)
 
-    def numeric_exprs(self, chunk: RawChunk, stats: dict[str, NumericStats] | None = None) -> list[pl.Expr]:
-        """Expressions ``n0, n1, ...``: the values of the scaled numeric fields (float32, NaN if missing).
-        ``stats`` defaults to the fitted ones (only ``standardize`` fields read them)."""
+    def value_exprs(self, chunk: RawChunk, stats: Stats | None = None) -> list[pl.Expr]:
+        """Expressions ``n0, n1, ...``: the values of the value codecs (float32, NaN if missing). ``stats``
+        defaults to the fitted ones."""
         stats = self._fitted()[1] if stats is None else stats
-        exprs = []
-        for j, f in enumerate(self.num_fields):
-            v = self._number_expr(chunk, f)
-            if f.numeric == "standardize":
-                st = stats[str(f.name)]
-                v = (v - st.mean) / st.std
-            exprs.append(v.cast(pl.Float32).fill_null(float("nan")).alias(f"n{j}"))
-        return exprs
-
-    def fit_numeric(self, sums: dict[str, list]) -> None:
-        """Numeric statistics from accumulated ``[sum, sum of squares, count]`` per standardized field."""
-        self.numeric_ = {}
-        for name, (s, ss, n) in sums.items():
-            mean = s / n if n else 0.0
-            var = max(ss / n - mean * mean, 0.0) if n else 1.0
-            self.numeric_[name] = NumericStats(mean, math.sqrt(var) if var > 0 else 1.0)
-
-    def accumulate_moments(self, chunk: RawChunk, sums: dict[str, list]) -> None:
-        standardized = [f for f in self.num_fields if f.numeric == "standardize"]
-        if not standardized:
-            return
-        stats = chunk.frame.select(e for f in standardized for e in self._moment_exprs(chunk, f)).row(0)
-        for k, f in enumerate(standardized):
-            acc = sums.setdefault(str(f.name), [0.0, 0.0, 0])
-            acc[0] += stats[3 * k] or 0.0
-            acc[1] += stats[3 * k + 1] or 0.0
-            acc[2] += stats[3 * k + 2] or 0
+        return [c.value_expr(pl.col(c.name), self._dtype(chunk, c.name), stats.get(c.name)).alias(f"n{j}")
+                for j, c in enumerate(self.value_codecs)]
 
     # ---------------------------------------------------------------- helpers
-    def fitted_state(self) -> tuple[dict[str, Vocabulary], dict[str, NumericStats]]:
-        """The fitted vocabularies (by vocabulary name) and numeric statistics (by field name)."""
+    def fitted_state(self) -> tuple[dict[str, Vocabulary], Stats]:
+        """The fitted vocabularies (by vocabulary name) and value statistics (by field name)."""
         return self._fitted()
 
-    def _fitted(self) -> tuple[dict[str, Vocabulary], dict[str, NumericStats]]:
+    def _fitted(self) -> tuple[dict[str, Vocabulary], Stats]:
         if self.vocabularies_ is None or self.numeric_ is None:
             raise RuntimeError("Encoder is not fitted: call fit() or load one with Encoder.load()")
         return self.vocabularies_, self.numeric_
 
     def _column(self, chunk: RawChunk, name: str) -> pl.Series:
         if name not in chunk.frame.columns:
-            if self.data.format in ("libffm", "libsvm"):
-                return pl.Series(name, [None] * len(chunk), dtype=pl.Utf8)
             raise DataError(f"column '{name}' is missing; columns are {chunk.frame.columns}",
                             path=chunk.path, field=name)
         return chunk.frame[name]
 
     def _dtype(self, chunk: RawChunk, name: str) -> pl.DataType:
-        self._column(chunk, name)  # a clear error for a missing column
-        return chunk.frame.schema[name]
+        return self._column(chunk, name).dtype
 
-    def _token_expr(self, chunk: RawChunk, f: FieldConfig) -> pl.Expr:
-        """The vocabulary token (text) of each cell of a categorical or log-bucketed numeric field."""
-        name = str(f.name)
-        if f.kind == "numeric":  # log_bucket
-            return _bucket_expr(self._number_expr(chunk, f))
-        dtype = self._dtype(chunk, name)
-        col = pl.col(name)
-        if dtype == pl.Utf8:
-            return col.fill_null(MISSING)
-        if dtype.is_float():
-            # a float id column (Parquet): an integral value keeps its integer text, cell by cell
-            integral = col.cast(pl.Int64, strict=False).cast(pl.Utf8)
-            return pl.when(col == col.floor()).then(integral).otherwise(col.cast(pl.Utf8)).fill_null(MISSING)
-        return col.cast(pl.Utf8).fill_null(MISSING)
+    def _token_expr(self, chunk: RawChunk, c: IdCodec) -> pl.Expr:
+        return c.token_expr(pl.col(c.name), self._dtype(chunk, c.name))
 
-    def _token_frame(self, chunk: RawChunk, fields: list[FieldConfig]) -> pl.DataFrame:
-        if not fields:
+    def _token_frame(self, chunk: RawChunk, codecs: list[IdCodec]) -> pl.DataFrame:
+        if not codecs:
             return pl.DataFrame()
-        return chunk.frame.select(self._token_expr(chunk, f).alias(str(f.name)) for f in fields)
-
-    def _number_expr(self, chunk: RawChunk, f: FieldConfig) -> pl.Expr:
-        name = str(f.name)
-        v = _float_expr(pl.col(name), self._dtype(chunk, name))
-        if f.log1p:
-            v = (v.clip(lower_bound=0.0) + 1.0).log()
-        return v
+        return chunk.frame.select(self._token_expr(chunk, c).alias(c.name) for c in codecs)
 
     def _labels(self, chunk: RawChunk) -> np.ndarray:
-        v = _as_float(self._column(chunk, self.data.label))
-        return v.to_numpy().astype(np.float32)
+        col = self._column(chunk, self.label)
+        return col.to_frame("v").select(label_expr(pl.col("v"), col.dtype))["v"].to_numpy().astype(np.float32)
 
-    def _multi_long(self, chunk: RawChunk, f: FieldConfig) -> tuple[np.ndarray, pl.Series, np.ndarray]:
-        """Long form of a multi-valued field: (row index int64 [nnz], tags, weights float64 [nnz])."""
-        col = self._column(chunk, str(f.name))
-        frame = pl.DataFrame({"cell": col, "row": np.arange(len(col), dtype=np.int64)})
-        if col.dtype == pl.Utf8:
-            sep, wsep = self.data.multi_value_separator, self.data.weight_separator
-            long = (frame.with_columns(pl.col("cell").fill_null("").str.split(sep)).explode("cell")
-                    .filter(pl.col("cell").is_not_null() & (pl.col("cell") != "")))
-            pattern = f"^(.*){re.escape(wsep)}([^{re.escape(wsep)}]*)$"
-            has_w = long["cell"].str.contains(re.escape(wsep), literal=False)
-            tag = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 1)).otherwise(pl.col("cell"))
-            wtxt = pl.when(has_w).then(pl.col("cell").str.extract(pattern, 2)).otherwise(pl.lit("1"))
-            long = long.with_columns(has_w.alias("has_w")).select(
-                "row", tag.alias("tag"), wtxt.alias("wtxt"))
-            long = long.with_columns(pl.col("wtxt").cast(pl.Float64, strict=False).alias("w"))
-            bad = long.filter(pl.col("w").is_null() | pl.col("w").is_nan())
-            if bad.height:
-                r = bad.row(0, named=True)
-                raise DataError(f"weight '{r['wtxt']}' of tag '{r['tag']}' is not a number",
-                                path=chunk.path, line=int(chunk.lines[r["row"]]), field=str(f.name))
-        elif isinstance(col.dtype, pl.List):
-            long = frame.explode("cell").filter(pl.col("cell").is_not_null())
-            inner = col.dtype.inner
-            if isinstance(inner, pl.Struct):
-                names = [fld.name for fld in inner.fields]
-                if len(names) != 2:
-                    raise DataError("a list-of-struct multi-valued column needs two fields (tag, weight)",
-                                    path=chunk.path, field=str(f.name))
-                long = long.select("row", pl.col("cell").struct.field(names[0]).cast(pl.Utf8).alias("tag"),
-                                   pl.col("cell").struct.field(names[1]).cast(pl.Float64).alias("w"))
-            else:
-                long = long.select("row", pl.col("cell").cast(pl.Utf8).alias("tag"), pl.lit(1.0).alias("w"))
-        else:
-            raise DataError(f"a multi-valued field needs a text or list column, found {col.dtype}",
-                            path=chunk.path, field=str(f.name))
-        if f.max_len is not None:
-            long = long.filter(pl.int_range(pl.len()).over("row") < f.max_len)
-        return (long["row"].to_numpy().astype(np.int64), long["tag"].fill_null(MISSING),
-                long["w"].to_numpy().astype(np.float64))
+    def _long_form(self, chunk: RawChunk, c: MultiCodec) -> tuple[np.ndarray, pl.Series, np.ndarray]:
+        return c.long_form(self._column(chunk, c.name), self.multi_value_separator, self.weight_separator,
+                           chunk.path, chunk.lines)
 
-    def _drop_bad(self, chunk: RawChunk, bad: BadRows | None,
-                  check_label: bool = True) -> tuple[RawChunk, np.ndarray]:
-        """Validate labels and numeric cells; raise on the first bad row, or drop and report bad rows."""
+    def long_form_of(self, c: MultiCodec, cells: pl.Series) -> tuple[np.ndarray, pl.Series, np.ndarray]:
+        """``c``'s long form of loose cells (an error's line is the cell's 1-based position)."""
+        return c.long_form(cells, self.multi_value_separator, self.weight_separator, "<cells>",
+                           np.arange(1, len(cells) + 1, dtype=np.int64))
+
+    def validate(self, chunk: RawChunk, bad: BadRows | None, check_label: bool = True,
+                 codecs: list[Codec] | None = None) -> tuple[RawChunk, np.ndarray]:
+        """Check labels and the values of ``codecs`` (default: all); raise on the first bad row, or drop and
+        report bad rows. Returns the kept rows (with the derived columns added) and the mask of kept rows."""
+        if chunk.absent_is_missing:  # a sparse format leaves out the columns a row has no value for
+            absent = [pl.lit(None, pl.Utf8).alias(c.name) for c in self.codecs
+                      if c.name not in chunk.frame.columns and c.name not in {d.name for d in self.derive}]
+            if absent:
+                chunk = RawChunk(chunk.path, chunk.frame.with_columns(absent), chunk.lines, chunk.row_start, True)
         n = len(chunk)
-        checks: list[tuple[pl.Expr, str, str]] = []  # (bad-row expression, field, reason)
+        checks: list[Check] = []
         if check_label:
-            label = self.data.label
-            parsed = _float_expr(pl.col(label), self._dtype(chunk, label))
-            checks.append((~parsed.is_in([0.0, 1.0]).fill_null(False), label, "label must be 0 or 1"))
-        for f in self.fields:
-            if f.kind == "numeric":
-                name = str(f.name)
-                checks.append((_bad_number_expr(pl.col(name), self._dtype(chunk, name)), name,
-                               "is not a finite number"))
-        for source in dict.fromkeys(d.source for d in self.data.derive):
+            label = self.label
+            checks.append(Check(label, bad_label_expr(pl.col(label), self._dtype(chunk, label)),
+                                "label must be 0 or 1"))
+        derived = {d.name for d in self.derive}  # computed below from their checked sources
+        for c in self.codecs if codecs is None else codecs:
+            if c.name not in derived:
+                checks += c.checks(self._dtype(chunk, c.name))
+        for source in dict.fromkeys(d.source for d in self.derive):
             bad_expr, _ = _derive_exprs(pl.col(source), self._dtype(chunk, source))
-            checks.append((bad_expr, source, "is not a YYMMDDHH timestamp"))
+            checks.append(Check(source, bad_expr, "is not a YYMMDDHH timestamp"))
         problems: list[tuple[np.ndarray, str, str]] = []
         if checks:
-            flags = chunk.frame.select(e.alias(f"_{k}") for k, (e, _, _) in enumerate(checks))
+            flags = chunk.frame.select(ch.bad.alias(f"_{k}") for k, ch in enumerate(checks))
             any_bad = flags.select(pl.all().any()).row(0)
-            problems = [(flags[f"_{k}"].to_numpy(), name, reason)
-                        for k, (_, name, reason) in enumerate(checks) if any_bad[k]]
+            problems = [(flags[f"_{k}"].to_numpy(), ch.column, ch.reason)
+                        for k, ch in enumerate(checks) if any_bad[k]]
         kept = np.ones(n, dtype=bool)
         if not problems:
             return self._derive(chunk), kept
@@ -370,7 +287,7 @@ class Encoder:
             for m, name, reason in problems:
                 if m[first]:
                     value = self._column(chunk, name)[first]
-                    raise DataError(f"value {value!r} {reason}" if "label" not in reason
+                    raise DataError(f"value {value!r} {reason}" if name != self.label or not check_label
                                     else f"{reason}, found {value!r}",
                                     path=chunk.path, line=int(chunk.lines[first]), field=name)
         assert bad is not None
@@ -380,24 +297,26 @@ class Encoder:
                         json.dumps(chunk.frame.row(int(i)), default=str))
             kept &= ~m
         frame = chunk.frame.filter(pl.Series(kept))
-        return self._derive(RawChunk(chunk.path, frame, chunk.lines[kept], chunk.row_start)), kept
+        return self._derive(RawChunk(chunk.path, frame, chunk.lines[kept], chunk.row_start,
+                                     chunk.absent_is_missing)), kept
 
     def _derive(self, chunk: RawChunk) -> RawChunk:
         """Add (or replace) the ``data.derive`` columns, all computed from the raw columns."""
-        if not self.data.derive:
+        if not self.derive:
             return chunk
         exprs = [_derive_exprs(pl.col(d.source), self._dtype(chunk, d.source))[1][d.fn].alias(d.name)
-                 for d in self.data.derive]
-        return RawChunk(chunk.path, chunk.frame.with_columns(exprs), chunk.lines, chunk.row_start)
+                 for d in self.derive]
+        return RawChunk(chunk.path, chunk.frame.with_columns(exprs), chunk.lines, chunk.row_start,
+                        chunk.absent_is_missing)
 
     # ---------------------------------------------------------------- persistence
     def to_json(self) -> dict:
         vocabs, stats = self._fitted()
         return {"vocabularies": {k: v.to_json() for k, v in vocabs.items()},
-                "numeric": {k: {"mean": s.mean, "std": s.std} for k, s in stats.items()}}
+                "numeric": {k: dict(s) for k, s in stats.items()}}
 
     @classmethod
     def from_json(cls, fields: list[FieldConfig], data: DataConfig, obj: dict) -> Encoder:
         vocabs = {k: Vocabulary.from_json(k, v) for k, v in obj["vocabularies"].items()}
-        stats = {k: NumericStats(float(v["mean"]), float(v["std"])) for k, v in obj["numeric"].items()}
+        stats = {k: {sk: float(sv) for sk, sv in v.items()} for k, v in obj["numeric"].items()}
         return cls(fields, data, vocabs, stats)

@@ -5,14 +5,17 @@ values with polars expressions, so each categorical value is hashed twice per ro
 pyarrow parses numeric columns straight to float64 and categorical columns to dictionary-encoded strings,
 so the text of each cell is hashed once, inside the parser; vocabularies are then counted with
 ``np.bincount`` over the dictionary indices, and ids are looked up once per distinct value, not per row.
+Multi-valued cells are dictionary-encoded too: each distinct cell is split into tags and weights once, by
+its codec, and rows gather their cell's tags.
 
-It yields exactly the vocabularies and arrays of the general path (the tests compare them), reusing the
-encoder's own expressions for validation, bucketing and scaling. It applies only where it can be exact:
-CSV/TSV, categorical and numeric fields, no ``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``.
+It yields exactly the vocabularies and arrays of the general path (the tests compare them), driving the same
+codecs for validation, bucketing and scaling. It applies only where it can be exact: CSV/TSV, no
+``data.split`` / ``group_column`` / ``skip_bad_rows`` / ``derive``, and no fitted numeric transform (``standardize``,
+``minmax``) in a streamed file.
 A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a larger one is streamed in chunks of
 ``CHUNK_ROWS`` rows: each token gets a provisional id in first-seen order (one hash join per chunk over its
-distinct values), the training ids are written provisionally and renumbered in place once the vocabularies are
-fitted. Anything else it meets -- a malformed row, a value that is not a finite
+distinct values; a multi-valued field's tags likewise), the training ids are written provisionally and renumbered
+in place once the vocabularies are fitted. Anything else it meets -- a malformed row, a value that is not a finite
 float32, a label other than 0/1 -- raises ``Unsupported`` and preparation runs the general path, which
 names the file, line and field of the bad value.
 """
@@ -30,7 +33,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from deepfm.config import Config
-from deepfm.data.encoder import MISSING, EncodedChunk, Encoder, bucket_int_expr
+from deepfm.data.codecs import MISSING
+from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
 from deepfm.data.readers import RawChunk, delimited_columns
 from deepfm.errors import DataError
 
@@ -50,8 +54,6 @@ def why_not(cfg: Config) -> str | None:
         return f"format {d.format}"
     if d.split is not None or d.group_column is not None or d.skip_bad_rows:
         return "data.split, data.group_column or data.skip_bad_rows is set"
-    if any(f.kind == "multi" for f in cfg.fields):
-        return "multi-valued fields"
     if d.derive:
         return "data.derive is set"
     return None
@@ -67,12 +69,52 @@ class _Column:
         return np.bincount(self.index, minlength=len(self.tokens))
 
 
+class _Bags:
+    """A multi-valued field of a file: its distinct cells parsed once by the codec (``long_form``) as tags
+    with weights in CSR form (``offsets`` [D+1] over ``tags`` / ``weights``), and each row's cell (``index``)."""
+
+    def __init__(self, codec: Any, encoder: Encoder, cells: pl.Series, index: np.ndarray) -> None:
+        try:
+            cell_of, self.tags, weights = encoder.long_form_of(codec, cells)
+        except DataError as err:  # a bad weight: the general path names its line
+            raise Unsupported(f"field '{err.field}': {err.reason}") from None
+        self.weights = weights.astype(np.float32)
+        self.offsets = np.zeros(len(cells) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cell_of, minlength=len(cells)), out=self.offsets[1:])
+        self.index = index
+
+    def tag_counts(self) -> np.ndarray:
+        """How often each (cell, tag) entry occurs in the file: its cell's row count."""
+        per_cell = np.bincount(self.index, minlength=len(self.offsets) - 1)
+        return np.repeat(per_cell, np.diff(self.offsets))
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's tags as positions in the parsed tags (row after row), and each row's tag count."""
+        starts, lengths = self.offsets[self.index], np.diff(self.offsets)[self.index]
+        total = int(lengths.sum())
+        first_out = np.cumsum(lengths) - lengths  # a row's first tag in the output
+        return np.repeat(starts - first_out, lengths) + np.arange(total, dtype=np.int64), lengths.astype(np.int64)
+
+    def rows(self, tag_ids: np.ndarray) -> MultiValues:
+        """Every row's tags (ids from ``tag_ids``, one per parsed tag) and weights, row after row."""
+        pos, lengths = self.positions()
+        return MultiValues(tag_ids[pos], self.weights[pos], lengths)
+
+    def provisional_rows(self, provisional: _Provisional) -> MultiValues:
+        """``rows`` with provisional ids (first-seen order over the whole file), counting every tag."""
+        pos, lengths = self.positions()
+        distinct = self.tags.to_arrow().dictionary_encode()
+        index = np.asarray(distinct.indices, dtype=np.int64)[pos]
+        ids = provisional.add(_Column(pl.Series(distinct.dictionary, dtype=pl.Utf8), index))
+        return MultiValues(ids, self.weights[pos], lengths)
+
+
 def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
     """The file as tables with one dictionary per categorical column: all of it at once up to
     ``WHOLE_FILE_BYTES``, else chunks of about ``CHUNK_ROWS`` rows."""
     data = cfg.data
-    cat = [str(f.name) for f in encoder.fields if f.kind == "categorical"]
-    num = [str(f.name) for f in encoder.fields if f.kind == "numeric"]
+    cat = [c.name for c in encoder.codecs if c.source == "text"]  # categories and tag lists: dictionaries
+    num = [c.name for c in encoder.codecs if c.source == "number"]
     wanted = [data.label] + cat + num
     try:
         names, header_lines, sep = delimited_columns(path, data, wanted)
@@ -148,17 +190,18 @@ class _Provisional:
 
 
 def _columns(table: pa.Table, encoder: Encoder, numbers: pl.DataFrame) -> dict[str, _Column]:
-    """Every categorical and log-bucketed field of ``table`` as a ``_Column``."""
+    """Every id-slot field of ``table`` as a ``_Column``: text columns from the parser's dictionary, number
+    columns through the codec's integer tokens."""
     out: dict[str, _Column] = {}
-    for f in encoder.cat_fields:
-        name = str(f.name)
-        if f.kind == "categorical":
+    for codec in encoder.id_codecs:
+        name = codec.name
+        if codec.source == "text":
             col = table[name]
             tokens = pl.Series(col.chunk(0).dictionary, dtype=pl.Utf8)
             index = np.concatenate([_indices(c) for c in col.chunks])
             out[name] = _Column(tokens, index)
-        else:  # log_bucket: the encoder's own bucketing, then integers -> tokens without a per-row string
-            b = numbers.select(bucket_int_expr(encoder._number_expr(_chunk(numbers), f)))[:, 0]
+        else:  # integers -> tokens without a per-row string
+            b = numbers.select(codec.int_token_expr(pl.col(name), numbers.schema[name]))[:, 0]
             present = b.is_not_null().to_numpy()
             v = b.fill_null(0).to_numpy()
             if present.any():
@@ -181,6 +224,16 @@ def _columns(table: pa.Table, encoder: Encoder, numbers: pl.DataFrame) -> dict[s
     return out
 
 
+def _bags(table: pa.Table, encoder: Encoder) -> list[_Bags]:
+    """Every multi-valued field of ``table``, parsed once per distinct cell."""
+    out = []
+    for codec in encoder.bag_codecs:
+        col = table[codec.name]
+        cells = pl.Series(col.chunk(0).dictionary, dtype=pl.Utf8)
+        out.append(_Bags(codec, encoder, cells, np.concatenate([_indices(c) for c in col.chunks])))
+    return out
+
+
 def _indices(chunk: pa.DictionaryArray) -> np.ndarray:
     """The int32 dictionary indices of a chunk, read from its buffer (no nulls: cells are never null here)."""
     idx = chunk.indices
@@ -192,26 +245,27 @@ def _chunk(frame: pl.DataFrame) -> RawChunk:
 
 
 def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
-    """Label and numeric columns as float64 polars columns, validated by the encoder's own checks."""
-    keep = [encoder.data.label] + [str(f.name) for f in encoder.fields if f.kind == "numeric"]
+    """Label and number columns as float64 polars columns, validated by the codecs' own checks."""
+    keep = [encoder.label] + [c.name for c in encoder.codecs if c.source == "number"]
     frame = pl.from_arrow(table.select(keep))
     assert isinstance(frame, pl.DataFrame)
     try:
-        encoder._drop_bad(_chunk(frame), None)
+        encoder.validate(_chunk(frame), None, codecs=[c for c in encoder.codecs if c.source == "number"])
     except DataError as err:  # the general path reports it with its file and line
         raise Unsupported(f"field '{err.field}': {err.reason}") from None
     return frame
 
 
-def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _Column]) -> None:
+def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _Column], bags: list[_Bags]) -> None:
     counters = encoder.counters()
-    for f in encoder.cat_fields:
-        col = columns[str(f.name)]
-        counters[f.vocab_name].add_counts(col.tokens, col.counts())
-    sums: dict[str, list] = {}
-    encoder.accumulate_moments(_chunk(numbers), sums)
-    encoder.vocabularies_ = {name: c.build() for name, c in counters.items()}
-    encoder.fit_numeric(sums)
+    for c in encoder.id_codecs:
+        col = columns[c.name]
+        counters[str(c.vocab_name)].add_counts(col.tokens, col.counts())
+    for c, b in zip(encoder.bag_codecs, bags, strict=True):
+        counters[str(c.vocab_name)].add_counts(b.tags, b.tag_counts())
+    acc: dict[str, dict] = {}
+    encoder.accumulate_stats(_chunk(numbers), acc)
+    encoder.set_fitted(counters, acc)
 
 
 def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], Any]) -> None:
@@ -225,9 +279,10 @@ def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], An
     if second is None:  # the whole file in one table: fit, then encode from memory
         numbers = _numbers(first, encoder)
         columns = _columns(first, encoder, numbers)
-        _fit_in_memory(encoder, numbers, columns)
+        bags = _bags(first, encoder)
+        _fit_in_memory(encoder, numbers, columns, bags)
         _check_id_range(encoder)
-        writer_for("train").append(encode(encoder, first, numbers, columns), None)
+        writer_for("train").append(encode(encoder, first, numbers, columns, bags), None)
     else:
         _fit_streamed(cfg, encoder, itertools.chain([first, second], chunks), writer_for("train"))
     del first, second
@@ -236,7 +291,8 @@ def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], An
         if path is not None:
             for table in _tables(path, cfg, encoder):
                 numbers = _numbers(table, encoder)
-                writer_for(name).append(encode(encoder, table, numbers, _columns(table, encoder, numbers)), None)
+                writer_for(name).append(encode(encoder, table, numbers, _columns(table, encoder, numbers),
+                                               _bags(table, encoder)), None)
 
 
 def _check_id_range(encoder: Encoder) -> None:
@@ -246,55 +302,59 @@ def _check_id_range(encoder: Encoder) -> None:
 
 def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], writer: Any) -> None:
     """Provisional ids chunk by chunk, then the vocabularies, then the training ids renumbered in place."""
-    if any(f.numeric == "standardize" for f in encoder.num_fields):
-        raise Unsupported("standardized numeric fields need their statistics before a streamed file is encoded")
-    provisional = {str(f.name): _Provisional() for f in encoder.cat_fields}
+    if encoder.needs_stats:
+        raise Unsupported("fitted numeric transforms need their statistics before a streamed file is encoded")
+    provisional = {c.name: _Provisional() for c in encoder.id_codecs + encoder.bag_codecs}
     for table in chunks:
         numbers = _numbers(table, encoder)
         columns = _columns(table, encoder, numbers)
         n = table.num_rows
-        cat_t = np.empty((len(encoder.cat_fields), n), dtype=np.int32)
-        for j, f in enumerate(encoder.cat_fields):
-            cat_t[j] = provisional[str(f.name)].add(columns[str(f.name)])
+        cat_t = np.empty((len(encoder.id_codecs), n), dtype=np.int32)
+        for j, c in enumerate(encoder.id_codecs):
+            cat_t[j] = provisional[c.name].add(columns[c.name])
+        multi = [b.provisional_rows(provisional[c.name]) for c, b in zip(encoder.bag_codecs, _bags(table, encoder),
+                                                                          strict=True)]
         writer.append(EncodedChunk(_labels(encoder, numbers), np.ascontiguousarray(cat_t.T),
-                                   _numeric_values(encoder, numbers, stats={}), [], np.ones(n, dtype=bool)), None)
+                                   _numeric_values(encoder, numbers, stats={}), multi, np.ones(n, dtype=bool)), None)
     counters = encoder.counters()
-    for f in encoder.cat_fields:
-        p = provisional[str(f.name)]
-        counters[f.vocab_name].add_counts(p.known["token"], p.counts)
-    encoder.vocabularies_ = {name: c.build() for name, c in counters.items()}
-    encoder.fit_numeric({})
+    for c in encoder.id_codecs + encoder.bag_codecs:
+        p = provisional[c.name]
+        counters[str(c.vocab_name)].add_counts(p.known["token"], p.counts)
+    encoder.set_fitted(counters, {})
     _check_id_range(encoder)
     vocabs = encoder.fitted_state()[0]
-    luts = []
-    for f in encoder.cat_fields:
-        known = provisional[str(f.name)].known  # pids are 0..n-1 in order
-        luts.append(vocabs[f.vocab_name].encode(known["token"]).astype(np.int32))
-    writer.renumber_cat_ids(luts)
+    luts = {}
+    for c in encoder.id_codecs + encoder.bag_codecs:
+        known = provisional[c.name].known  # pids are 0..n-1 in order
+        luts[c.name] = vocabs[str(c.vocab_name)].encode(known["token"]).astype(np.int32)
+    writer.renumber_ids([luts[c.name] for c in encoder.id_codecs], [luts[c.name] for c in encoder.bag_codecs])
 
 
-def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame,
-           columns: dict[str, _Column]) -> EncodedChunk:
+def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame, columns: dict[str, _Column],
+           bags: list[_Bags]) -> EncodedChunk:
     vocabs = encoder.fitted_state()[0]
     n = table.num_rows
     id_dtype = np.int32  # _check_id_range
-    cat_t = np.empty((len(encoder.cat_fields), n), dtype=id_dtype)  # field-major: each field fills a row
-    for j, f in enumerate(encoder.cat_fields):
-        col, vocab = columns[str(f.name)], vocabs[f.vocab_name]
+    cat_t = np.empty((len(encoder.id_codecs), n), dtype=id_dtype)  # field-major: each field fills a row
+    for j, c in enumerate(encoder.id_codecs):
+        col, vocab = columns[c.name], vocabs[str(c.vocab_name)]
         ids = vocab.encode(col.tokens).astype(id_dtype)  # once per distinct value
         np.take(ids, col.index, out=cat_t[j])
     cat = np.ascontiguousarray(cat_t.T)
-    return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), [], np.ones(n, dtype=bool))
+    multi = [b.rows(vocabs[str(c.vocab_name)].encode(b.tags).astype(id_dtype))  # once per parsed tag
+             for c, b in zip(encoder.bag_codecs, bags, strict=True)]
+    return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), multi,
+                        np.ones(n, dtype=bool))
 
 
 def _numeric_values(encoder: Encoder, numbers: pl.DataFrame, stats: dict | None = None) -> np.ndarray:
-    exprs = encoder.numeric_exprs(_chunk(numbers), stats)
+    exprs = encoder.value_exprs(_chunk(numbers), stats)
     values = numbers.select(exprs) if exprs else None
-    num = np.empty((numbers.height, len(encoder.num_fields)), dtype=np.float32)
-    for j in range(len(encoder.num_fields)):
+    num = np.empty((numbers.height, len(encoder.value_codecs)), dtype=np.float32)
+    for j in range(len(encoder.value_codecs)):
         num[:, j] = values[f"n{j}"].to_numpy()  # type: ignore[index]
     return num
 
 
 def _labels(encoder: Encoder, numbers: pl.DataFrame) -> np.ndarray:
-    return numbers[encoder.data.label].to_numpy().astype(np.float32)
+    return numbers[encoder.label].to_numpy().astype(np.float32)

@@ -34,6 +34,7 @@ class RawChunk:
     frame: pl.DataFrame
     lines: np.ndarray  # int64 [N]
     row_start: int  # 0-based index of the chunk's first data row within its file
+    absent_is_missing: bool = False  # a column the frame lacks is all missing (sparse formats: libffm, libsvm)
 
     def __len__(self) -> int:
         return self.frame.height
@@ -259,7 +260,7 @@ def _read_sparse_lines(path: str, data: DataConfig, bad: BadRows | None) -> Iter
             if frame is None:
                 continue
             emitted = True
-            yield RawChunk(path, frame[0], frame[1], row_start)
+            yield RawChunk(path, frame[0], frame[1], row_start, absent_is_missing=True)
             row_start += frame[0].height
     if not emitted:
         raise DataError("file has no data rows", path=path)

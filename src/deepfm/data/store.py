@@ -30,7 +30,8 @@ import polars as pl
 
 from deepfm.config import Config
 from deepfm.data import fastpath
-from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
+from deepfm.data.batch import EncodedChunk, MultiValues, SplitArrays
+from deepfm.data.encoder import Encoder
 from deepfm.data.hashing import fnv1a64
 from deepfm.data.readers import BadRows, RawChunk, read_chunks
 from deepfm.errors import DataError
@@ -43,25 +44,6 @@ SPLITS = ("train", "valid", "test")
 # encoding pass (parsed text takes several times its file size); a larger one is read twice (measured on
 # 5M Criteo rows: keeping 1 GB of chunks raised peak RSS from 1.7 to 3.9 GB and saved 15% of the time).
 KEEP_PARSED_BELOW_FILE_BYTES = 256 << 20
-
-
-@dataclass
-class SplitArrays:
-    """Memory-mapped arrays of one split (see the module docstring for shapes and dtypes)."""
-
-    labels: np.ndarray
-    cat_ids: np.ndarray
-    num_values: np.ndarray
-    multi: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (ids, weights, offsets)
-    group: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        arrays = [self.labels, self.cat_ids, self.num_values, self.group] + [a for m in self.multi for a in m]
-        return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
 @dataclass
@@ -86,10 +68,12 @@ def _file_stamp(path: str) -> dict:
             "head_tail_sha256": h.hexdigest()}
 
 
-def fingerprint(cfg: Config) -> str:
+def fingerprint(cfg: Config, parent: Encoder | None = None) -> str:
     data = cfg.data.model_dump(mode="json", exclude={"cache_dir", "chunk_rows", "id_columns"})
     files = {k: _file_stamp(v) for k in SPLITS if (v := getattr(cfg.data, k))}
-    payload = {"store_version": STORE_VERSION, "data": data,
+    grown_from = None if parent is None else \
+        hashlib.sha256(json.dumps(parent.to_json(), sort_keys=True).encode()).hexdigest()
+    payload = {"store_version": STORE_VERSION, "data": data, "grown_from": grown_from,
                "fields": [f.model_dump(mode="json", exclude={"names"}) for f in cfg.fields], "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -147,20 +131,27 @@ class _SplitWriter:
             self._write("group", group.astype(np.int64))
         self.rows += len(enc)
 
-    def renumber_cat_ids(self, luts: list[np.ndarray], block_rows: int = 1 << 20) -> None:
-        """Map column j of the written ids through ``luts[j]``, in place (the fast path's provisional ids)."""
-        fh = self._fh.pop("cat_ids", None)
-        if fh is None or not self.rows:
+    def renumber_ids(self, cat_luts: list[np.ndarray], multi_luts: list[np.ndarray]) -> None:
+        """Map column j of the written ids through ``cat_luts[j]`` and the ids of multi-valued field k through
+        ``multi_luts[k]``, in place (the fast path's provisional ids)."""
+        self._renumber("cat_ids", self.rows, cat_luts)
+        for k, lut in enumerate(multi_luts):
+            self._renumber(f"multi{k}_ids", self.nnz[k], [lut])
+
+    def _renumber(self, name: str, rows: int, luts: list[np.ndarray], block_rows: int = 1 << 20) -> None:
+        fh = self._fh.pop(name, None)
+        if fh is None or not rows:
             return
         fh.close()  # type: ignore[attr-defined]
         # read and write blocks through the file, not a memory map: the mapped pages of a multi-GB file would
         # count in this process's resident memory (9 GB at 45M rows)
-        row_bytes = self.cat_width * self.id_dtype.itemsize
-        with open(self.folder / "cat_ids.bin", "r+b") as f:
-            for lo in range(0, self.rows, block_rows):
-                n = min(block_rows, self.rows - lo)
+        width = len(luts)
+        row_bytes = width * self.id_dtype.itemsize
+        with open(self.folder / f"{name}.bin", "r+b") as f:
+            for lo in range(0, rows, block_rows):
+                n = min(block_rows, rows - lo)
                 f.seek(lo * row_bytes)
-                block = np.fromfile(f, dtype=self.id_dtype, count=n * self.cat_width).reshape(n, self.cat_width)
+                block = np.fromfile(f, dtype=self.id_dtype, count=n * width).reshape(n, width)
                 for j, lut in enumerate(luts):
                     block[:, j] = lut[block[:, j]]
                 f.seek(lo * row_bytes)
@@ -200,9 +191,10 @@ def _open_split(folder: Path, meta: dict, id_dtype: np.dtype, n_multi: int) -> S
     )
 
 
-def load_prepared(path: Path, cfg: Config) -> PreparedData:
+def load_prepared(path: Path, cfg: Config, parent: Encoder | None = None) -> PreparedData:
     manifest = json.loads((path / "manifest.json").read_text())
     encoder = Encoder.from_json(cfg.fields, cfg.data, json.loads((path / "encoder.json").read_text()))
+    encoder.parent = parent
     layout = TableLayout.from_json(manifest["layout"])
     id_dtype = np.dtype(manifest["id_dtype"])
     splits = {name: _open_split(path / name, meta, id_dtype, len(layout.multi_fields))
@@ -219,25 +211,26 @@ def _train_chunks(cfg: Config, bad: BadRows | None) -> Iterator[RawChunk]:
         yield chunk
 
 
-def prepare(cfg: Config, progress: bool = True, log=print) -> PreparedData:
-    """Fit the encoder on the training split and write every split as typed arrays (or reuse the cache)."""
+def prepare(cfg: Config, progress: bool = True, log=print, parent: Encoder | None = None) -> PreparedData:
+    """Fit the encoder on the training split and write every split as typed arrays (or reuse the cache).
+    With ``parent`` (a trained model's encoder) the vocabularies grow from the parent's (see ``deepfm.data.vocab``)."""
     for name in SPLITS:
         path = getattr(cfg.data, name)
         if path is not None and not os.path.isfile(path):
             raise DataError(f"{name} file not found (check data.{name}; relative paths are read from the "
                             "config's folder)", path=path)
-    fp = fingerprint(cfg)
+    fp = fingerprint(cfg, parent)
     root = Path(cfg.data.cache_dir)
     final = root / fp
     if (final / "manifest.json").is_file():
         log(f"Reusing prepared data {final}")
-        return load_prepared(final, cfg)
+        return load_prepared(final, cfg, parent)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{fp}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _prepare_into(tmp, cfg, fp, progress, log)
+        _prepare_into(tmp, cfg, fp, progress, log, parent)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep theirs
@@ -245,7 +238,7 @@ def prepare(cfg: Config, progress: bool = True, log=print) -> PreparedData:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    data = load_prepared(final, cfg)
+    data = load_prepared(final, cfg, parent)
     data.reused = False
     if data.manifest["bad_rows"]:
         log(f"Skipped {data.manifest['bad_rows']} bad row(s); they are listed in {final / 'bad_rows.txt'} "
@@ -253,19 +246,19 @@ def prepare(cfg: Config, progress: bool = True, log=print) -> PreparedData:
     return data
 
 
-def _prepare_fast(folder: Path, cfg: Config, log) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
+def _prepare_fast(folder: Path, cfg: Config, log, parent: Encoder | None) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
     """The fast path (``deepfm.data.fastpath``) where it applies and the data is clean; else None."""
     why = fastpath.why_not(cfg)
     if why is not None:
         if cfg.data.format in ("csv", "tsv"):
             log(f"Preparing with the general path ({why})")
         return None
-    encoder = Encoder(cfg.fields, cfg.data)
+    encoder = Encoder(cfg.fields, cfg.data, parent=parent)
     writers: dict[str, _SplitWriter] = {}
 
     def writer_for(name: str) -> _SplitWriter:
         if name not in writers:  # ids are int32 until renumbered (the table's size is known only then)
-            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), 0, False)
+            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), len(encoder.bag_codecs), False)
         return writers[name]
 
     try:
@@ -284,15 +277,15 @@ def _id_dtype(layout: TableLayout) -> np.dtype:
     return np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
 
 
-def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log) -> None:
+def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, parent: Encoder | None) -> None:
     t0 = time.perf_counter()
-    fast = _prepare_fast(folder, cfg, log)
+    fast = _prepare_fast(folder, cfg, log, parent)
     if fast is not None:
         encoder, writers = fast
         _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0, fast_path=True)
         return
     bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
-    encoder = Encoder(cfg.fields, cfg.data)
+    encoder = Encoder(cfg.fields, cfg.data, parent=parent)
     # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
     # The training file is read once when its parsed chunks fit in memory (kept for the encoding pass),
     # twice otherwise. Bad rows are reported by whichever pass is the last to see them.

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepfm.artifact import LoadedModel
 from deepfm.errors import DeepFMError
 from deepfm.predict import Predictor
-from deepfm.serve.encode import (ErrorItem, FastEncoder, RequestError, frame_probs, request_fields,
+from deepfm.serve.encode import (ErrorItem, FastEncoder, RequestError, frame_probs, request_codecs,
                                  validate_rows)
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.schemas import (ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse,
@@ -77,8 +77,9 @@ class ServedModel:
             with open(path / name, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
+        codecs = request_codecs(predictor.loaded.encoder.codecs, predictor.config.data)
         served = cls(predictor, FastEncoder(predictor), digest.hexdigest()[:16], time.time(),
-                     {str(f.name): f for f in request_fields(predictor.config.fields, predictor.config.data)})
+                     {c.name: c for c in codecs})
         served.warm_up()
         return served
 
@@ -93,19 +94,11 @@ class ServedModel:
                               f"({p1} vs {p2}); this is a deepfm bug")
 
     def validate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        data = self.predictor.config.data
-        return validate_rows(rows, self.fields, data.label, data.multi_value_separator)
+        return validate_rows(rows, self.fields, self.predictor.config.data.label)
 
     def info(self, settings: Settings) -> dict[str, Any]:
         m = self.loaded
-        vocabs = m.encoder.vocabularies_ or {}
-        fields = []
-        for f in m.config.fields:
-            fields.append({"name": f.name, "kind": f.kind,
-                           "numeric": f.numeric if f.kind == "numeric" else None,
-                           "combiner": f.combiner if f.kind == "multi" else None,
-                           "vocab": None if f.is_scaled_numeric else f.vocab_name,
-                           "vocab_size": None if f.is_scaled_numeric else vocabs[f.vocab_name].size})
+        fields = m.encoder.describe()
         return {"version": self.version, "path": str(m.path), "created": m.info.get("created"),
                 "format_version": m.info.get("format_version"), "versions": m.info.get("versions"),
                 "label": m.config.data.label, "fields": fields, "metrics": m.metrics,

@@ -83,7 +83,9 @@ class ModelField(BaseModel):
     name: str
     kind: str
     numeric: str | None = None
+    log1p: bool | None = None
     combiner: str | None = None
+    max_len: int | None = None
     vocab: str | None = None
     vocab_size: int | None = None
 

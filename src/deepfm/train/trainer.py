@@ -14,7 +14,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,61 +25,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deepfm.config import TrainConfig, auto_batch_size
-from deepfm.data.loader import ModelInput, iterate_batches, num_batches
-from deepfm.data.store import SplitArrays
+from deepfm.data.batch import ModelInput, SplitArrays
+from deepfm.data.loader import iterate_batches, num_batches
 from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.metrics import summarize
 from deepfm.progress import progress_bar
+from deepfm.runtime import autocast, predict_logits, resolve_precision, sigmoid
 from deepfm.train import distributed as ddp
 from deepfm.train import sharding
 from deepfm import native
 from deepfm.train.optim import build_optimizers, clip_grad_norm
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off on CUDA with bf16 and on CPUs with AMX or AVX512-BF16; elsewhere it is slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        return bool(cpu is not None and (getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                                         or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()))
-    return False
-
-
-def resolve_precision(spec: str, device: torch.device) -> str:
-    if spec == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return spec
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, batches, device: torch.device, precision: str) -> np.ndarray:
-    """Logits of every batch, concatenated (float64 numpy)."""
-    model.eval()
-    out = []
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
-        with autocast(device, precision):
-            out.append(model(*batch.tensors()).float())
-    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 @dataclass

@@ -1,0 +1,144 @@
+"""The typed arrays between the engines and the model, apart from the readers: the encoded rows of a chunk
+(``EncodedChunk``), a prepared split on disk (``SplitArrays``) and a batch of model inputs (``ModelInput``).
+Importing this module pulls in numpy and torch only, so the model, the runtime and the server can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class MultiValues:
+    ids: np.ndarray  # int64 [nnz]
+    weights: np.ndarray  # float32 [nnz]
+    lengths: np.ndarray  # int64 [N]
+
+
+@dataclass
+class EncodedChunk:
+    labels: np.ndarray | None
+    cat_ids: np.ndarray
+    num_values: np.ndarray
+    multi: list[MultiValues]
+    kept: np.ndarray  # bool [N_raw]: rows of the raw chunk that were encoded (all True unless skipping)
+
+    def __len__(self) -> int:
+        return int(self.cat_ids.shape[0])
+
+
+@dataclass
+class SplitArrays:
+    """Memory-mapped arrays of one prepared split (``deepfm.data.store`` writes them).
+
+    labels float32 [N]; cat_ids int32/int64 [N, Fc]; num_values float32 [N, Fn]; per multi-valued field
+    (ids [nnz], weights float32 [nnz], offsets int64 [N+1]); group int64 [N] or None."""
+
+    labels: np.ndarray
+    cat_ids: np.ndarray
+    num_values: np.ndarray
+    multi: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (ids, weights, offsets)
+    group: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.labels, self.cat_ids, self.num_values, self.group] + [a for m in self.multi for a in m]
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+@dataclass
+class ModelInput:
+    """The model's inputs for a batch of ``B`` rows (``nnz`` = tags over all multi-valued fields).
+
+    cat_ids       int64   [B, Fc]   local ids of single-valued categorical fields
+    num_values    float32 [B, Fn]   scaled numeric values, NaN = missing
+    multi_ids     int64   [nnz]     local ids of the tags of multi-valued fields
+    multi_weights float32 [nnz]     their weights (values)
+    multi_bags    int64   [nnz]     bag of each tag: field_index * B + row
+    labels        float32 [B]       (None when predicting)
+    """
+
+    cat_ids: torch.Tensor
+    num_values: torch.Tensor
+    multi_ids: torch.Tensor
+    multi_weights: torch.Tensor
+    multi_bags: torch.Tensor
+    labels: torch.Tensor | None = None
+    group: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.cat_ids.shape[0])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The positional arguments of ``DeepFM.forward``."""
+        return self.cat_ids, self.num_values, self.multi_ids, self.multi_weights, self.multi_bags
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ModelInput:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return ModelInput(*(mv(t) for t in (self.cat_ids, self.num_values, self.multi_ids,  # type: ignore
+                                            self.multi_weights, self.multi_bags, self.labels, self.group)))
+
+    def slice(self, lo: int, hi: int) -> ModelInput:
+        """Rows ``lo:hi`` (multi-valued bags re-based; labels and group are not carried)."""
+        if lo == 0 and hi == len(self):
+            return self
+        b = len(self)
+        field = torch.div(self.multi_bags, b, rounding_mode="floor")
+        row = self.multi_bags - field * b
+        keep = (row >= lo) & (row < hi)
+        bags = field[keep] * (hi - lo) + (row[keep] - lo)
+        order = torch.argsort(bags, stable=True)
+        return ModelInput(self.cat_ids[lo:hi], self.num_values[lo:hi], self.multi_ids[keep][order],
+                          self.multi_weights[keep][order], bags[order])
+
+    def pin_memory(self) -> ModelInput:
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return ModelInput(*(pin(t) for t in (self.cat_ids, self.num_values, self.multi_ids,  # type: ignore
+                                             self.multi_weights, self.multi_bags, self.labels, self.group)))
+
+
+def _bags(lengths_per_field: list[np.ndarray], batch: int) -> np.ndarray:
+    if not lengths_per_field:
+        return np.zeros(0, dtype=np.int64)
+    lengths = np.concatenate(lengths_per_field)
+    return np.repeat(np.arange(len(lengths_per_field) * batch, dtype=np.int64), lengths)
+
+
+def make_input(cat_ids: np.ndarray, num_values: np.ndarray, multi: list[tuple[np.ndarray, np.ndarray,
+               np.ndarray]], labels: np.ndarray | None = None, group: np.ndarray | None = None) -> ModelInput:
+    """Build a ``ModelInput`` from numpy arrays; ``multi`` holds (ids, weights, lengths) per field."""
+    b = cat_ids.shape[0]
+    if multi:
+        ids = np.concatenate([m[0] for m in multi]).astype(np.int64, copy=False)
+        weights = np.concatenate([m[1] for m in multi]).astype(np.float32, copy=False)
+    else:
+        ids, weights = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    bags = _bags([m[2] for m in multi], b)
+    return ModelInput(
+        _tensor(cat_ids, np.int64), _tensor(num_values, np.float32), _tensor(ids, np.int64),
+        _tensor(weights, np.float32), torch.from_numpy(bags),
+        None if labels is None else _tensor(labels, np.float32),
+        None if group is None else _tensor(group, np.int64),
+    )
+
+
+def _tensor(arr: np.ndarray, dtype: type) -> torch.Tensor:
+    """A tensor owning its memory (slices of read-only memory maps are copied once, converted as needed)."""
+    if arr.dtype == dtype and arr.flags.c_contiguous and arr.flags.writeable:
+        return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, dtype=dtype, order="C"))
+
+
+def input_from_chunk(enc: EncodedChunk) -> ModelInput:
+    return make_input(enc.cat_ids, enc.num_values, [(m.ids, m.weights, m.lengths) for m in enc.multi],
+                      enc.labels)
