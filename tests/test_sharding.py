@@ -118,6 +118,12 @@ def test_row_sharded_model_directory_matches_and_predicts(runs):
     m_row = Predictor(row).evaluate_file(valid, progress=False)
     assert m_row["auc"] == pytest.approx(json.loads((row / "metrics.json").read_text())["valid"]["auc"], abs=1e-9)
     assert m_row["auc"] == pytest.approx(Predictor(one).evaluate_file(valid, progress=False)["auc"], abs=1e-4)
+    # the optimiser state, gathered from the shards like the table: the one-process state, whole
+    want, got = (load_file(str(d / "optimizer.safetensors")) for d in (one, row))
+    assert want.keys() == got.keys() and got["s.optimizers.0.state.0.exp_avg"].shape == want[
+        "s.optimizers.0.state.0.exp_avg"].shape
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-6, msg=key)
     clip, no_clip = (load_file(str(runs[k][0] / "model.safetensors"))["embedding.weight"] for k in ("one_clip", "one"))
     assert (clip - no_clip).abs().max() > 1e-3  # clipping changed the result: row4's match above is not vacuous
 

@@ -75,11 +75,13 @@ class LoadedModel:
 def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Encoder, model: DeepFM,
                metrics: dict[str, Any], history: list[dict[str, Any]], fingerprint: str | None = None,
                extra_files: dict[str, Path] | None = None, optimizers: list[torch.optim.Optimizer] | None = None,
-               lineage: dict[str, Any] | None = None, table_blocks: Iterable[torch.Tensor] | None = None) -> None:
+               lineage: dict[str, Any] | None = None, table_blocks: Iterable[torch.Tensor] | None = None,
+               optimizer_streams: list[StreamedTensor] | None = None) -> None:
     """Write the model directory atomically: a reader sees the old directory or the complete new one.
 
     ``table_blocks``: the embedding table's rows in order, block by block, when ``model`` holds only a shard of
-    it (row sharding): the table is streamed into ``model.safetensors`` and never held whole here.
+    it (row sharding): the table is streamed into ``model.safetensors`` and never held whole here; likewise
+    ``optimizer_streams``, the table's optimiser state (``deepfm.train.sharding.optimizer_streams``).
     """
 
     def fill(tmp: Path) -> None:
@@ -100,7 +102,7 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
                                       (b.float() for b in table_blocks))
         atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT}, streamed=streamed)
         if optimizers is not None:
-            save_state(tmp / "optimizer", {"optimizers": [o.state_dict() for o in optimizers]})
+            save_state(tmp / "optimizer", {"optimizers": [o.state_dict() for o in optimizers]}, optimizer_streams)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         for name, src in (extra_files or {}).items():

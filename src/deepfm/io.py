@@ -48,16 +48,18 @@ class StreamedTensor:
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
-                        streamed: StreamedTensor | None = None) -> None:
+                        streamed: StreamedTensor | list[StreamedTensor] | None = None) -> None:
+    """``tensors`` (and ``streamed`` ones, written block by block in list order) -> a safetensors file, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        if streamed is None:
+        streams = [streamed] if isinstance(streamed, StreamedTensor) else list(streamed or [])
+        if not streams:
             save_file(plain, tmp, metadata=metadata)
         else:
-            _write_safetensors(plain, streamed, Path(tmp), metadata)
+            _write_safetensors(plain, streams, Path(tmp), metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -65,10 +67,10 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
         raise
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], streamed: StreamedTensor, path: Path,
+def _write_safetensors(tensors: dict[str, torch.Tensor], streams: list[StreamedTensor], path: Path,
                        metadata: dict[str, str] | None) -> None:
     """The safetensors format (8-byte header size, JSON header, raw little-endian data) written by hand, so that
-    ``streamed`` goes to disk block by block; ``safetensors.torch.load_file`` reads the result as usual."""
+    each of ``streams`` goes to disk block by block; ``safetensors.torch.load_file`` reads the result as usual."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, t in tensors.items():
@@ -76,9 +78,11 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], streamed: StreamedTenso
         header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
-    total = int(torch.Size(streamed.shape).numel()) * torch.empty(0, dtype=streamed.dtype).element_size()
-    header[streamed.name] = {"dtype": _SAFETENSORS_DTYPES[streamed.dtype], "shape": list(streamed.shape),
-                             "data_offsets": [offset, offset + total]}
+    for st in streams:
+        size = int(torch.Size(st.shape).numel()) * torch.empty(0, dtype=st.dtype).element_size()
+        header[st.name] = {"dtype": _SAFETENSORS_DTYPES[st.dtype], "shape": list(st.shape),
+                           "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
@@ -86,16 +90,17 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], streamed: StreamedTenso
         fh.write(raw)
         for t in tensors.values():
             fh.write(_raw_bytes(t))
-        written = 0
-        for block in streamed.blocks:
-            if block.dtype != streamed.dtype or tuple(block.shape[1:]) != tuple(streamed.shape[1:]):
-                raise ValueError(f"{streamed.name}: a block of {block.dtype} {tuple(block.shape)} does not fit "
-                                 f"{streamed.dtype} {streamed.shape}")
-            data = _raw_bytes(block.detach().cpu().contiguous())
-            fh.write(data)
-            written += len(data)
-        if written != total:
-            raise ValueError(f"{streamed.name}: blocks hold {written} bytes, the shape {streamed.shape} needs {total}")
+        for st in streams:
+            written, total = 0, header[st.name]["data_offsets"][1] - header[st.name]["data_offsets"][0]
+            for block in st.blocks:
+                if block.dtype != st.dtype or tuple(block.shape[1:]) != tuple(st.shape[1:]):
+                    raise ValueError(f"{st.name}: a block of {block.dtype} {tuple(block.shape)} does not fit "
+                                     f"{st.dtype} {st.shape}")
+                data = _raw_bytes(block.detach().cpu().contiguous())
+                fh.write(data)
+                written += len(data)
+            if written != total:
+                raise ValueError(f"{st.name}: blocks hold {written} bytes, the shape {st.shape} needs {total}")
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -133,6 +138,11 @@ def replace_directory(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
+def state_key(*path: Any) -> str:
+    """The name ``save_state`` gives the tensor at ``state[path[0]][path[1]]...``."""
+    return ".".join(["s", *map(str, path)])
+
+
 def state_to_tensors(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested state (dicts, lists) by a reference, collecting the tensors."""
     if isinstance(state, torch.Tensor):
@@ -166,11 +176,15 @@ def optimizer_state_from_json(state: dict) -> dict:
     return out
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """A nested state with tensors -> ``path.safetensors`` + ``path.json``, both atomically."""
+def save_state(path: Path, state: dict[str, Any], streamed: list[StreamedTensor] | None = None) -> None:
+    """A nested state with tensors -> ``path.safetensors`` + ``path.json``, both atomically. ``streamed``: tensors
+    written block by block instead of the state's tensors of the same names (the names ``state_to_tensors``
+    gives, as ``state_key`` spells them), which then need not be whole in ``state``."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = state_to_tensors(state, "s", tensors)
-    atomic_save_tensors(tensors, path.with_suffix(".safetensors"))
+    for st in streamed or []:
+        del tensors[st.name]
+    atomic_save_tensors(tensors, path.with_suffix(".safetensors"), streamed=streamed)
     atomic_write_text(path.with_suffix(".json"), json.dumps(skeleton))
 
 

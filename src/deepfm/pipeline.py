@@ -145,16 +145,16 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                                       None if split.group is None else np.asarray(split.group))
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
                         "ranks": dist.world_size}
-    # row sharding: the table reaches rank 0 block by block, as it writes model.safetensors; its optimiser
-    # state stays in the ranks' checkpoints (the model directory gets none: --init-from then starts it afresh)
-    blocks = sharding.table_blocks(trainer.model.embedding, dist) if row_sharded(cfg, dist) else None
-    optimizers = trainer.optimizers if cfg.train.save_optimizer_state and blocks is None else None
-    if blocks is not None and cfg.train.save_optimizer_state:
-        log("Note: under row sharding the model directory gets no optimiser state (each rank's part stays in "
-            "its checkpoints); train --init-from this model starts the optimiser afresh")
+    # row sharding: the table and its optimiser state reach rank 0 block by block, as it writes them
+    blocks, streams = None, None
+    if row_sharded(cfg, dist):
+        blocks = sharding.table_blocks(trainer.model.embedding, dist)
+        if cfg.train.save_optimizer_state:
+            streams = sharding.optimizer_streams(trainer.optimizers, trainer.model.embedding, dist)
     if not dist.is_main:
-        for _ in blocks or ():  # sends this rank's rows
-            pass
+        for stream in [blocks or ()] + [st.blocks for st in streams or []]:
+            for _ in stream:  # sends this rank's rows
+                pass
         return None
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +173,8 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                 plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
         save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
                    metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
-                   extra_files=plots, optimizers=optimizers, lineage=lineage, table_blocks=blocks)
+                   extra_files=plots, optimizers=trainer.optimizers if cfg.train.save_optimizer_state else None,
+                   lineage=lineage, table_blocks=blocks, optimizer_streams=streams)
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(output, metrics, state.history, data, trainer)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from deepfm.config import Config, TrainConfig
 from deepfm.errors import ConfigError, OutOfMemory
-from deepfm.io import replace_directory
+from deepfm.io import StreamedTensor, replace_directory, state_key
 from deepfm.model.embedding import FieldEmbedding
 from deepfm.train import distributed as ddp
 
@@ -177,28 +177,54 @@ def explain_out_of_memory(cfg: Config, num_rows: int, ctx: ddp.DistContext) -> I
         raise _out_of_memory(cfg, num_rows, ctx, text.splitlines()[0][:200] if text else type(err).__name__) from None
 
 
-def table_blocks(embedding: FieldEmbedding, ctx: ddp.DistContext, block_bytes: int = SAVE_BLOCK_BYTES
+def shard_blocks(local: torch.Tensor, num_rows: int, ctx: ddp.DistContext, block_bytes: int = SAVE_BLOCK_BYTES
                  ) -> Iterator[torch.Tensor]:
-    """The whole table in row order, block by block, on rank 0 (each block sent by its owner; at most one
-    block held at a time). On the other ranks: send this shard's blocks to rank 0 and yield nothing.
-    Every rank must consume it to the end."""
-    width = embedding.weight.shape[1]
-    step = max(1, block_bytes // (width * embedding.weight.element_size()))
+    """A row-sharded tensor (``local``: this rank's rows of ``num_rows``) whole, in row order, block by block,
+    on rank 0 (each block sent by its owner; at most one block held at a time). On the other ranks: send this
+    shard's blocks to rank 0 and yield nothing. Every rank must consume it to the end."""
+    local = local.detach()
+    width = local.shape[1:].numel()
+    step = max(1, block_bytes // max(width * local.element_size(), 1))
     device = ddp.comm_device()
     for owner in range(ctx.world_size):
-        lo, hi = ddp.shard_bounds(embedding.num_rows, ddp.DistContext(owner, ctx.world_size))
+        lo, hi = ddp.shard_bounds(num_rows, ddp.DistContext(owner, ctx.world_size))
         for start in range(lo, hi, step):
             n = min(step, hi - start)
             if owner == ctx.rank:
-                block = embedding.weight.detach()[start - lo: start - lo + n]
+                block = local[start - lo: start - lo + n]
                 if ctx.is_main:
                     yield block.cpu()
                 else:
                     dist.send(block.to(device).contiguous(), dst=0)
             elif ctx.is_main:
-                block = torch.empty(n, width, dtype=embedding.weight.dtype, device=device)
+                block = torch.empty(n, *local.shape[1:], dtype=local.dtype, device=device)
                 dist.recv(block, src=owner)
                 yield block.cpu()
+
+
+def table_blocks(embedding: FieldEmbedding, ctx: ddp.DistContext) -> Iterator[torch.Tensor]:
+    """The whole embedding table, block by block, on rank 0 (see ``shard_blocks``)."""
+    return shard_blocks(embedding.weight, embedding.num_rows, ctx)
+
+
+def optimizer_streams(optimizers: list[torch.optim.Optimizer], embedding: FieldEmbedding, ctx: ddp.DistContext
+                      ) -> list[StreamedTensor]:
+    """The table's row-wise optimiser state (Adam's moments, Adagrad's sums) whole, as ``save_state`` names it
+    in ``{"optimizers": [o.state_dict() ...]}``, each streamed block by block to rank 0 (``shard_blocks``).
+    Every rank must consume every stream, in list order."""
+    weight = embedding.weight
+    streams = []
+    for i, opt in enumerate(optimizers):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        index = next((j for j, p in enumerate(params) if p is weight), None)
+        if index is None:
+            continue
+        for name, value in sorted(opt.state.get(weight, {}).items()):
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape == weight.shape:
+                streams.append(StreamedTensor(state_key("optimizers", i, "state", index, name),
+                                              (embedding.num_rows, *value.shape[1:]), value.dtype,
+                                              shard_blocks(value, embedding.num_rows, ctx)))
+    return streams
 
 
 def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistContext) -> None:
