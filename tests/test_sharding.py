@@ -232,3 +232,11 @@ def test_a_streamed_table_is_written_block_by_block_as_a_safetensors_file(tmp_pa
         atomic_save_tensors(small, tmp_path / "short.safetensors",
                             streamed=StreamedTensor("t", (1001, 5), torch.float32, iter(table[:600].split(300))))
     assert not (tmp_path / "short.safetensors").exists()
+
+
+def test_training_further_under_row_sharding_is_refused_before_joining_the_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = config_from_dict(_config(tmp_path, "row"))
+    with pytest.raises(ConfigError, match="--init-from .*parent: training further with train.embedding_sharding: row"):
+        train(cfg, tmp_path / "m", init_from=tmp_path / "parent", log=lambda _m: None)

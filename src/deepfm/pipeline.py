@@ -64,14 +64,14 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
     """Run the whole job. Under ``torchrun`` every rank calls this; rank 0 returns the result, others None.
     ``init_from``: a model directory to train further on this config's data (``deepfm.train.warm``)."""
     dist = ddp.from_env()
+    if init_from is not None and row_sharded(cfg, dist):
+        raise ConfigError(f"--init-from {init_from}: training further with train.embedding_sharding: row is "
+                          "not supported yet (it would load the whole parent table on every rank); train further "
+                          "with embedding_sharding: replicated")
     if dist.enabled:
         ddp.init(dist, ddp.device_for(dist, cfg.train.device), cfg.train.dist_timeout_s)
     try:
         parent = None
-        if init_from is not None and row_sharded(cfg, dist):
-            raise ConfigError(f"--init-from {init_from}: training further with train.embedding_sharding: row is "
-                              "not supported yet (it would load the whole parent table on every rank); train further "
-                              "with embedding_sharding: replicated")
         if init_from is not None:
             parent = load_model(Path(init_from))
             check_compatible(parent.config, cfg)
