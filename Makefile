@@ -2,14 +2,19 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Where torch comes from. Empty (the default): plain PyPI, which on Linux x86-64 is the CUDA build (~530 MB plus
+# the CUDA libraries) and elsewhere the CPU build. For the CPU-only build on Linux use PyTorch's own index:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX   ?=
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: setup example test bench clean
 
 $(BIN)/deepfm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU build of torch first: a plain `pip install torch` would pull a multi-GB CUDA build
-	$(BIN)/pip install -q "torch==2.13.0"
+	# torch first, from TORCH_INDEX when set (see above), so that the next line does not choose it
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e ".[dev,serve,export,tune]"
 	touch $(BIN)/deepfm
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -96,3 +97,10 @@ def multi_model() -> Path:
     out = workdir() / "multi-model"
     train(config_from_dict(raw), out, log=_quiet)
     return out
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

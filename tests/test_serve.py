@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -328,18 +327,15 @@ def test_fuzz_openapi_no_5xx(multi_dir):
 
     app = create_app(multi_dir, Settings(max_rows=50))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    budget = {"POST /v1/predict": 150, "POST /v1/reload": 25}
+    budget = {"POST /v1/predict": 150, "POST /v1/reload": 25}  # bounded by example count, never by wall time
     seen: dict[str, set[int]] = {}
-    deadline = time.monotonic() + 25
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            @settings(max_examples=budget.get(op.label, 5), deadline=None, database=None,
+            @settings(max_examples=budget.get(op.label, 5), deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def check(case):
-                if time.monotonic() > deadline:
-                    return
                 resp = case.call()
                 seen.setdefault(op.label, set()).add(resp.status_code)
                 assert resp.status_code < 500, (case.body, resp.text)
@@ -354,15 +350,9 @@ def test_fuzz_openapi_no_5xx(multi_dir):
 
 
 # ------------------------------------------------------------------------- a real server on loopback
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_uvicorn_end_to_end(criteo_dir, tmp_path):
     httpx = pytest.importorskip("httpx")
-    port = _free_port()
+    port = models.free_port()
     env = dict(os.environ, PYTHONPATH=str(models.ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "deepfm", "serve", str(criteo_dir), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,21 +172,6 @@ def test_resume_of_a_row_sharded_run_gives_the_same_model(runs):
     assert "Resuming from" in resumed.stdout
     a, b = load_file(str(runs["row2"][0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_the_readme_row_sharding_command_runs_as_written(tmp_path):
-    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "embedding_sharding=row" in x)
-    assert line.startswith("deepfm train examples/criteo/config.yaml --nproc 2")
-    shutil.copytree(ROOT / "examples" / "criteo", tmp_path / "examples" / "criteo",
-                    ignore=shutil.ignore_patterns(".cache"))
-    deepfm = str(Path(sys.executable).with_name("deepfm"))
-    proc = subprocess.run([deepfm, *shlex.split(line)[1:], "--no-progress"], check=False, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    assert "row-sharded over 2 ranks" in log and "sent per step and rank: table" in log
-    metrics = json.loads((tmp_path / "runs" / "criteo-row" / "metrics.json").read_text())
-    assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
 
 
 def test_a_replicated_table_over_the_memory_cap_fails_naming_the_cap(tmp_path):

@@ -38,7 +38,14 @@ def test_tune_cli_picks_max_valid_auc_and_writes_valid_config(tmp_path: Path, ca
     aucs = [float(r["valid_auc"]) for r in rows]
     assert all(0.5 < a < 1.0 for a in aucs)
     best = rows[max(range(3), key=lambda i: aucs[i])]
-    assert f"valid AUC {max(aucs):.5f}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"valid AUC {max(aucs):.5f}" in captured.out
+    # every trial reports its epochs while it runs (stderr), and the best result is printed once
+    for r in rows:
+        assert f"trial {r['trial']}: epoch 1 | train logloss" in captured.err
+        assert f"trial {r['trial']}: valid AUC {float(r['valid_auc']):.5f}" in captured.err
+    assert (captured.out + captured.err).count(f"best trial {best['trial']}") == 1
+    assert "best: trial" not in captured.out + captured.err
 
     cfg = load_config(out / "best.yaml")  # validates
     assert cfg.train.lr == pytest.approx(float(best["train.lr"]))

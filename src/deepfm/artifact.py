@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,8 @@ from safetensors.torch import load_file
 from deepfm.config import Config, config_from_dict, config_to_dict
 from deepfm.data.encoder import Encoder
 from deepfm.errors import ArtifactError, ConfigError
-from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, load_state, optimizer_state_from_json,
-                       save_state)
+from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, leftover_siblings, load_state,
+                       optimizer_state_from_json, save_state)
 from deepfm.layout import TableLayout
 from deepfm.model import DeepFM
 
@@ -72,17 +74,27 @@ class LoadedModel:
                                 "train with --reset-optimizer to start it afresh") from None
 
 
+WRITTEN = REQUIRED + ("metrics.json", "metrics.jsonl", "plots", "optimizer.safetensors", "optimizer.json")
+
+
 def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Encoder, model: DeepFM,
                metrics: dict[str, Any], history: list[dict[str, Any]], fingerprint: str | None = None,
                extra_files: dict[str, Path] | None = None, optimizers: list[torch.optim.Optimizer] | None = None,
                lineage: dict[str, Any] | None = None, table_blocks: Iterable[torch.Tensor] | None = None,
-               optimizer_streams: list[StreamedTensor] | None = None) -> None:
+               optimizer_streams: list[StreamedTensor] | None = None) -> list[str]:
     """Write the model directory atomically: a reader sees the old directory or the complete new one.
+
+    Entries of an existing directory that deepfm does not write itself (``export/`` from ``deepfm export``,
+    files a user put there) are carried into the new directory (hard links where possible), so re-training
+    never deletes them; their names are returned so the caller can say that they were made from the previous
+    model.
 
     ``table_blocks``: the embedding table's rows in order, block by block, when ``model`` holds only a shard of
     it (row sharding): the table is streamed into ``model.safetensors`` and never held whole here; likewise
     ``optimizer_streams``, the table's optimiser state (``deepfm.train.sharding.optimizer_streams``).
     """
+    path = Path(path)
+    kept = sorted(p.name for p in path.iterdir() if p.name not in WRITTEN) if path.is_dir() else []
 
     def fill(tmp: Path) -> None:
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": package_versions(),
@@ -109,23 +121,61 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
             dst = tmp / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(Path(src).read_bytes())
+        for name in kept:
+            copy_entry(path / name, tmp / name)
 
-    atomic_directory(Path(path), fill)
+    atomic_directory(path, fill)
+    return kept
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_entry(src: Path, dst: Path) -> None:
+    """A file or folder tree, hard-linked where the filesystem allows (the old directory is deleted after the
+    swap, so the links cost no space), else copied."""
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(src), str(dst))
+
+
+def _read_json(path: Path, parse: Callable[[Any], Any] | None = None) -> Any:
+    """A JSON file of the model directory, parsed by ``parse``; a truncated or wrong file is an ArtifactError."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: unreadable, not valid JSON ({err}); the model directory is damaged: "
+                            "retrain or restore it") from None
+    try:
+        return raw if parse is None else parse(raw)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ArtifactError(f"{path}: not a valid {path.name} ({type(err).__name__}: {what}); the model directory "
+                            "is damaged: retrain or restore it") from None
 
 
 def read_info(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
+        # only where the swap takes two renames (no renameat2) and a kill fell between them: the previous
+        # model, complete, was renamed aside to .NAME.old-*
+        aside = [p for p in leftover_siblings(path) if ".old-" in p.name and all((p / f).is_file() for f in REQUIRED)]
+        if aside:
+            raise ArtifactError(f"{path}: model directory not found, but a write of it was interrupted; the "
+                                f"previous model {aside[-1]} is beside it: rename it to {path.name}")
         raise ArtifactError(f"{path}: model directory not found (train one with `deepfm train CONFIG.yaml`)")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise ArtifactError(f"{path}: not a complete deepfm model directory, missing {missing}")
-    try:
-        info = json.loads((path / "deepfm.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path / 'deepfm.json'}: unreadable ({err})") from None
-    if info.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a deepfm model (format {info.get('format')!r})")
+    info = _read_json(path / "deepfm.json")
+    fmt = info.get("format") if isinstance(info, dict) else None
+    if fmt != FORMAT:
+        raise ArtifactError(f"{path}: not a deepfm model (format {fmt!r})")
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         made_by = info.get("versions", {}).get("deepfm", "?")
@@ -143,9 +193,16 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
         config = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
     except ConfigError as err:
         raise ArtifactError(f"{path}: its config.yaml does not validate with this deepfm:\n{err}") from None
-    layout = TableLayout.from_json(json.loads((path / "layout.json").read_text()))
-    encoder = Encoder.from_json(config.fields, config.data, json.loads((path / "encoder.json").read_text()))
-    model = DeepFM(layout, config.model, sparse=False)
+    except yaml.YAMLError as err:
+        raise ArtifactError(f"{path / 'config.yaml'}: unreadable YAML ({err}); the model directory is damaged: "
+                            "retrain or restore it") from None
+    layout = _read_json(path / "layout.json", TableLayout.from_json)
+    encoder = _read_json(path / "encoder.json", lambda d: Encoder.from_json(config.fields, config.data, d))
+    try:
+        model = DeepFM(layout, config.model, sparse=False)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ArtifactError(f"{path / 'layout.json'}: does not describe a model this config can build ({err})"
+                            ) from None
     try:
         state = load_file(str(path / "model.safetensors"), device=str(device))
     except (SafetensorError, OSError) as err:
@@ -155,5 +212,5 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     except RuntimeError as err:
         raise ArtifactError(f"{path}: weights do not match its layout/config ({err})") from None
     model.to(device).eval()
-    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     return LoadedModel(path, config, layout, encoder, model, info, metrics)

@@ -31,6 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     cfg = load_config(args.config, overrides)
     output = Path(args.output or cfg.output or default_output(args.config))
+    if not (args.output or cfg.output):
+        _log(f"Output: {output} (named after {args.config}; choose with --output DIR)")
     result = train(cfg, output, resume=args.resume, log=_log, init_from=args.init_from,
                    reset_optimizer=args.reset_optimizer)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
@@ -71,8 +73,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from deepfm.predict import Predictor
+    from deepfm.predict import Predictor, output_format
 
+    output_format(args.output)  # an unknown extension fails before the model loads
     pred = Predictor(args.model_dir, device=args.device)
     rows = pred.predict_file(args.data, args.output, id_columns=args.id_column,
                              skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
@@ -119,12 +122,29 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless the help text already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deepfm import __version__
 
-    p = argparse.ArgumentParser(prog="deepfm", description="DeepFM for click-through-rate prediction.")
+    p = Parser(prog="deepfm", description="DeepFM for click-through-rate prediction.")
     p.add_argument("--version", action="version", version=f"deepfm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="prepare data, train, early-stop and write a model directory")
     t.add_argument("config", help="YAML config (see README: config reference)")

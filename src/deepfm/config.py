@@ -11,6 +11,7 @@ error with the key's path, never a silently ignored setting. Each component rece
 
 from __future__ import annotations
 
+import codecs
 import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -69,6 +70,8 @@ class DataConfig(_Frozen):
     multi_value_separator: str = "^"
     weight_separator: str = ":"
     cache_dir: str = ".cache/deepfm"
+    # the text encoding of CSV/TSV/libffm/libsvm files (any Python codec name, e.g. latin-1); cells are UTF-8 inside
+    encoding: str = "utf-8"
     skip_bad_rows: bool = False
     chunk_rows: int = Field(262_144, gt=0)
     derive: list[DeriveConfig] = []
@@ -86,6 +89,11 @@ class DataConfig(_Frozen):
         names = [d.name for d in self.derive]
         if len(set(names)) != len(names):
             raise ValueError(f"data.derive names a column twice: {names}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"data.encoding '{self.encoding}' is not a known text encoding "
+                             "(e.g. utf-8, latin-1, cp1252)") from None
         return self
 
     @property
@@ -243,6 +251,9 @@ class TrainConfig(_Frozen):
     l1: float = Field(0.0, ge=0.0)
     l2: float = Field(0.0, ge=0.0)
     patience: int = Field(2, ge=0)
+    # an epoch counts as a gain only when the monitored validation score beats the best by more than this
+    # (Keras / PyTorch Lightning's min_delta); 0 = any gain
+    min_delta: float = Field(0.0, ge=0.0)
     lr_plateau_factor: float = Field(0.1, gt=0.0, le=1.0)
     lr_plateau_patience: int = Field(0, ge=0)
     min_lr: float = Field(1e-6, ge=0.0)
@@ -385,6 +396,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     data = raw.get("data")
     if isinstance(data, dict):
         base = path.resolve().parent
+        data.setdefault("cache_dir", DataConfig.model_fields["cache_dir"].default)  # read from here too
         for key in ("train", "valid", "test", "cache_dir"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])

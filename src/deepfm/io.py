@@ -2,14 +2,19 @@
 
 Model weights and optimiser state are stored as safetensors (loading never unpickles) plus JSON for the
 non-tensor parts. Every file and folder is written under a temporary name and renamed into place, so a
-crash leaves either the old version or the new one, never half of one.
+crash leaves either the old version or the new one, never half of one. Files and folders get the modes the
+umask gives (as ``open`` would), not ``mkstemp``'s private 0600/0700: a service account reading a model
+written by another user must be able to read it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,11 +25,37 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path | str, *, directory: bool = False) -> None:
+    """Give a ``mkstemp`` / ``mkdtemp`` result the mode a plain ``open`` / ``mkdir`` would have had."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def temp_file_beside(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    apply_umask(tmp)
+    return tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = temp_file_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -50,14 +81,13 @@ class StreamedTensor:
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
                         streamed: StreamedTensor | list[StreamedTensor] | None = None) -> None:
     """``tensors`` (and ``streamed`` ones, written block by block in list order) -> a safetensors file, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
         plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         streams = [streamed] if isinstance(streamed, StreamedTensor) else list(streamed or [])
         if not streams:
             save_file(plain, tmp, metadata=metadata)
+            apply_umask(tmp)  # safetensors writes the file anew (0600)
         else:
             _write_safetensors(plain, streams, Path(tmp), metadata)
         os.replace(tmp, path)
@@ -113,29 +143,87 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.view(ints).numpy().astype(f"<i{t.element_size()}", copy=False).tobytes()
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _renameat2() -> Callable | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing directory entries in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or the filesystem cannot (the caller falls back to two renames)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def leftover_siblings(final: Path) -> list[Path]:
+    """Temporary folders of earlier writes of ``final`` that a kill left behind (``.NAME.tmp-*``, ``.NAME.old-*``)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    prefixes = (f".{final.name}.tmp-", f".{final.name}.old-")
+    return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefixes))
+
+
 def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with ``fill(tmp)`` and swap it in for ``final`` (an existing one is replaced)."""
+    """Build a directory with ``fill(tmp)`` and swap it in for ``final`` (an existing one is replaced).
+
+    At every moment ``final`` is the complete old directory or the complete new one: on Linux the swap is
+    one ``renameat2(RENAME_EXCHANGE)``, after which the old tree (now under the temporary name) is removed.
+    Elsewhere (or on a filesystem without the exchange) the old directory is renamed aside and the new one
+    in, which leaves a moment without ``final``. After a successful swap, leftovers of earlier killed writes
+    of ``final`` are removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         fill(tmp)
-        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, final)
 
 
 def replace_directory(tmp: Path, final: Path) -> None:
-    """Swap the complete directory ``tmp`` in for ``final`` (on the same filesystem; an existing one is removed)."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-        os.rmdir(old)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    """Swap the complete directory ``tmp`` (beside ``final``) in for ``final``, as ``atomic_directory`` does;
+    for a directory several processes filled (``deepfm.train.sharding.write_directory``)."""
+    try:
+        apply_umask(tmp, directory=True)
+        if not final.exists():
+            os.rename(tmp, final)
+        elif exchange_paths(tmp, final):
+            pass  # tmp now holds the old tree, removed below
+        else:
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            os.rmdir(old)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            tmp = old
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in leftover_siblings(final):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def state_key(*path: Any) -> str:

@@ -38,9 +38,19 @@ class TrainResult:
     trainer: Trainer
 
 
-def default_output(config_path: str | None) -> Path:
-    stem = Path(config_path).stem if config_path else "model"
-    return Path("runs") / stem
+GENERIC_CONFIG_NAMES = ("config", "deepfm", "train", "best")
+
+
+def default_output(config_path: str | Path | None) -> Path:
+    """``runs/<name>``: the config file's name, or its folder's when the file has a generic name
+    (``examples/criteo/config.yaml`` -> ``runs/criteo``, ``ctr-small.yaml`` -> ``runs/ctr-small``)."""
+    if not config_path:
+        return Path("runs") / "model"
+    path = Path(config_path).resolve()
+    name = path.stem
+    if name.lower() in GENERIC_CONFIG_NAMES and path.parent.name:
+        name = path.parent.name
+    return Path("runs") / name
 
 
 def run_dir_for(output: Path) -> Path:
@@ -171,10 +181,13 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                                  title=f"Calibration ({final})")
                 plots["plots/roc.png"] = Path(tmp) / "roc.png"
                 plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
-        save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
+        kept = save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
                    metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
                    extra_files=plots, optimizers=trainer.optimizers if cfg.train.save_optimizer_state else None,
                    lineage=lineage, table_blocks=blocks, optimizer_streams=streams)
+    if kept:
+        log(f"Kept {', '.join(kept)} from the previous {output} (not written by training; an export there was "
+            f"made from the previous weights: run `deepfm export {output}` again)")
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(output, metrics, state.history, data, trainer)
 

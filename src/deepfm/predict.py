@@ -7,7 +7,7 @@ through unchanged next to a ``probability`` column; the output file appears only
 from __future__ import annotations
 
 import os
-import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +21,24 @@ import torch
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.config import DataConfig
 from deepfm.data.batch import input_from_chunk
-from deepfm.data.readers import BadRows, RawChunk, check_readable, read_chunks
+from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, header_names, read_chunks
 from deepfm.errors import DataError
+from deepfm.io import temp_file_beside
 from deepfm.metrics import group_auc, summarize
 from deepfm.progress import progress_bar
 from deepfm.runtime import Runtime, resolve_device
+
+
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def output_format(path: str | Path) -> str:
+    """The predictions file's format, from its extension; any other extension is an error (never a silent CSV)."""
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise DataError(f"unknown output extension '{Path(path).suffix}': use "
+                        f"{', '.join(OUTPUT_FORMATS)} (predictions are written as CSV or Parquet)", path=str(path))
+    return fmt
 
 
 @dataclass
@@ -49,16 +62,27 @@ def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bo
             update.update(header=True, columns=None, preset=None)
         cfg = train_data.model_copy(update=update)
         sep = "\t" if fmt == "tsv" else ","
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            first = fh.readline().rstrip("\r\n").split(sep)
         if cfg.header:
-            return cfg, train_data.label in [c.strip() for c in first]
+            return cfg, train_data.label in header_names(path, sep, cfg.encoding)
         names = list(cfg.column_names or [])
-        if len(first) == len(names) - 1 and train_data.label in names:  # headerless file without labels
+        if _usual_width(path, sep, cfg.encoding) == len(names) - 1 and train_data.label in names:  # no labels
             return cfg.model_copy(update={"preset": None, "columns": [c for c in names
                                                                       if c != train_data.label]}), False
         return cfg, True
     return train_data.model_copy(update=update), True
+
+
+WIDTH_SAMPLE_LINES = 100
+
+
+def _usual_width(path: str, sep: str, encoding: str) -> int:
+    """The most common number of columns among the first lines of a headerless file (ties: the wider), so
+    that one short or long row decides nothing: the reader then reports it by its line."""
+    widths = [line.count(sep) + 1 for line in first_lines(path, encoding, WIDTH_SAMPLE_LINES) if line]
+    if not widths:
+        return 0
+    counts = Counter(widths)
+    return max(counts, key=lambda w: (counts[w], w))
 
 
 class Predictor:
@@ -92,7 +116,8 @@ class Predictor:
 
     def score_chunks(self, path: str, *, need_labels: bool = False, skip_bad_rows: bool = False,
                      bad: BadRows | None = None, progress: bool = True) -> Iterator[Scored]:
-        check_readable(path)
+        check_readable(path, hint="the input file to score; relative paths are read from the current folder "
+                                  f"{os.getcwd()}")
         data, has_labels = infer_data_config(self.config.data, path)
         if need_labels and not has_labels:
             raise DataError(f"has no label column '{data.label}' to evaluate against", path=path)
@@ -135,10 +160,8 @@ class Predictor:
         """Write ``id columns + probability`` for every row of ``path`` to ``output`` (.csv or .parquet)."""
         ids = list(id_columns if id_columns is not None else self.config.data.id_columns)
         out_path = Path(output)
-        fmt = "parquet" if out_path.suffix.lower() in (".parquet", ".pq") else "csv"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-        os.close(fd)
+        fmt = output_format(out_path)
+        tmp = temp_file_beside(out_path)  # the umask's mode, as a plain open() would give
         rows = 0
         writer = None
         bad = BadRows(out_path.with_name(out_path.name + ".bad_rows.txt")) if skip_bad_rows else None

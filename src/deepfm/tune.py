@@ -112,7 +112,8 @@ def tune(config_path: str, trials: int, *, space: dict[str, dict[str, Any]] | No
         cfg = load_config(config_path, base_overrides + _overrides(params) + trial_fixed)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            result = train(cfg, Path(tmp) / "model", log=lambda _m: None)
+            # each trial's epochs are reported as they end: a long trial is never silent
+            result = train(cfg, Path(tmp) / "model", log=lambda m: log(f"  trial {trial.number}: {m}"))
         assert result is not None
         valid = result.metrics["valid"]
         row = {"trial": trial.number, "valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
@@ -143,7 +144,6 @@ def tune(config_path: str, trials: int, *, space: dict[str, dict[str, Any]] | No
         w.writeheader()
         for r in sorted(rows, key=lambda r: r["trial"]):
             w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    log(f"best: trial {best_row['trial']}, valid AUC {best_row['valid_auc']:.5f}; wrote {best_yaml} and {trials_csv}")
     return {"best": best_row, "trials": rows, "best_config": best_yaml, "trials_csv": trials_csv}
 
 

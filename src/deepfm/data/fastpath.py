@@ -15,9 +15,11 @@ codecs for validation, bucketing and scaling. It applies only where it can be ex
 A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a larger one is streamed in chunks of
 ``CHUNK_ROWS`` rows: each token gets a provisional id in first-seen order (one hash join per chunk over its
 distinct values; a multi-valued field's tags likewise), the training ids are written provisionally and renumbered
-in place once the vocabularies are fitted. Anything else it meets -- a malformed row, a value that is not a finite
-float32, a label other than 0/1 -- raises ``Unsupported`` and preparation runs the general path, which
-names the file, line and field of the bad value.
+in place once the vocabularies are fitted. Anything else it meets -- a malformed row, a cell that is not valid
+UTF-8 (text cells are parsed as bytes and their distinct values checked, so arrow never meets invalid text), a
+line longer than a parse block, a value that is not a finite float32, a label other than 0/1 -- raises
+``Unsupported`` and preparation runs the general path, which names the file, line and field of the bad value.
+A file in another ``data.encoding`` is transcoded while it streams (``readers.text_source``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pyarrow.csv as pacsv
 from deepfm.config import Config
 from deepfm.data.codecs import MISSING
 from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
-from deepfm.data.readers import RawChunk, delimited_columns
+from deepfm.data.readers import RawChunk, delimited_columns, text_source
 from deepfm.errors import DataError
 
 WHOLE_FILE_BYTES = 256 << 20
@@ -120,7 +122,8 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
         names, header_lines, sep = delimited_columns(path, data, wanted)
     except DataError as err:
         raise Unsupported(str(err)) from None
-    types = {c: pa.dictionary(pa.int32(), pa.string()) for c in cat}
+    # categorical cells as bytes: their distinct values are checked as UTF-8 once per table (_tokens)
+    types = {c: pa.dictionary(pa.int32(), pa.binary()) for c in cat}
     types.update({c: pa.float64() for c in num + [data.label]})
     invalid = []
 
@@ -135,9 +138,12 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
         "convert_options": pacsv.ConvertOptions(column_types=types, include_columns=wanted, null_values=[""],
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False)}
     rows = yielded = 0
+    source = text_source(path, data.encoding)
     try:
         if os.path.getsize(path) <= WHOLE_FILE_BYTES:
-            table = pacsv.read_csv(path, **options)
+            # a transcoding stream is read through open_csv (see readers.text_source)
+            table = pacsv.read_csv(source, **options) if isinstance(source, str) else \
+                pacsv.open_csv(source, **options).read_all()
             if invalid:
                 raise Unsupported(f"{path}: malformed rows")
             rows = table.num_rows
@@ -145,7 +151,7 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
                 yield table.unify_dictionaries()
         else:
             pending: list[pa.RecordBatch] = []
-            for batch in pacsv.open_csv(path, **options):
+            for batch in pacsv.open_csv(source, **options):
                 if invalid:
                     raise Unsupported(f"{path}: malformed rows")
                 pending.append(batch)
@@ -159,6 +165,9 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
                 yield pa.Table.from_batches(pending).unify_dictionaries()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise Unsupported(f"{path}: {err}") from None
+    finally:
+        if not isinstance(source, str):
+            source.close()
     if rows == 0:
         raise Unsupported(f"{path}: no rows")
 
@@ -197,7 +206,7 @@ def _columns(table: pa.Table, encoder: Encoder, numbers: pl.DataFrame) -> dict[s
         name = codec.name
         if codec.source == "text":
             col = table[name]
-            tokens = pl.Series(col.chunk(0).dictionary, dtype=pl.Utf8)
+            tokens = _tokens(col.chunk(0).dictionary, name)
             index = np.concatenate([_indices(c) for c in col.chunks])
             out[name] = _Column(tokens, index)
         else:  # integers -> tokens without a per-row string
@@ -229,9 +238,18 @@ def _bags(table: pa.Table, encoder: Encoder) -> list[_Bags]:
     out = []
     for codec in encoder.bag_codecs:
         col = table[codec.name]
-        cells = pl.Series(col.chunk(0).dictionary, dtype=pl.Utf8)
+        cells = _tokens(col.chunk(0).dictionary, codec.name)
         out.append(_Bags(codec, encoder, cells, np.concatenate([_indices(c) for c in col.chunks])))
     return out
+
+
+def _tokens(dictionary: pa.Array, name: str) -> pl.Series:
+    """A column's distinct cells as text; one that is not valid UTF-8 is left to the general path, which
+    reports it by line and field."""
+    try:
+        return pl.Series(dictionary.cast(pa.string()), dtype=pl.Utf8)
+    except pa.ArrowInvalid:
+        raise Unsupported(f"field '{name}' holds a cell that is not valid UTF-8") from None
 
 
 def _indices(chunk: pa.DictionaryArray) -> np.ndarray:

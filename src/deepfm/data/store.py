@@ -10,8 +10,9 @@ One folder per (data files, field schema) fingerprint under ``data.cache_dir``::
     <split>/multi<k>_ids.bin int32 [nnz], multi<k>_weights.bin float32 [nnz], multi<k>_offsets.bin int64 [N+1]
     <split>/group.bin      int64 [N] (hash of the group column, for gAUC; only when data.group_column is set)
 
-The folder is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written cache that a later run would trust.
+The folder is written under a temporary name (``.<fingerprint>.tmp-<pid>@<host>``) and renamed when complete,
+so a crash never leaves a half-written cache that a later run would trust; the next preparation removes the
+temporary folders of processes of this host that are gone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -222,11 +225,15 @@ def prepare(cfg: Config, progress: bool = True, log=print, parent: Encoder | Non
     fp = fingerprint(cfg, parent)
     root = Path(cfg.data.cache_dir)
     final = root / fp
+    if root.is_dir():
+        remove_dead_temporaries(root)
     if (final / "manifest.json").is_file():
         log(f"Reusing prepared data {final}")
-        return load_prepared(final, cfg, parent)
+        data = load_prepared(final, cfg, parent)
+        _report_bad_rows(data, log)
+        return data
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{fp}.tmp-{os.getpid()}"
+    tmp = root / f".{fp}.tmp-{os.getpid()}@{socket.gethostname()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -240,13 +247,46 @@ def prepare(cfg: Config, progress: bool = True, log=print, parent: Encoder | Non
         raise
     data = load_prepared(final, cfg, parent)
     data.reused = False
-    if data.manifest["bad_rows"]:
-        log(f"Skipped {data.manifest['bad_rows']} bad row(s); they are listed in {final / 'bad_rows.txt'} "
-            f"(first: {data.manifest['bad_row_examples'][0][:200]})")
+    _report_bad_rows(data, log)
     return data
 
 
-def _prepare_fast(folder: Path, cfg: Config, log, parent: Encoder | None) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
+def _report_bad_rows(data: PreparedData, log) -> None:
+    """The skipped-row count kept in the manifest, said on every run that uses the prepared data."""
+    if data.manifest["bad_rows"]:
+        log(f"Skipped {data.manifest['bad_rows']} bad row(s); they are listed in {data.path / 'bad_rows.txt'} "
+            f"(first: {data.manifest['bad_row_examples'][0][:200]})")
+
+
+_TEMPORARY = re.compile(r"\.[0-9a-f]+\.tmp-(?P<pid>\d+)(?:@(?P<host>.+))?")
+
+
+def remove_dead_temporaries(root: Path) -> list[Path]:
+    """Remove the temporary folders under ``root`` left by preparations killed on this host (their process is
+    gone); a folder of a live process, or of another host sharing the cache, is kept. Returns those removed."""
+    removed = []
+    host = socket.gethostname()
+    for entry in root.iterdir():
+        m = _TEMPORARY.fullmatch(entry.name)
+        if m is None or (m["host"] is not None and m["host"] != host) or _alive(int(m["pid"])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _prepare_fast(folder: Path, cfg: Config, log,
+                  parent: Encoder | None) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
     """The fast path (``deepfm.data.fastpath``) where it applies and the data is clean; else None."""
     why = fastpath.why_not(cfg)
     if why is not None:

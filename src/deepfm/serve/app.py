@@ -40,7 +40,7 @@ from deepfm.serve.encode import (ErrorItem, FastEncoder, RequestError, frame_pro
                                  validate_rows)
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.schemas import (ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse,
-                                  ReloadRequest)
+                                  ReloadRequest, model_features_schema)
 
 log = logging.getLogger("deepfm.serve")
 
@@ -120,6 +120,10 @@ class ServeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("method") == "POST":
+            # every POST body is JSON whatever Content-Type says (curl -d sends a form type by default)
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
         start = time.perf_counter()
         status = {"code": 500}
         started = {"yes": False}
@@ -231,12 +235,13 @@ def validation_error(err: RequestValidationError) -> JSONResponse:
 def create_app(model_dir: str | Path, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    state: dict[str, Any] = {"model": None, "path": Path(model_dir)}
+    state: dict[str, Any] = {"model": None, "path": Path(model_dir), "openapi": None}
     reload_lock = threading.Lock()
 
     def install(served: ServedModel, path: Path) -> None:
         state["model"], state["path"] = served, path  # one reference swap: requests keep the model they took
         metrics.model_version = served.version
+        state["openapi"] = None  # the document lists the served model's fields: rebuilt on the next request
 
     install(ServedModel.load(model_dir, settings.device), Path(model_dir))
 
@@ -273,9 +278,26 @@ def create_app(model_dir: str | Path, settings: Settings | None = None) -> FastA
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
 
-    app = FastAPI(title="deepfm", version="1", lifespan=lifespan,
+    app = FastAPI(title="deepfm", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Click-through-rate predictions from a deepfm model directory. "
                               "See docs/serving.md.")
+
+    def openapi() -> dict[str, Any]:
+        """The OpenAPI document of the model being served: ``features`` lists exactly its columns, so
+        schema-driven clients (and fuzzers) agree with the server about which names exist."""
+        if state["openapi"] is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            served: ServedModel = state["model"]
+            kinds = {name: f.kind for name, f in served.fields.items()}
+            doc["components"]["schemas"]["Row"]["properties"]["features"] = model_features_schema(kinds)
+            doc["info"]["x-model-version"] = served.version
+            state["openapi"] = doc
+        return state["openapi"]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    add_docs(app)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.serving = state
@@ -308,7 +330,7 @@ def create_app(model_dir: str | Path, settings: Settings | None = None) -> FastA
         if n == 0:
             probs = np.zeros(0)
         elif n <= settings.fast_path_max_rows and served.fast.eligible(rows):
-            probs = served.fast.probs(rows)
+            probs = await run_in_threadpool(served.fast.probs, rows)  # the forward never blocks the loop
             metrics.predict_batches["fast"] += 1
         else:
             probs = await run_in_threadpool(frame_probs, served.predictor, rows)
@@ -351,6 +373,37 @@ def create_app(model_dir: str | Path, settings: Settings | None = None) -> FastA
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def swagger_assets() -> Path | None:
+    """Swagger UI's files from the installed ``swagger-ui-bundle`` package (the ``serve`` extra), if present."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    path = Path(swagger_ui_bundle.swagger_ui_path)
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+def add_docs(app: FastAPI) -> None:
+    """``/docs`` with its assets served by this server (it works offline); without the package, the CDN's."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    assets = swagger_assets()
+    urls: dict[str, str] = {}
+    if assets is not None:
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+    else:
+        log.warning("swagger-ui-bundle is not installed: /docs loads its assets from a CDN "
+                    "(pip install 'deepfm[serve]' to serve them locally)")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="deepfm API", **urls)
 
 
 def app_from_env() -> FastAPI:

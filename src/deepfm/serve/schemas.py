@@ -7,9 +7,10 @@ describes what each kind takes.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 FEATURE_VALUE_SCHEMA = {
     "description": (
@@ -27,17 +28,59 @@ FEATURE_VALUE_SCHEMA = {
     ],
 }
 
+_SCALAR = {"categorical": [{"type": "string"}, {"type": "number"}],
+           "numeric": [{"type": "number"}, {"type": "string", "description": "numeric text, as in a CSV file"}]}
+
+
+def feature_value_schema(kind: str) -> dict[str, Any]:
+    """What a field of this kind takes in a request (null always means missing)."""
+    if kind == "multi":
+        return {"anyOf": [FEATURE_VALUE_SCHEMA["anyOf"][0], FEATURE_VALUE_SCHEMA["anyOf"][3], {"type": "null"}],
+                "description": "tags: a list of tags or [tag, weight] pairs, or the text form 'a:1.0^b'"}
+    return {"anyOf": [*_SCALAR[kind], {"type": "null"}]}
+
+
+def model_features_schema(fields: dict[str, str]) -> dict[str, Any]:
+    """The ``features`` object of one loaded model: its request columns (name -> kind), nothing else."""
+    return {"type": "object", "additionalProperties": False,
+            "properties": {name: feature_value_schema(kind) for name, kind in fields.items()},
+            "description": "column name (as in training) -> raw value; a left-out column is missing. "
+                           "Columns of the model being served: " + ", ".join(fields)}
+
+
 Features = Annotated[dict[str, Any], WithJsonSchema({
     "type": "object", "additionalProperties": FEATURE_VALUE_SCHEMA,
     "description": "column name (as in training) -> raw value; unknown names are rejected",
     "example": {"I1": 3, "C1": "68fd1e64"}})]
 
 
+def has_non_finite(value: Any) -> bool:
+    """Whether a parsed JSON value holds NaN or an infinity anywhere (Python's JSON parser reads ``NaN``,
+    ``Infinity`` and overflowing numbers like ``1e400``, which strict JSON cannot write back)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_non_finite(v) for v in value)
+    return False
+
+
 class Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: Any = Field(None, description="any JSON value, returned unchanged next to the probability")
+    id: Any = Field(None, description="any JSON value, returned unchanged next to the probability; numbers "
+                                      "must be finite")
     features: Features
+
+    @field_validator("id")
+    @classmethod
+    def _finite_id(cls, value: Any) -> Any:
+        # the id is echoed in the response: a non-finite number there could not be written as JSON
+        if has_non_finite(value):
+            raise ValueError("holds a non-finite number (NaN, Infinity or out of range); an id is echoed in the "
+                             "response, which must be valid JSON")
+        return value
 
 
 class PredictRequest(BaseModel):

@@ -301,7 +301,7 @@ class Trainer:
             m = self.evaluate(valid)
             record.update({f"valid_{k}": v for k, v in m.items() if k != "rows"})
             score = m["auc"] - m["logloss"] if cfg.monitor == "auc-logloss" else m["auc"]
-            improved = score > st.best_score
+            improved = score > st.best_score + cfg.min_delta
         self.log(_format_record(record))
         if improved:
             st.best_auc = record.get("valid_auc", st.best_auc)
@@ -341,10 +341,16 @@ class Trainer:
                 "dense_allreduce_bytes_per_step": round(2 * (world - 1) / world * dense)}
 
     def _reduce_lr(self) -> None:
+        """Multiply the learning rate by ``lr_plateau_factor`` (not below ``min_lr``); say so only when it
+        changed (a factor of 1.0, or a rate already at ``min_lr``, changes nothing)."""
+        before = self.optimizers[0].param_groups[0]["lr"]
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = max(group["lr"] * self.cfg.lr_plateau_factor, self.cfg.min_lr)
-        self.log(f"Validation {_MONITOR[self.cfg.monitor]} did not improve: learning rate -> {self.optimizers[0].param_groups[0]['lr']:.2e}")
+        after = self.optimizers[0].param_groups[0]["lr"]
+        if after != before:
+            self.log(f"Validation {_MONITOR[self.cfg.monitor]} did not improve: learning rate {before:.2e} -> "
+                     f"{after:.2e}")
 
     def predict(self, split: SplitArrays) -> np.ndarray:
         """Probabilities for every row of a prepared split, in row order (every rank gets all of them)."""
