@@ -23,6 +23,12 @@ def main() -> None:
             raise RuntimeError(f"injected failure on rank {rank} at step {state.step}")
         if spec.get("stop_step") == state.step:
             raise Stop
+        if spec.get("table_bytes") and state.step == 1:  # after the first update: the optimiser state exists
+            from deepfm.train.sharding import table_state_bytes
+
+            size = table_state_bytes(trainer.model.embedding, trainer.optimizers)
+            with open(f"{spec['table_bytes']}.{rank}", "w") as fh:
+                fh.write(str(size))
 
     try:
         train(config_from_dict(spec["config"]), spec["output"], resume=spec.get("resume", False),

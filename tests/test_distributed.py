@@ -86,11 +86,18 @@ def test_two_hosts_over_a_veth_pair(tmp_path):
     raw = _config(tmp_path)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(raw))
-    proc = subprocess.run(["bash", str(script), str(cfg), str(tmp_path / "m")], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
+    aucs = {}
+    for sharding in ("replicated", "row"):  # the second: the table split across the two hosts
+        out = tmp_path / sharding
+        proc = subprocess.run(["bash", str(script), str(cfg), str(out), "--set",
+                               f"train.embedding_sharding={sharding}"], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT, env={**os.environ, "PYTHON": sys.executable, "TAG": f"t{os.getpid()}"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
+        aucs[sharding] = metrics["valid"]["auc"]
+    assert "row-sharded over 2 ranks" in (tmp_path / "row.node0.log").read_text()
+    assert aucs["row"] == pytest.approx(aucs["replicated"], abs=1e-4)
 
 
 def test_nproc_wrapper_launches_torchrun_with_the_same_arguments(tmp_path, monkeypatch):

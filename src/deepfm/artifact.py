@@ -18,7 +18,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,14 @@ from safetensors.torch import load_file
 from deepfm.config import Config, config_from_dict, config_to_dict
 from deepfm.data.encoder import Encoder
 from deepfm.errors import ArtifactError, ConfigError
-from deepfm.io import (atomic_directory, atomic_save_tensors, leftover_siblings, load_state,
+from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, leftover_siblings, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.layout import TableLayout
 from deepfm.model import DeepFM
 
 FORMAT = "deepfm-model"
 FORMAT_VERSION = 1
+TABLE = "embedding.weight"  # the embedding table's name in model.safetensors
 REQUIRED = ("deepfm.json", "config.yaml", "layout.json", "encoder.json", "model.safetensors")
 
 
@@ -79,13 +80,19 @@ WRITTEN = REQUIRED + ("metrics.json", "metrics.jsonl", "plots", "optimizer.safet
 def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Encoder, model: DeepFM,
                metrics: dict[str, Any], history: list[dict[str, Any]], fingerprint: str | None = None,
                extra_files: dict[str, Path] | None = None, optimizers: list[torch.optim.Optimizer] | None = None,
-               lineage: dict[str, Any] | None = None) -> list[str]:
+               lineage: dict[str, Any] | None = None, table_blocks: Iterable[torch.Tensor] | None = None,
+               optimizer_streams: list[StreamedTensor] | None = None) -> list[str]:
     """Write the model directory atomically: a reader sees the old directory or the complete new one.
 
     Entries of an existing directory that deepfm does not write itself (``export/`` from ``deepfm export``,
     files a user put there) are carried into the new directory (hard links where possible), so re-training
     never deletes them; their names are returned so the caller can say that they were made from the previous
-    model."""
+    model.
+
+    ``table_blocks``: the embedding table's rows in order, block by block, when ``model`` holds only a shard of
+    it (row sharding): the table is streamed into ``model.safetensors`` and never held whole here; likewise
+    ``optimizer_streams``, the table's optimiser state (``deepfm.train.sharding.optimizer_streams``).
+    """
     path = Path(path)
     kept = sorted(p.name for p in path.iterdir() if p.name not in WRITTEN) if path.is_dir() else []
 
@@ -100,9 +107,14 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
         (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
         state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in
                  model.state_dict().items()}
-        atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT})
+        streamed = None
+        if table_blocks is not None:
+            del state[TABLE]
+            streamed = StreamedTensor(TABLE, (layout.num_rows, model.cfg.embed_dim + 1), torch.float32,
+                                      (b.float() for b in table_blocks))
+        atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT}, streamed=streamed)
         if optimizers is not None:
-            save_state(tmp / "optimizer", {"optimizers": [o.state_dict() for o in optimizers]})
+            save_state(tmp / "optimizer", {"optimizers": [o.state_dict() for o in optimizers]}, optimizer_streams)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         for name, src in (extra_files or {}).items():

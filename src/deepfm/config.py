@@ -353,6 +353,9 @@ class TrainConfig(_Frozen):
     save_optimizer_state: bool = True
     # under torchrun: a rank that waits longer than this for the others fails instead of hanging
     dist_timeout_s: float = Field(1800.0, gt=0)
+    # under torchrun: "replicated" (every rank holds the whole embedding table and its optimiser state) or
+    # "row" (each rank holds a contiguous 1/N of the rows and their state; rows travel by all-to-all)
+    embedding_sharding: Literal["replicated", "row"] = "replicated"
 
     @model_validator(mode="after")
     def _opt(self) -> TrainConfig:
@@ -362,6 +365,9 @@ class TrainConfig(_Frozen):
         if self.embedding_l2_scope == "table" and (self.sparse or self.optimizer == "proximal_adagrad"):
             raise ValueError("embedding_l2_scope: table penalises every row at every step, which needs dense "
                              "updates: set train.sparse: false (optimizer adam or adagrad), or use scope batch")
+        if self.embedding_sharding == "row" and not self.sparse:
+            raise ValueError("embedding_sharding: row updates only the rows each owner receives, which needs "
+                             "sparse updates: set train.sparse: true")
         return self
 
 

@@ -30,3 +30,7 @@ class DataError(DeepFMError):
 
 class ArtifactError(DeepFMError):
     """A model directory is missing, incomplete or written by an incompatible version."""
+
+
+class OutOfMemory(DeepFMError):
+    """A process ran out of memory (under its address-space limit, if one is set) while training."""

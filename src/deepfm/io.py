@@ -16,7 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,83 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-                        ) -> None:
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor written to a safetensors file block by block (its rows in order), never held whole."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: Iterable[torch.Tensor]
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
+                        streamed: StreamedTensor | list[StreamedTensor] | None = None) -> None:
+    """``tensors`` (and ``streamed`` ones, written block by block in list order) -> a safetensors file, atomically."""
     tmp = temp_file_beside(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        apply_umask(tmp)  # safetensors writes the file anew (0600)
+        plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        streams = [streamed] if isinstance(streamed, StreamedTensor) else list(streamed or [])
+        if not streams:
+            save_file(plain, tmp, metadata=metadata)
+            apply_umask(tmp)  # safetensors writes the file anew (0600)
+        else:
+            _write_safetensors(plain, streams, Path(tmp), metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], streams: list[StreamedTensor], path: Path,
+                       metadata: dict[str, str] | None) -> None:
+    """The safetensors format (8-byte header size, JSON header, raw little-endian data) written by hand, so that
+    each of ``streams`` goes to disk block by block; ``safetensors.torch.load_file`` reads the result as usual."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    for st in streams:
+        size = int(torch.Size(st.shape).numel()) * torch.empty(0, dtype=st.dtype).element_size()
+        header[st.name] = {"dtype": _SAFETENSORS_DTYPES[st.dtype], "shape": list(st.shape),
+                           "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for t in tensors.values():
+            fh.write(_raw_bytes(t))
+        for st in streams:
+            written, total = 0, header[st.name]["data_offsets"][1] - header[st.name]["data_offsets"][0]
+            for block in st.blocks:
+                if block.dtype != st.dtype or tuple(block.shape[1:]) != tuple(st.shape[1:]):
+                    raise ValueError(f"{st.name}: a block of {block.dtype} {tuple(block.shape)} does not fit "
+                                     f"{st.dtype} {st.shape}")
+                data = _raw_bytes(block.detach().cpu().contiguous())
+                fh.write(data)
+                written += len(data)
+            if written != total:
+                raise ValueError(f"{st.name}: blocks hold {written} bytes, the shape {st.shape} needs {total}")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A CPU tensor's little-endian bytes (through a same-width integer view: numpy has no bfloat16)."""
+    if t.dtype == torch.bool:
+        return t.numpy().tobytes()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(ints).numpy().astype(f"<i{t.element_size()}", copy=False).tobytes()
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -130,6 +197,16 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, final)
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Swap the complete directory ``tmp`` (beside ``final``) in for ``final``, as ``atomic_directory`` does;
+    for a directory several processes filled (``deepfm.train.sharding.write_directory``)."""
+    try:
         apply_umask(tmp, directory=True)
         if not final.exists():
             os.rename(tmp, final)
@@ -147,6 +224,11 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for stale in leftover_siblings(final):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def state_key(*path: Any) -> str:
+    """The name ``save_state`` gives the tensor at ``state[path[0]][path[1]]...``."""
+    return ".".join(["s", *map(str, path)])
 
 
 def state_to_tensors(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -182,11 +264,15 @@ def optimizer_state_from_json(state: dict) -> dict:
     return out
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """A nested state with tensors -> ``path.safetensors`` + ``path.json``, both atomically."""
+def save_state(path: Path, state: dict[str, Any], streamed: list[StreamedTensor] | None = None) -> None:
+    """A nested state with tensors -> ``path.safetensors`` + ``path.json``, both atomically. ``streamed``: tensors
+    written block by block instead of the state's tensors of the same names (the names ``state_to_tensors``
+    gives, as ``state_key`` spells them), which then need not be whole in ``state``."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = state_to_tensors(state, "s", tensors)
-    atomic_save_tensors(tensors, path.with_suffix(".safetensors"))
+    for st in streamed or []:
+        del tensors[st.name]
+    atomic_save_tensors(tensors, path.with_suffix(".safetensors"), streamed=streamed)
     atomic_write_text(path.with_suffix(".json"), json.dumps(skeleton))
 
 

@@ -17,12 +17,14 @@ import torch
 
 from deepfm.artifact import LoadedModel, load_model, save_model
 from deepfm.config import Config, auto_batch_size
+from deepfm.errors import ConfigError
 from deepfm.data.store import PreparedData, prepare
 from deepfm.metrics import summarize
 from deepfm.model import DeepFM
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
 from deepfm.data.vocab import growth
+from deepfm.train import sharding
 from deepfm.train.trainer import Trainer
 from deepfm.train.warm import carry_optimizer_state, check_compatible, table_source, warm_start
 
@@ -56,9 +58,16 @@ def run_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.run"
 
 
-def build_model(cfg: Config, data: PreparedData) -> DeepFM:
+def build_model(cfg: Config, data: PreparedData, dist: ddp.DistContext = ddp.SINGLE) -> DeepFM:
+    """The initial model; under row sharding (several ranks) with only this rank's rows of the table."""
     torch.manual_seed(cfg.train.seed)
-    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse, logit_shift=cfg.data.logit_shift)
+    rows = ddp.shard_bounds(data.layout.num_rows, dist) if row_sharded(cfg, dist) else None
+    return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse, logit_shift=cfg.data.logit_shift,
+                  table_rows=rows)
+
+
+def row_sharded(cfg: Config, dist: ddp.DistContext) -> bool:
+    return dist.enabled and cfg.train.embedding_sharding == "row"
 
 
 def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None,
@@ -66,6 +75,10 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
     """Run the whole job. Under ``torchrun`` every rank calls this; rank 0 returns the result, others None.
     ``init_from``: a model directory to train further on this config's data (``deepfm.train.warm``)."""
     dist = ddp.from_env()
+    if init_from is not None and row_sharded(cfg, dist):
+        raise ConfigError(f"--init-from {init_from}: training further with train.embedding_sharding: row is "
+                          "not supported yet (it would load the whole parent table on every rank); train further "
+                          "with embedding_sharding: replicated")
     if dist.enabled:
         ddp.init(dist, ddp.device_for(dist, cfg.train.device), cfg.train.dist_timeout_s)
     try:
@@ -101,7 +114,15 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
     if batch != "auto" and n_train < 20 * batch and suggested < batch:
         log(f"Note: {n_train:,} training rows make only {-(-n_train // batch)} step(s) per epoch at batch {batch}; "
             f"small data trains better with more steps: try --set train.batch_size={suggested} (or auto)")
-    model = build_model(cfg, data)
+    with sharding.explain_out_of_memory(cfg, data.layout.num_rows, dist):
+        return _fit_and_save(cfg, data, output, resume=resume, log=log, callbacks=callbacks, dist=dist,
+                             parent=parent, reset_optimizer=reset_optimizer)
+
+
+def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool, log, callbacks,
+                  dist: ddp.DistContext, parent: LoadedModel | None, reset_optimizer: bool) -> TrainResult | None:
+    splits = data.splits
+    model = build_model(cfg, data, dist)
     run_dir = run_dir_for(output)
     if not resume and run_dir.exists() and dist.is_main:
         shutil.rmtree(run_dir)
@@ -135,7 +156,16 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
                                       None if split.group is None else np.asarray(split.group))
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
                         "ranks": dist.world_size}
+    # row sharding: the table and its optimiser state reach rank 0 block by block, as it writes them
+    blocks, streams = None, None
+    if row_sharded(cfg, dist):
+        blocks = sharding.table_blocks(trainer.model.embedding, dist)
+        if cfg.train.save_optimizer_state:
+            streams = sharding.optimizer_streams(trainer.optimizers, trainer.model.embedding, dist)
     if not dist.is_main:
+        for stream in [blocks or ()] + [st.blocks for st in streams or []]:
+            for _ in stream:  # sends this rank's rows
+                pass
         return None
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +185,7 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
         kept = save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
                    metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
                    extra_files=plots, optimizers=trainer.optimizers if cfg.train.save_optimizer_state else None,
-                   lineage=lineage)
+                   lineage=lineage, table_blocks=blocks, optimizer_streams=streams)
     if kept:
         log(f"Kept {', '.join(kept)} from the previous {output} (not written by training; an export there was "
             f"made from the previous weights: run `deepfm export {output}` again)")

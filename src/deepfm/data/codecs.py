@@ -143,6 +143,10 @@ class Codec:
         """Whether a normalised request value can take the per-record engine (else the columnar one)."""
         return True
 
+    def request_schema(self) -> dict[str, Any]:
+        """The JSON schema of the values ``request_value`` takes (null always means missing)."""
+        raise NotImplementedError
+
     def request_column(self, values: list[Any], sep: str, wsep: str) -> tuple[pl.Series, list[tuple[int, str]]]:
         """Normalised request values of this field -> a raw column for the columnar engine, with
         ``(row, problem)`` for values that cannot be written so."""
@@ -235,6 +239,10 @@ class CategoricalCodec(IdCodec):
     def request_column(self, values: list[Any], sep: str, wsep: str) -> tuple[pl.Series, list[tuple[int, str]]]:
         return pl.Series(self.name, values, dtype=pl.Utf8), []
 
+    def request_schema(self) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}],
+                "description": "a category: text, or a number (an integral one is its integer text)"}
+
 
 # --------------------------------------------------------------------------------------------- numeric
 class _Numeric:
@@ -263,6 +271,10 @@ class _Numeric:
 
     def plain(self, v: Any) -> bool:
         return not isinstance(v, str)
+
+    def request_schema(self) -> dict[str, Any]:
+        return {"anyOf": [{"type": "number"}, {"type": "string", "description": "numeric text, as in a CSV file"},
+                          {"type": "null"}]}
 
     def request_column(self, values: list[Any], sep: str, wsep: str) -> tuple[pl.Series, list[tuple[int, str]]]:
         if any(isinstance(v, str) for v in values):  # numeric text somewhere: the column is text, like a CSV
@@ -488,6 +500,13 @@ class MultiCodec(Codec):
 
     def plain(self, v: Any) -> bool:
         return not isinstance(v, str)
+
+    def request_schema(self) -> dict[str, Any]:
+        tag = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+        pair = {"type": "array", "prefixItems": [tag, {"type": "number"}], "minItems": 2, "maxItems": 2}
+        return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [*tag["anyOf"], pair]}},
+                          {"type": "null"}],
+                "description": "tags: a list of tags or [tag, weight] pairs, or the text form 'a:1.0^b'"}
 
     def request_column(self, values: list[Any], sep: str, wsep: str) -> tuple[pl.Series, list[tuple[int, str]]]:
         problems: list[tuple[int, str]] = []

@@ -30,12 +30,14 @@ class DeepFM(nn.Module):
     training rows and scores the calibrated one. It is a constant of the config, not a weight."""
 
     def __init__(self, layout: TableLayout, cfg: ModelConfig, *, sparse: bool = False,
-                 logit_shift: float = 0.0) -> None:
+                 logit_shift: float = 0.0, table_rows: tuple[int, int] | None = None) -> None:
+        """``table_rows``: hold only these rows of the embedding table (a rank's shard under row sharding)."""
         super().__init__()
         self.cfg = cfg
         self.logit_shift = float(logit_shift)
         num_fields = layout.num_fields_total
-        self.embedding = FieldEmbedding(layout, cfg.embed_dim, init_std=cfg.init_std, sparse=sparse)
+        self.embedding = FieldEmbedding(layout, cfg.embed_dim, init_std=cfg.init_std, sparse=sparse,
+                                        rows=table_rows)
         self.fm = BiInteraction()
         self.bias = nn.Parameter(torch.zeros(1))
         self.fuse = True  # the fused training head where it applies (see ``_fusable``); False: the plain graph

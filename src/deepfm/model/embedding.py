@@ -4,9 +4,15 @@ A single table ``[rows, D + 1]``: columns ``:D`` are the latent vectors ``v`` (F
 the first-order weight ``w`` (linear part), so one gather yields both. Single-valued fields are looked up in
 one gather of a ``[B, F_single]`` index tensor (local id + per-field offset); multi-valued fields in one
 gather over all their tags, pooled per (field, row) bag with the field's combiner.
+
+Under row sharding (``train.embedding_sharding: row``) a module holds only its rank's rows ``[lo, hi)`` of that
+table, and ``row_source`` (``deepfm.train.sharding.RowExchange``) fetches the rows a batch needs from their
+owners; the rest of the forward pass is the same.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +21,10 @@ from torch import nn
 from deepfm.layout import TableLayout
 
 COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
+INIT_BLOCK_ROWS = 65536  # rows drawn at a time when initialising the table: bounds the memory a shard's init needs
+
+# global row ids of each lookup -> their rows [*ids.shape, D + 1], in one call (one exchange when sharded)
+RowSource = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 class FieldEmbedding(nn.Module):
@@ -31,11 +41,14 @@ class FieldEmbedding(nn.Module):
     """
 
     def __init__(self, layout: TableLayout, embed_dim: int, *, init_std: float = 1e-4,
-                 sparse: bool = False) -> None:
+                 sparse: bool = False, rows: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.sparse = sparse
-        self.weight = nn.Parameter(torch.empty(layout.num_rows, embed_dim + 1))
+        self.num_rows = layout.num_rows
+        self.rows = rows or (0, layout.num_rows)  # the rows this module holds: all, or a rank's shard
+        self.row_source: RowSource | None = None  # set by the trainer under row sharding
+        self.weight = nn.Parameter(torch.empty(self.rows[1] - self.rows[0], embed_dim + 1))
         self.register_buffer("cat_offsets", torch.tensor(layout.cat_offsets, dtype=torch.long))
         self.register_buffer("num_offsets", torch.tensor(layout.num_offsets, dtype=torch.long))
         self.register_buffer("multi_offsets", torch.tensor(layout.multi_offsets, dtype=torch.long))
@@ -46,9 +59,27 @@ class FieldEmbedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw the whole table's values block by block, in row order, keeping the rows this module holds.
+
+        A shard thus gets exactly the values the one-process table has at those rows, and the generator ends
+        in the same state (the DNN's initialisation that follows is the same too), without ever holding more
+        than a block. Drawing into ``[rows, D + 1]`` views row by row gives the same stream as one draw over
+        the whole table (torch draws element by element into a strided view); no block is a single row, whose
+        view would be contiguous and drawn differently.
+        """
+        lo, hi, d, n = *self.rows, self.embed_dim, self.num_rows
         with torch.no_grad():
-            nn.init.normal_(self.weight[:, : self.embed_dim], std=self.init_std)
-            self.weight[:, self.embed_dim].zero_()
+            self.weight[:, d].zero_()
+            start = 0
+            while start < n:
+                end = min(start + INIT_BLOCK_ROWS, n)
+                end = n if n - end == 1 else end
+                block = torch.empty(end - start, d + 1)
+                nn.init.normal_(block[:, :d], std=self.init_std)
+                a, b = max(start, lo), min(end, hi)  # the part of this block that is ours (maybe none)
+                if a < b:
+                    self.weight[a - lo: b - lo, :d] = block[a - start: b - start, :d]
+                start = end
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                 multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False
@@ -67,7 +98,11 @@ class FieldEmbedding(nn.Module):
         batch = cat_ids.shape[0]
         missing = torch.isnan(num_values)
         ids = torch.cat([cat_ids + self.cat_offsets, self.num_offsets + missing.long()], dim=1)
-        rows = F.embedding(ids, self.weight, sparse=self.sparse)  # [B, Fs, D+1]
+        if self.num_multi:
+            field_of_tag = torch.div(multi_bags, batch, rounding_mode="floor")
+            rows, multi_rows = self._gather([ids, multi_ids + self.multi_offsets[field_of_tag]])
+        else:
+            (rows,) = self._gather([ids])  # [B, Fs, D+1]
         penalty = rows[..., :d].pow(2).sum() / max(batch, 1) if with_penalty else rows.new_zeros(())
         if num_values.shape[1]:
             values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
@@ -75,20 +110,24 @@ class FieldEmbedding(nn.Module):
             rows = rows * values.unsqueeze(-1)
         square_excess = None
         if self.num_multi:
-            pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_ids, multi_weights, multi_bags,
-                                                                   with_penalty)
+            pooled, multi_square, multi_penalty = self._pool_multi(batch, multi_rows, multi_weights, multi_bags,
+                                                                   field_of_tag, with_penalty)
             rows = torch.cat([rows, pooled], dim=1)
             square_excess = multi_square - pooled[..., :d].pow(2).sum(dim=1)
             penalty = penalty + multi_penalty
         return rows, square_excess, penalty
 
-    def _pool_multi(self, batch: int, ids: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor,
-                    with_penalty: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gather(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The table rows of each id tensor: from this module's weight, or from their owners when sharded."""
+        if self.row_source is not None:
+            return self.row_source(ids)
+        return [F.embedding(i, self.weight, sparse=self.sparse) for i in ids]
+
+    def _pool_multi(self, batch: int, rows: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor,
+                    field_of_tag: torch.Tensor, with_penalty: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # scatter_add with expanded indices rather than index_add: faster on CPU, and it exports to ONNX
         # correctly (index_add becomes a scatter that drops repeated indices)
         d, n_bags = self.embed_dim, self.num_multi * batch
-        field_of_tag = torch.div(bags, batch, rounding_mode="floor")
-        rows = F.embedding(ids + self.multi_offsets[field_of_tag], self.weight, sparse=self.sparse)
         penalty = rows[:, :d].pow(2).sum() / max(batch, 1) if with_penalty else rows.new_zeros(())
         # combiner normalisation per bag: sum -> 1, mean -> sum(w), sqrtn -> sqrt(sum(w^2))
         zeros = torch.zeros(n_bags, dtype=weights.dtype, device=weights.device)

@@ -290,8 +290,8 @@ def create_app(model_dir: str | Path, settings: Settings | None = None) -> FastA
 
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             served: ServedModel = state["model"]
-            kinds = {name: f.kind for name, f in served.fields.items()}
-            doc["components"]["schemas"]["Row"]["properties"]["features"] = model_features_schema(kinds)
+            values = {name: codec.request_schema() for name, codec in served.fields.items()}
+            doc["components"]["schemas"]["Row"]["properties"]["features"] = model_features_schema(values)
             doc["info"]["x-model-version"] = served.version
             state["openapi"] = doc
         return state["openapi"]

@@ -28,22 +28,10 @@ FEATURE_VALUE_SCHEMA = {
     ],
 }
 
-_SCALAR = {"categorical": [{"type": "string"}, {"type": "number"}],
-           "numeric": [{"type": "number"}, {"type": "string", "description": "numeric text, as in a CSV file"}]}
-
-
-def feature_value_schema(kind: str) -> dict[str, Any]:
-    """What a field of this kind takes in a request (null always means missing)."""
-    if kind == "multi":
-        return {"anyOf": [FEATURE_VALUE_SCHEMA["anyOf"][0], FEATURE_VALUE_SCHEMA["anyOf"][3], {"type": "null"}],
-                "description": "tags: a list of tags or [tag, weight] pairs, or the text form 'a:1.0^b'"}
-    return {"anyOf": [*_SCALAR[kind], {"type": "null"}]}
-
-
-def model_features_schema(fields: dict[str, str]) -> dict[str, Any]:
-    """The ``features`` object of one loaded model: its request columns (name -> kind), nothing else."""
-    return {"type": "object", "additionalProperties": False,
-            "properties": {name: feature_value_schema(kind) for name, kind in fields.items()},
+def model_features_schema(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``features`` object of one loaded model: its request columns (name -> the JSON schema of the values
+    its codec takes, ``Codec.request_schema``), nothing else."""
+    return {"type": "object", "additionalProperties": False, "properties": dict(fields),
             "description": "column name (as in training) -> raw value; a left-out column is missing. "
                            "Columns of the model being served: " + ", ".join(fields)}
 

@@ -3,7 +3,8 @@
 The dense layers are wrapped in ``DistributedDataParallel``. The embedding table is not: DDP's bucketed
 all-reduce cannot take sparse gradients ("Cannot access storage of SparseTensorImpl"), and a dense all-reduce
 would ship the whole table every step. Its sparse gradient is all-reduced here instead, by gathering every
-rank's (row, gradient) pairs: traffic grows with the rows a batch touches, not with the table.
+rank's (row, gradient) pairs: traffic grows with the rows a batch touches, not with the table. With
+``train.embedding_sharding: row`` the table is not replicated at all: see ``deepfm.train.sharding``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class DistContext:
 
 SINGLE = DistContext()
 _comm_device = torch.device("cpu")  # where collectives put their tensors (the GPU under NCCL)
+
+
+def comm_device() -> torch.device:
+    """Where tensors given to collectives must live: the GPU under NCCL, else the CPU."""
+    return _comm_device
 
 
 def from_env() -> DistContext:
@@ -81,8 +87,9 @@ def broadcast_parameters(module: torch.nn.Module, names: list[str]) -> None:
         dist.broadcast(params[name].data, src=0)
 
 
-def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> None:
-    """Average a sparse (row-wise) gradient over ranks, in place: all-gather indices and values, sum, divide."""
+def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> int:
+    """Average a sparse (row-wise) gradient over ranks, in place: all-gather indices and values, sum, divide.
+    Returns the bytes this rank sent (its padded part, to each of the other ranks)."""
     grad = param.grad
     if grad is None:
         grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=param.device),
@@ -105,6 +112,9 @@ def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> None:
     keep = cat_idx >= 0
     param.grad = torch.sparse_coo_tensor(cat_idx[keep].unsqueeze(0), cat_val[keep] / world_size,
                                          param.shape, check_invariants=False).coalesce()
+    part = count.element_size() + padded_idx.numel() * padded_idx.element_size() \
+        + padded_val.numel() * padded_val.element_size()
+    return (world_size - 1) * part
 
 
 def shard_bounds(n: int, ctx: DistContext) -> tuple[int, int]:

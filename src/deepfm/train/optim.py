@@ -8,10 +8,12 @@ rows in the batch (``RowwiseAdam``: SparseAdam's lazy Adam, fused; Adagrad's spa
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from deepfm import native as kernels
 from deepfm.config import TrainConfig
+from deepfm.train import distributed as ddp
 
 
 class ProximalAdagrad(torch.optim.Optimizer):
@@ -126,21 +128,31 @@ class RowwiseAdam(torch.optim.Optimizer):
         return loss
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, *, sharded: list[torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """Scale the gradients of ``params`` so that their global L2 norm is at most ``max_norm``; returns the norm.
 
     As ``torch.nn.utils.clip_grad_norm_``, but a sparse gradient (the embedding table's) counts with its
     duplicate rows summed: it is coalesced in place, which the row-wise optimisers then use as it is.
+    ``sharded``: those of ``params`` of which each rank holds a different part (a row-sharded table): their
+    squares are summed over ranks (every rank then scales by the same norm).
     """
-    squares = []
+    own = {id(p) for p in sharded or []}
+    squares, shard_squares = [], []
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-            squares.append(p.grad._values().float().pow(2).sum())
+            square = p.grad._values().float().pow(2).sum()
         else:
-            squares.append(p.grad.float().pow(2).sum())
+            square = p.grad.float().pow(2).sum()
+        (shard_squares if id(p) in own else squares).append(square)
+    if sharded:
+        part = torch.stack(shard_squares).sum() if shard_squares else torch.zeros(())
+        part = part.to(ddp.comm_device())
+        dist.all_reduce(part)
+        squares.append(part.to(params[0].device))
     if not squares:
         return torch.zeros(())
     total = torch.stack(squares).sum().sqrt()

@@ -33,6 +33,7 @@ from deepfm.metrics import summarize
 from deepfm.progress import progress_bar
 from deepfm.runtime import autocast, predict_logits, resolve_precision, sigmoid
 from deepfm.train import distributed as ddp
+from deepfm.train import sharding
 from deepfm import native
 from deepfm.train.optim import build_optimizers, clip_grad_norm
 
@@ -69,8 +70,11 @@ class Trainer:
     """Trains a model on prepared splits. ``callbacks`` get ``(trainer, state)`` after every step.
 
     Under ``torchrun`` (``dist`` with several ranks) each rank trains on its part of every global batch;
-    the dense layers are synchronised by DDP and the sparse embedding gradient by ``allreduce_sparse_grad``.
-    Only rank 0 writes checkpoints and metrics; every rank evaluates its shard and all see the exact AUC.
+    the dense layers are synchronised by DDP and the sparse embedding gradient by ``allreduce_sparse_grad``,
+    or, with ``embedding_sharding: row``, the model holds only this rank's rows of the table and a
+    ``sharding.RowExchange`` moves rows and gradients (see ``deepfm.train.sharding``). Rank 0 writes metrics
+    and checkpoints (under row sharding every rank writes its shard's part); every rank evaluates its part of
+    a split and all see the exact AUC.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
@@ -91,37 +95,57 @@ class Trainer:
         self._batch_l2 = cfg.embedding_l2 if cfg.embedding_l2_scope == "batch" else 0.0  # "table": in the optimiser
         self._step_module: nn.Module = _WithPenalty(self.model, self._batch_l2 > 0)
         self._sparse_table = cfg.sparse and hasattr(self.model, "embedding")
+        self.exchange: sharding.RowExchange | None = None
+        if dist.enabled and self._sparse_table and cfg.embedding_sharding == "row":
+            self.exchange = sharding.RowExchange(self.model.embedding, dist)
+            self.model.embedding.row_source = self.exchange
+        self.sent_bytes = 0  # what this rank sent to the others for the embedding table (see _comm_record)
+        self._comm_from_step, self._comm_from_bytes = 0, 0  # where this epoch's count started
         if dist.enabled:
             table = ["model.embedding.weight"] if self._sparse_table else []
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self._step_module, table)
-            if table:
+            if table and self.exchange is None:
                 ddp.broadcast_parameters(self._step_module, table)
             self._step_module = torch.nn.parallel.DistributedDataParallel(
                 self._step_module, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
-        if not self.dist.is_main:
-            return
+        """``last/``: weights, optimiser and RNG state, and ``state.json``. Under row sharding each rank's
+        weights (its shard) and optimiser state go to ``last/rank-R/``, and the directory is swapped in once
+        every rank has written."""
 
-        def fill(tmp: Path) -> None:
+        def fill_weights(tmp: Path) -> None:
             atomic_save_tensors(self.model.state_dict(), tmp / "model.safetensors")
             rng = {"rng": torch.get_rng_state()}
             if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
                 rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             save_state(tmp / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers], **rng})
-            st = self.state.__dict__.copy()
-            atomic_write_text(tmp / "state.json", json.dumps(st))
 
-        atomic_directory(self.run_dir / "last", fill)
+        def fill(tmp: Path) -> None:
+            if self.exchange is not None:
+                sharding.rank_dir(tmp, self.dist).mkdir()
+            fill_weights(sharding.rank_dir(tmp, self.dist) if self.exchange is not None else tmp)
+            if self.dist.is_main:
+                atomic_write_text(tmp / "state.json", json.dumps(self.state.__dict__.copy()))
+
+        if self.exchange is not None:
+            sharding.write_directory(self.run_dir / "last", fill, self.dist)
+        elif self.dist.is_main:
+            atomic_directory(self.run_dir / "last", fill)
+
+    def _weights_dir(self, directory: Path) -> Path:
+        """Where this rank's weights of a checkpoint directory are (its own part under row sharding)."""
+        return sharding.checkpoint_part(directory, self.dist, sharded=self.exchange is not None)
 
     def _load_checkpoint(self) -> bool:
         last = self.run_dir / "last"
         if not (last / "state.json").is_file():
             return False
-        self.model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(self.device)))
-        saved = load_state(last / "optimizers")
+        weights = self._weights_dir(last)
+        self.model.load_state_dict(load_file(str(weights / "model.safetensors"), device=str(self.device)))
+        saved = load_state(weights / "optimizers")
         for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(optimizer_state_from_json(st))
         torch.set_rng_state(saved["rng"])
@@ -132,10 +156,17 @@ class Trainer:
         self.state = TrainState(**saved_state)
         return True
 
+    def _best_weights(self) -> Path:
+        if self.exchange is None:
+            return self.run_dir / "best.safetensors"
+        return sharding.rank_dir(self.run_dir / "best", self.dist) / "model.safetensors"
+
     def _save_best(self) -> None:
-        if not self.dist.is_main:
-            return
-        atomic_save_tensors(self.model.state_dict(), self.run_dir / "best.safetensors")
+        if self.exchange is not None:
+            sharding.write_directory(self.run_dir / "best", lambda tmp: atomic_save_tensors(
+                self.model.state_dict(), sharding.rank_dir(tmp, self.dist) / "model.safetensors"), self.dist)
+        elif self.dist.is_main:
+            atomic_save_tensors(self.model.state_dict(), self._best_weights())
 
     # ------------------------------------------------------------------ loop
     def fit(self, train: SplitArrays, valid: SplitArrays | None = None, *, resume: bool = False) -> TrainState:
@@ -158,6 +189,10 @@ class Trainer:
         self.log(f"Training on {self.device}{ranks} ({self.precision}), {len(train):,} rows, "
                  f"batch {self.batch_size}{auto}, optimiser {cfg.optimizer}"
                  f"{' (sparse embeddings)' if cfg.sparse else ''}{kernels}")
+        if self.exchange is not None:
+            emb = self.model.embedding
+            self.log(f"Embedding table row-sharded over {self.dist.world_size} ranks: rank 0 holds rows "
+                     f"{emb.rows[0]:,}-{emb.rows[1]:,} of {emb.num_rows:,}")
         per_epoch = num_batches(len(train), self.batch_size)
         st = self.state
         while st.epoch < cfg.epochs and not st.finished:
@@ -168,7 +203,7 @@ class Trainer:
         st.finished = True
         self._save_checkpoint()
         self.dist.barrier()  # rank 0 has written best.safetensors
-        best = self.run_dir / "best.safetensors"
+        best = self._best_weights()
         if best.is_file():
             self.model.load_state_dict(load_file(str(best), device=str(self.device)))
         return st
@@ -176,6 +211,8 @@ class Trainer:
     def _train_epoch(self, train: SplitArrays, per_epoch: int) -> None:
         cfg, st = self.cfg, self.state
         self.model.train()
+        self._comm_from_step = st.step
+        self._comm_from_bytes = self.exchange.sent_bytes if self.exchange is not None else self.sent_bytes
         t0 = time.perf_counter()
         batches = iterate_batches(train, self.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
                                   block_rows=cfg.shuffle_block_rows, start_batch=st.batch,
@@ -220,13 +257,33 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.exchange is not None:
+            self._step_sharded(self.exchange.push_gradients())
+            return loss
         if self.dist.enabled and self._sparse_table:
-            ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
+            self.sent_bytes += ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
         if self.cfg.grad_clip_norm is not None:
             clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         return loss
+
+    def _step_sharded(self, finish_gradients: Callable[[], None]) -> None:
+        """Row sharding: the dense layers' optimiser steps while the table's gradients travel to their owners
+        (unless clipping needs every gradient first), then the table's."""
+        table = self.model.embedding.weight
+        holds_table = [any(p is table for g in o.param_groups for p in g["params"]) for o in self.optimizers]
+        if self.cfg.grad_clip_norm is not None:
+            finish_gradients()
+            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm, sharded=[table])
+        else:
+            for opt, has_table in zip(self.optimizers, holds_table, strict=True):
+                if not has_table:
+                    opt.step()
+            finish_gradients()
+        for opt, has_table in zip(self.optimizers, holds_table, strict=True):
+            if has_table or self.cfg.grad_clip_norm is not None:
+                opt.step()
 
     def _end_epoch(self, valid: SplitArrays | None) -> None:
         cfg, st = self.cfg, self.state
@@ -237,6 +294,7 @@ class Trainer:
             "lr": self.optimizers[0].param_groups[0]["lr"],
             "seconds": round(st.epoch_seconds, 3),
             "samples_per_s": round(loss_count / st.epoch_seconds, 1) if st.epoch_seconds else None,
+            **self._comm_record(),
         }
         improved, score = True, None
         if valid is not None and len(valid):
@@ -267,6 +325,21 @@ class Trainer:
         st.loss_sum, st.loss_count, st.epoch_seconds = 0.0, 0, 0.0
         self._save_checkpoint()
 
+    def _comm_record(self) -> dict[str, Any]:
+        """Bytes each rank sent per step this epoch for the embedding table (the row exchange, or the sparse
+        gradient all-gather when replicated), and the dense gradients' ring all-reduce (computed: DDP's own
+        traffic is not observable). Empty for one process."""
+        if not self.dist.enabled:
+            return {}
+        sent = self.exchange.sent_bytes if self.exchange is not None else self.sent_bytes
+        steps = max(self.state.step - self._comm_from_step, 1)
+        per_rank = ddp.gather_rows(np.array([(sent - self._comm_from_bytes) / steps]), self.dist)
+        dense = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                    if not (self._sparse_table and n == "embedding.weight"))
+        world = self.dist.world_size
+        return {"table_sent_bytes_per_step": [round(float(b)) for b in per_rank],
+                "dense_allreduce_bytes_per_step": round(2 * (world - 1) / world * dense)}
+
     def _reduce_lr(self) -> None:
         """Multiply the learning rate by ``lr_plateau_factor`` (not below ``min_lr``); say so only when it
         changed (a factor of 1.0, or a rate already at ``min_lr``, changes nothing)."""
@@ -285,6 +358,11 @@ class Trainer:
         batches = iterate_batches(split, self.cfg.eval_batch_size, prefetch=self.cfg.prefetch_batches,
                                   rows=shard)
         local = sigmoid(predict_logits(self.model, batches, self.device, self.precision))
+        if self.exchange is not None:  # every rank joins as many lookups as rank 0 (which has the most rows)
+            longest = ddp.shard_bounds(len(split), ddp.DistContext(0, self.dist.world_size))[1]
+            mine = shard[1] - shard[0]
+            for _ in range(num_batches(longest, self.cfg.eval_batch_size) - num_batches(mine, self.cfg.eval_batch_size)):
+                self.exchange.join_empty()
         return ddp.gather_rows(local, self.dist)
 
     def evaluate(self, split: SplitArrays) -> dict[str, float]:
@@ -301,4 +379,7 @@ def _format_record(r: dict[str, Any]) -> str:
         parts += [f"valid AUC {r['valid_auc']:.5f}", f"valid logloss {r['valid_logloss']:.5f}"]
     if r.get("samples_per_s"):
         parts.append(f"{r['samples_per_s']:,.0f} samples/s")
+    if "table_sent_bytes_per_step" in r:
+        table = ", ".join(f"{b / 1024:,.1f}" for b in r["table_sent_bytes_per_step"])
+        parts.append(f"sent per step and rank: table {table} KiB + dense {r['dense_allreduce_bytes_per_step'] / 1024:,.1f} KiB")
     return " | ".join(parts)
