@@ -148,10 +148,11 @@ def time_split_of_chunk(chunk: RawChunk, split: TimeSplitConfig, bad: BadRows | 
     return code.fill_null(0).to_numpy().astype(np.int8), ok
 
 
-def route_rows(chunk: RawChunk, data: DataConfig, bad: BadRows | None) -> tuple[RawChunk, np.ndarray, int]:
+def route_rows(chunk: RawChunk, data: DataConfig, bad: BadRows | None,
+               sample: bool = True) -> tuple[RawChunk, np.ndarray, int]:
     """Where each row of a chunk of ``data.train`` goes: the kept rows, their split (0 train, 1 valid, 2 test)
     and the number of negatives that downsampling dropped. Rows with an unusable split value are reported to
-    ``bad`` (or raise) and dropped; only training rows are downsampled."""
+    ``bad`` (or raise) and dropped; only training rows are downsampled (``sample=False``: none)."""
     n = len(chunk)
     index = chunk.row_start + np.arange(n)
     ok = np.ones(n, dtype=bool)
@@ -162,7 +163,7 @@ def route_rows(chunk: RawChunk, data: DataConfig, bad: BadRows | None) -> tuple[
     else:
         assign = np.zeros(n, dtype=np.int8)
     dropped = 0
-    if data.negative_sampling_rate < 1.0 and data.label in chunk.frame.columns:
+    if sample and data.negative_sampling_rate < 1.0 and data.label in chunk.frame.columns:
         col = chunk.frame[data.label]
         # an invalid label is not a negative: it is kept here and reported by the encoder's validation
         negative = col.to_frame("v").select(label_expr(pl.col("v"), col.dtype) == 0.0)["v"].fill_null(False)
@@ -288,10 +289,11 @@ def load_prepared(path: Path, cfg: Config, parent: Encoder | None = None) -> Pre
 
 
 def _train_chunks(cfg: Config, bad: BadRows | None) -> Iterator[RawChunk]:
-    """The training rows of ``data.train`` (after the split and negative downsampling): what vocabularies and
-    numeric statistics are fitted on."""
+    """The training rows of ``data.train`` (after the split, before negative downsampling): what vocabularies
+    and numeric statistics are fitted on. Downsampling saves training steps; the vocabularies still see every
+    training row, so a value is not dropped below ``min_count`` because its negatives were sampled away."""
     for chunk in read_chunks(cfg.data.train, cfg.data, bad):
-        chunk, assign, _ = route_rows(chunk, cfg.data, bad)
+        chunk, assign, _ = route_rows(chunk, cfg.data, bad, sample=False)
         yield chunk if (assign == 0).all() else _subset(chunk, assign == 0)
 
 
