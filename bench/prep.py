@@ -5,8 +5,9 @@
 
 Data (generated once into bench/.data/):
 - ``criteo``: Criteo-shaped TSV from bench/generate.py (13 numeric log-bucketed + 26 categorical fields);
-- ``taobao``: a Taobao-like CSV (user, item, category, brand, price, and ``hist``: a ``^``-separated click
-  history of 0-50 Zipf-distributed item ids, a third of them weighted as ``item:w``), generated here.
+- ``taobao``: a Taobao-like CSV (user, item, category, brand, price, and ``hist``: the user's ``^``-separated
+  click history of 0-50 Zipf-distributed item ids, a third of them weighted as ``item:w``, shared by the user's
+  impressions), generated here.
 - ``--scale-rows N`` adds bench/scale.py's Criteo-shaped file of N rows (45M: ~11 GB; one round each).
 
 Each measurement is one fresh process that prepares the file into an empty cache with ``deepfm.data.store.prepare``
@@ -56,29 +57,31 @@ shutil.rmtree(raw["data"]["cache_dir"], ignore_errors=True)
 
 
 def taobao_like(path: Path, rows: int, seed: int = 3) -> None:
-    """A Taobao-like click log with a multi-valued click history column (see the module docstring)."""
+    """A Taobao-like click log with a multi-valued click history column (see the module docstring). A user's
+    history is one cell shared by all of that user's impressions, as in the Taobao sample of shared/data
+    (100 rows: 8 distinct non-empty histories in 25 non-empty cells)."""
     rng = np.random.default_rng(seed)
+    n_users = 200_000
+    lengths = rng.integers(0, 51, n_users)
+    tags = rng.zipf(1.25, int(lengths.sum())) % 300_000
+    weighted = rng.random(len(tags)) < 1 / 3
+    weights = np.round(rng.random(len(tags)) * 3, 2)
+    text = np.where(weighted, np.char.add(np.char.add(tags.astype(str), ":"), weights.astype(str)), tags.astype(str))
+    ends = np.cumsum(lengths)
+    history = ["^".join(text[e - k:e]) for e, k in zip(ends.tolist(), lengths.tolist())]
     block = 200_000
     with open(path, "w") as fh:
         fh.write("label,user,item,cate,brand,price,hist\n")
         for lo in range(0, rows, block):
             n = min(block, rows - lo)
-            user = rng.zipf(1.2, n) % 200_000
+            user = rng.zipf(1.2, n) % n_users
             item = rng.zipf(1.3, n) % 300_000
             cate = item % 5_000
             brand = (item * 7) % 80_000
             price = np.round(rng.lognormal(3, 1.5, n), 2)
-            lengths = rng.integers(0, 51, n)
-            tags = rng.zipf(1.25, int(lengths.sum())) % 300_000
-            weighted = rng.random(len(tags)) < 1 / 3
-            weights = np.round(rng.random(len(tags)) * 3, 2)
-            text = np.where(weighted, np.char.add(np.char.add(tags.astype(str), ":"), weights.astype(str)),
-                            tags.astype(str))
-            ends = np.cumsum(lengths)
-            hist = ["^".join(text[e - k:e]) for e, k in zip(ends.tolist(), lengths.tolist())]
             label = (rng.random(n) < 0.05).astype(int)
             for r in range(n):
-                fh.write(f"{label[r]},{user[r]},{item[r]},{cate[r]},{brand[r]},{price[r]},{hist[r]}\n")
+                fh.write(f"{label[r]},{user[r]},{item[r]},{cate[r]},{brand[r]},{price[r]},{history[user[r]]}\n")
 
 
 def configs(args: argparse.Namespace) -> dict[str, dict]:
@@ -92,7 +95,7 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
                      {"names": [f"C{i}" for i in range(1, 27)], "min_count": 2}]
     sets["criteo"] = {"data": {"format": "tsv", "header": False, "preset": "criteo", "train": str(criteo)},
                       "fields": criteo_fields}
-    taobao = DATA / f"prep_taobao{args.taobao_rows}.csv"
+    taobao = DATA / f"prep_taobao_users{args.taobao_rows}.csv"
     if not taobao.is_file():
         taobao_like(taobao, args.taobao_rows)
     sets["taobao"] = {"data": {"format": "csv", "train": str(taobao)},

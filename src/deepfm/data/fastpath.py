@@ -73,22 +73,30 @@ class _Column:
 
 class _Bags:
     """A multi-valued field of a file: its distinct cells parsed once by the codec (``long_form``) as tags
-    with weights in CSR form (``offsets`` [D+1] over ``tags`` / ``weights``), and each row's cell (``index``)."""
+    with weights in CSR form (``offsets`` [D+1] over the parsed tags), each parsed tag as an index into the
+    distinct tags (``tag_index`` into ``tags``: a tag's text is hashed once here, looked up once per distinct
+    tag), and each row's cell (``index``)."""
 
     def __init__(self, codec: Any, encoder: Encoder, cells: pl.Series, index: np.ndarray) -> None:
         try:
-            cell_of, self.tags, weights = encoder.long_form_of(codec, cells)
+            cell_of, parsed, weights = encoder.long_form_of(codec, cells)
         except DataError as err:  # a bad weight: the general path names its line
             raise Unsupported(f"field '{err.field}': {err.reason}") from None
+        distinct = parsed.to_arrow().dictionary_encode()
+        if isinstance(distinct, pa.ChunkedArray):
+            distinct = distinct.combine_chunks()
+        self.tags = pl.Series(distinct.dictionary, dtype=pl.Utf8)
+        self.tag_index = np.asarray(distinct.indices, dtype=np.int64)
         self.weights = weights.astype(np.float32)
         self.offsets = np.zeros(len(cells) + 1, dtype=np.int64)
         np.cumsum(np.bincount(cell_of, minlength=len(cells)), out=self.offsets[1:])
         self.index = index
 
     def tag_counts(self) -> np.ndarray:
-        """How often each (cell, tag) entry occurs in the file: its cell's row count."""
+        """How often each distinct tag occurs in the file (over rows, as the general path counts it)."""
         per_cell = np.bincount(self.index, minlength=len(self.offsets) - 1)
-        return np.repeat(per_cell, np.diff(self.offsets))
+        return np.bincount(self.tag_index, weights=np.repeat(per_cell, np.diff(self.offsets)),
+                           minlength=len(self.tags)).astype(np.int64)
 
     def positions(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row's tags as positions in the parsed tags (row after row), and each row's tag count."""
@@ -98,16 +106,14 @@ class _Bags:
         return np.repeat(starts - first_out, lengths) + np.arange(total, dtype=np.int64), lengths.astype(np.int64)
 
     def rows(self, tag_ids: np.ndarray) -> MultiValues:
-        """Every row's tags (ids from ``tag_ids``, one per parsed tag) and weights, row after row."""
+        """Every row's tags (ids from ``tag_ids``, one per distinct tag) and weights, row after row."""
         pos, lengths = self.positions()
-        return MultiValues(tag_ids[pos], self.weights[pos], lengths)
+        return MultiValues(tag_ids[self.tag_index[pos]], self.weights[pos], lengths)
 
     def provisional_rows(self, provisional: _Provisional) -> MultiValues:
         """``rows`` with provisional ids (first-seen order over the whole file), counting every tag."""
         pos, lengths = self.positions()
-        distinct = self.tags.to_arrow().dictionary_encode()
-        index = np.asarray(distinct.indices, dtype=np.int64)[pos]
-        ids = provisional.add(_Column(pl.Series(distinct.dictionary, dtype=pl.Utf8), index))
+        ids = provisional.add(_Column(self.tags, self.tag_index[pos]))
         return MultiValues(ids, self.weights[pos], lengths)
 
 
@@ -359,7 +365,7 @@ def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame, columns: di
         ids = vocab.encode(col.tokens).astype(id_dtype)  # once per distinct value
         np.take(ids, col.index, out=cat_t[j])
     cat = np.ascontiguousarray(cat_t.T)
-    multi = [b.rows(vocabs[str(c.vocab_name)].encode(b.tags).astype(id_dtype))  # once per parsed tag
+    multi = [b.rows(vocabs[str(c.vocab_name)].encode(b.tags).astype(id_dtype))  # once per distinct tag
              for c, b in zip(encoder.bag_codecs, bags, strict=True)]
     return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), multi,
                         np.ones(n, dtype=bool))
