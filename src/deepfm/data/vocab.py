@@ -78,8 +78,7 @@ class Vocabulary:
         if counts is not None and (len(counts) != len(tokens) or len(last_seen or []) != len(tokens)):
             raise ValueError(f"vocabulary '{name}': counts / last_seen do not match its {len(tokens)} tokens")
         return cls(name=name, min_count=int(obj["min_count"]), hash_buckets=obj["hash_buckets"], tokens=tokens,
-                   counts=None if counts is None else [int(c) for c in counts],
-                   last_seen=None if last_seen is None else [int(g) for g in last_seen],
+                   counts=counts, last_seen=last_seen,  # JSON integers already
                    generation=int(obj.get("generation", 0)), max_size=obj.get("max_size"))
 
 
