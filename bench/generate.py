@@ -103,7 +103,7 @@ def hash_normals(keys: np.ndarray, n: int) -> np.ndarray:
 class Spec:
     """Column distributions + teacher, all fixed by the seed."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, ctr: float = TARGET_CTR):
         self.seed = seed
         rng = np.random.default_rng([seed, 0xC0FFEE])
         # --- integer columns -------------------------------------------------
@@ -175,7 +175,7 @@ class Spec:
         lo, hi = -10.0, 10.0
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            if (1.0 / (1.0 + np.exp(-(z + mid)))).mean() > TARGET_CTR:
+            if (1.0 / (1.0 + np.exp(-(z + mid)))).mean() > ctr:
                 hi = mid
             else:
                 lo = mid
@@ -388,13 +388,15 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="worker processes (output does not depend on it)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--ctr", type=float, default=TARGET_CTR,
+                    help="the click rate the teacher's bias is calibrated to (default 0.25, Criteo's)")
     ap.add_argument("--first-block", type=int, default=0,
                     help="start at this block of the seed's row stream (same teacher, rows unseen by a file "
                          "that starts at block 0): e.g. a held-out test file for a big training file")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    spec = Spec(args.seed)
+    spec = Spec(args.seed, args.ctr)
     t_spec = time.perf_counter() - t0
     out = args.out
     stem = out[:-4] if out.endswith(".tsv") else out
@@ -450,7 +452,7 @@ def main(argv=None):
             "vocab_sizes": [int(v) for v in spec.vocab],
             "teacher": {"kind": "FM(linear+pairwise, k=%d) + MLP(%d->%d->1)" % (EMB_K, (N_INT + N_CAT) * EMB_K, MLP_HIDDEN),
                         "component_scales": [float(x) for x in spec.scale], "bias": spec.bias,
-                        "target_ctr": TARGET_CTR, "calibration_rows": CALIB_ROWS}}
+                        "target_ctr": args.ctr, "calibration_rows": CALIB_ROWS}}
     if args.split:
         side["splits"] = {name: stats(s, e) for name, s, e in bounds}
     with open(stem + ".json", "w") as f:
