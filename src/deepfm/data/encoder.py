@@ -72,10 +72,6 @@ class Encoder:
         # fitting grows the parent's vocabularies and keeps its statistics (a model trained further on new data)
         self.parent = parent
 
-    @property
-    def input_columns(self) -> list[str]:
-        return [c.name for c in self.codecs]
-
     # ---------------------------------------------------------------- fitting
     def fit(self, chunks: Iterable[RawChunk], bad: BadRows | None = None) -> Encoder:
         counters = self.counters()
