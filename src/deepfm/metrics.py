@@ -5,31 +5,48 @@ from __future__ import annotations
 import numpy as np
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney U with tied scores sharing their average rank). NaN if one class only."""
+def _total(values: np.ndarray, weights: np.ndarray | None) -> float:
+    """sum(w * values): the plain sum where every weight is 1 (no array of ones at 45M rows)."""
+    return float(values.sum() if weights is None else np.dot(weights, values))
+
+
+def _weights(weights: np.ndarray | None, n: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weights for {n} rows")
+    return w
+
+
+def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Exact ROC AUC: the chance that a positive scores above a negative, a tie counting one half (Mann-Whitney
+    U), over tie groups of equal scores. With ``weights`` every positive-negative pair counts ``w_pos * w_neg``
+    (as scikit-learn's ``sample_weight``: integer weights equal repeating rows); without, every weight is 1.
+    NaN if either class has no weight."""
     labels = np.asarray(labels, dtype=np.float64).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos = float(labels.sum())
-    n_neg = float(len(labels) - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
+    w = _weights(weights, len(labels))
     order = np.argsort(scores, kind="mergesort")
     sorted_scores = scores[order]
-    # average 1-based rank of each tie group
-    boundaries = np.concatenate(([True], sorted_scores[1:] != sorted_scores[:-1]))
-    group = np.cumsum(boundaries) - 1
-    first = np.nonzero(boundaries)[0]
-    counts = np.diff(np.append(first, len(scores)))
-    avg_rank = first + (counts + 1) / 2.0
-    ranks = avg_rank[group]
-    pos_rank_sum = float(ranks[labels[order] == 1].sum())
-    return (pos_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    tie = np.cumsum(np.concatenate(([True], sorted_scores[1:] != sorted_scores[:-1]))) - 1
+    pos = np.bincount(tie, (labels if w is None else labels * w)[order])  # positive weight per tie group
+    neg = np.bincount(tie, None if w is None else w[order]) - pos
+    pos_total, neg_total = float(pos.sum()), float(neg.sum())
+    if pos_total <= 0 or neg_total <= 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg  # negative weight scored below each tie group
+    return float(np.dot(pos, neg_below + 0.5 * neg)) / (pos_total * neg_total)
 
 
-def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7, weights: np.ndarray | None = None) -> float:
+    """Mean binary cross-entropy; with ``weights``, sum(w * loss) / sum(w) (NaN if the weights sum to 0)."""
     labels = np.asarray(labels, dtype=np.float64).ravel()
     p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1 - eps)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    w = _weights(weights, len(labels))
+    total = float(len(labels)) if w is None else float(w.sum())
+    loss = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    return _total(loss, w) / total if total > 0 else float("nan")
 
 
 def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
@@ -58,10 +75,13 @@ def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> flo
     return float(np.sum(per_group * size[ok]) / np.sum(size[ok]))
 
 
-def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean prediction divided by the observed positive rate (1.0 is calibrated on average)."""
-    rate = float(np.mean(labels))
-    return float(np.mean(probs)) / rate if rate > 0 else float("nan")
+def calibration(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Predicted clicks over observed clicks, sum(w * p) / sum(w * y) (1.0 is calibrated on average; every
+    weight 1 without ``weights``): the mean prediction divided by the positive rate."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    w = _weights(weights, len(labels))
+    observed = _total(labels, w)
+    return _total(np.asarray(probs, dtype=np.float64).ravel(), w) / observed if observed > 0 else float("nan")
 
 
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray,
@@ -91,9 +111,13 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr
 
 
-def summarize(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
-    out = {"auc": auc(labels, probs), "logloss": log_loss(labels, probs),
-           "calibration": calibration(labels, probs), "rows": int(len(labels))}
+def summarize(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None,
+              weights: np.ndarray | None = None) -> dict[str, float]:
+    """AUC, log loss and calibration (weighted by ``weights``, the split's ``data.weight_column``, when given),
+    the row count, and gAUC with ``groups`` (per-group AUC weighted by group size; sample weights do not enter
+    it)."""
+    out = {"auc": auc(labels, probs, weights), "logloss": log_loss(labels, probs, weights=weights),
+           "calibration": calibration(labels, probs, weights), "rows": int(len(labels))}
     if groups is not None:
         out["gauc"] = group_auc(labels, probs, groups)
     return out
