@@ -138,6 +138,11 @@ class DataConfig(_Frozen):
     # are calibrated back (see ``logit_shift``)
     negative_sampling_rate: float = Field(1.0, gt=0.0, le=1.0)
     sampling_seed: int = 2017
+    # a column of per-row sample weights (finite numbers >= 0) for training loss and evaluation metrics, e.g.
+    # 1/w on the negatives a user kept with probability w; read only when preparing data (predict and serve
+    # ignore it). With negative_sampling_rate the two multiply: the weights apply to the rows the sampling
+    # keeps, and logit_shift corrects the sampling alone.
+    weight_column: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -166,6 +171,15 @@ class DataConfig(_Frozen):
             raise ValueError("data.split splits data.train; do not also give data.valid / data.test")
         if len(self.multi_value_separator) != 1 or len(self.weight_separator) != 1:
             raise ValueError("separators must be single characters")
+        if self.weight_column is not None:
+            if self.format in ("libffm", "libsvm"):
+                raise ValueError(f"data.weight_column needs named columns (csv, tsv or parquet), not {self.format}")
+            if self.weight_column == self.label:
+                raise ValueError(f"data.weight_column '{self.weight_column}' is the label column")
+            if self.weight_column in self.id_columns:
+                raise ValueError(f"data.weight_column '{self.weight_column}' is also in data.id_columns")
+            if self.weight_column in [d.name for d in self.derive]:
+                raise ValueError(f"data.derive computes the weight column '{self.weight_column}'")
         names = [d.name for d in self.derive]
         if len(set(names)) != len(names):
             raise ValueError(f"data.derive names a column twice: {names}")
@@ -397,6 +411,8 @@ class Config(_Frozen):
         for f in self.fields:
             if f.name == self.data.label:
                 raise ValueError(f"field '{f.name}' is the label column")
+            if f.name == self.data.weight_column:
+                raise ValueError(f"field '{f.name}' is the weight column (data.weight_column)")
             if not f.uses_vocab:
                 continue
             first = by_vocab.setdefault(f.vocab_name, f)
@@ -406,7 +422,9 @@ class Config(_Frozen):
         cols = self.data.column_names
         if cols is not None:
             split_by = [self.data.split.by] if isinstance(self.data.split, TimeSplitConfig) else []
-            missing = [n for n in [self.data.label, *(f.name for f in self.fields), *split_by] if n not in cols]
+            weight = [self.data.weight_column] if self.data.weight_column is not None else []
+            missing = [n for n in [self.data.label, *(f.name for f in self.fields), *split_by, *weight]
+                       if n not in cols]
             if missing:
                 raise ValueError(f"data.columns lacks {missing}")
         return self

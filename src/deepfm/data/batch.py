@@ -25,6 +25,7 @@ class EncodedChunk:
     num_values: np.ndarray
     multi: list[MultiValues]
     kept: np.ndarray  # bool [N_raw]: rows of the raw chunk that were encoded (all True unless skipping)
+    weights: np.ndarray | None = None  # float32 [N]: sample weights (data.weight_column), else None
 
     def __len__(self) -> int:
         return int(self.cat_ids.shape[0])
@@ -35,20 +36,23 @@ class SplitArrays:
     """Memory-mapped arrays of one prepared split (``deepfm.data.store`` writes them).
 
     labels float32 [N]; cat_ids int32/int64 [N, Fc]; num_values float32 [N, Fn]; per multi-valued field
-    (ids [nnz], weights float32 [nnz], offsets int64 [N+1]); group int64 [N] or None."""
+    (ids [nnz], weights float32 [nnz], offsets int64 [N+1]); group int64 [N] or None; sample weights float32
+    [N] (``data.weight_column``) or None."""
 
     labels: np.ndarray
     cat_ids: np.ndarray
     num_values: np.ndarray
     multi: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (ids, weights, offsets)
     group: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.labels, self.cat_ids, self.num_values, self.group] + [a for m in self.multi for a in m]
+        arrays = [self.labels, self.cat_ids, self.num_values, self.group, self.weights] + \
+            [a for m in self.multi for a in m]
         return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
@@ -62,6 +66,8 @@ class ModelInput:
     multi_weights float32 [nnz]     their weights (values)
     multi_bags    int64   [nnz]     bag of each tag: field_index * B + row
     labels        float32 [B]       (None when predicting)
+    group         int64   [B]       hashed group column (gAUC), or None
+    weights       float32 [B]       sample weights (data.weight_column; training only), or None
     """
 
     cat_ids: torch.Tensor
@@ -71,6 +77,7 @@ class ModelInput:
     multi_bags: torch.Tensor
     labels: torch.Tensor | None = None
     group: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.cat_ids.shape[0])
@@ -84,10 +91,11 @@ class ModelInput:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return ModelInput(*(mv(t) for t in (self.cat_ids, self.num_values, self.multi_ids,  # type: ignore
-                                            self.multi_weights, self.multi_bags, self.labels, self.group)))
+                                            self.multi_weights, self.multi_bags, self.labels, self.group,
+                                            self.weights)))
 
     def slice(self, lo: int, hi: int) -> ModelInput:
-        """Rows ``lo:hi`` (multi-valued bags re-based; labels and group are not carried)."""
+        """Rows ``lo:hi`` (multi-valued bags re-based; labels, group and weights are not carried)."""
         if lo == 0 and hi == len(self):
             return self
         b = len(self)
@@ -104,7 +112,8 @@ class ModelInput:
             return None if t is None else t.pin_memory()
 
         return ModelInput(*(pin(t) for t in (self.cat_ids, self.num_values, self.multi_ids,  # type: ignore
-                                             self.multi_weights, self.multi_bags, self.labels, self.group)))
+                                             self.multi_weights, self.multi_bags, self.labels, self.group,
+                                             self.weights)))
 
 
 def _bags(lengths_per_field: list[np.ndarray], batch: int) -> np.ndarray:
@@ -115,20 +124,23 @@ def _bags(lengths_per_field: list[np.ndarray], batch: int) -> np.ndarray:
 
 
 def make_input(cat_ids: np.ndarray, num_values: np.ndarray, multi: list[tuple[np.ndarray, np.ndarray,
-               np.ndarray]], labels: np.ndarray | None = None, group: np.ndarray | None = None) -> ModelInput:
-    """Build a ``ModelInput`` from numpy arrays; ``multi`` holds (ids, weights, lengths) per field."""
+               np.ndarray]], labels: np.ndarray | None = None, group: np.ndarray | None = None,
+               weights: np.ndarray | None = None) -> ModelInput:
+    """Build a ``ModelInput`` from numpy arrays; ``multi`` holds (ids, tag weights, lengths) per field, ``weights``
+    the rows' sample weights."""
     b = cat_ids.shape[0]
     if multi:
         ids = np.concatenate([m[0] for m in multi]).astype(np.int64, copy=False)
-        weights = np.concatenate([m[1] for m in multi]).astype(np.float32, copy=False)
+        tag_weights = np.concatenate([m[1] for m in multi]).astype(np.float32, copy=False)
     else:
-        ids, weights = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        ids, tag_weights = np.zeros(0, np.int64), np.zeros(0, np.float32)
     bags = _bags([m[2] for m in multi], b)
     return ModelInput(
         _tensor(cat_ids, np.int64), _tensor(num_values, np.float32), _tensor(ids, np.int64),
-        _tensor(weights, np.float32), torch.from_numpy(bags),
+        _tensor(tag_weights, np.float32), torch.from_numpy(bags),
         None if labels is None else _tensor(labels, np.float32),
         None if group is None else _tensor(group, np.int64),
+        None if weights is None else _tensor(weights, np.float32),
     )
 
 

@@ -101,6 +101,22 @@ def bad_label_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return ~_float_expr(col, dtype).is_in([0.0, 1.0]).fill_null(False)
 
 
+def weight_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """A sample weight (``data.weight_column``) as Float64."""
+    return _float_expr(col, dtype)
+
+
+def bad_weight_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """True where a sample weight is missing or not a finite number in [0, the float32 maximum]: a weight is
+    stored as float32, and one negative, NaN or infinite weight would make every loss and metric it enters
+    meaningless."""
+    w = _float_expr(col, dtype)
+    return ~((w >= 0.0) & (w <= FLOAT32_MAX) & ~w.is_nan()).fill_null(False)
+
+
+BAD_WEIGHT = "is not a sample weight (data.weight_column: a finite number >= 0)"
+
+
 @dataclass(frozen=True)
 class Check:
     """A validation of one column: ``bad`` is True on rows whose value is unusable, ``reason`` says why."""

@@ -4,6 +4,7 @@
 statistics; ``Encoder.transform`` turns a chunk of raw rows into an ``EncodedChunk`` of numpy arrays:
 
     labels      float32 [N]          0/1 (None when the data has no label column)
+    weights     float32 [N]          sample weights from ``data.weight_column`` (only when asked: preparation)
     cat_ids     int64   [N, Fc]      local ids of categorical (and log-bucketed numeric) fields (int32 from
                                      the fast path of preparation)
     num_values  float32 [N, Fn]      scaled numeric fields; NaN marks a missing value
@@ -24,8 +25,8 @@ import polars as pl
 
 from deepfm.config import DataConfig, FieldConfig
 from deepfm.data.batch import EncodedChunk, MultiValues  # noqa: F401 (re-exported)
-from deepfm.data.codecs import MISSING, Check, Codec, IdCodec, MultiCodec, ValueCodec, bad_label_expr, codec_for, \
-    label_expr
+from deepfm.data.codecs import BAD_WEIGHT, MISSING, Check, Codec, IdCodec, MultiCodec, ValueCodec, bad_label_expr, \
+    bad_weight_expr, codec_for, label_expr, weight_expr
 from deepfm.data.readers import BadRows, RawChunk
 from deepfm.data.vocab import Vocabulary, VocabularyCounter
 from deepfm.errors import DataError
@@ -53,7 +54,7 @@ class Encoder:
 
     It knows fields only through their codecs (``deepfm.data.codecs``) and files not at all: it reads the
     columns of ``RawChunk``s, whoever made them. From the data config it keeps what belongs to the fields:
-    the label column, the multi-value separators and the derived columns.
+    the label column, the sample-weight column, the multi-value separators and the derived columns.
     """
 
     def __init__(self, fields: list[FieldConfig], data: DataConfig,
@@ -61,6 +62,7 @@ class Encoder:
                  parent: Encoder | None = None) -> None:
         self.fields = list(fields)
         self.label = data.label
+        self.weight_column = data.weight_column
         self.multi_value_separator, self.weight_separator = data.multi_value_separator, data.weight_separator
         self.derive = tuple(data.derive)
         self.codecs: list[Codec] = [codec_for(f) for f in self.fields]
@@ -78,7 +80,7 @@ class Encoder:
         acc: dict[str, dict[str, Any]] = {}
         rows = 0
         for chunk in chunks:
-            chunk, _ = self.validate(chunk, bad)
+            chunk, _ = self.validate(chunk, bad, check_weight=True)  # fit on the rows that encoding keeps
             rows += len(chunk)
             self.count(chunk, counters)
             self.accumulate_stats(chunk, acc)
@@ -169,12 +171,16 @@ class Encoder:
         return [c.describe(vocabs[c.vocab_name].size if c.vocab_name is not None else None) for c in self.codecs]
 
     # ---------------------------------------------------------------- transform
-    def transform(self, chunk: RawChunk, *, labels: bool = True, bad: BadRows | None = None) -> EncodedChunk:
-        """Encode a raw chunk. ``labels=False`` for data without a label column (predict, serve)."""
+    def transform(self, chunk: RawChunk, *, labels: bool = True, weights: bool = False,
+                  bad: BadRows | None = None) -> EncodedChunk:
+        """Encode a raw chunk. ``labels=False`` for data without a label column (predict, serve);
+        ``weights=True`` reads ``data.weight_column`` too, when set (preparation: a file to score may lack it)."""
         vocabs, _ = self._fitted()
-        chunk, kept = self.validate(chunk, bad, check_label=labels)
+        weights = weights and self.weight_column is not None
+        chunk, kept = self.validate(chunk, bad, check_label=labels, check_weight=weights)
         n = len(chunk)
         label_arr = self._labels(chunk) if labels else None
+        weight_arr = self._weights(chunk) if weights else None
         # one select for every field: polars evaluates the columns in parallel
         cat = np.empty((n, len(self.id_codecs)), dtype=np.int64)
         looked_up = [(j, c) for j, c in enumerate(self.id_codecs) if not vocabs[str(c.vocab_name)].hash_buckets]
@@ -198,7 +204,7 @@ class Encoder:
             ids = vocabs[str(c.vocab_name)].encode(tags)
             lengths = np.bincount(rows, minlength=n).astype(np.int64) if len(rows) else np.zeros(n, np.int64)
             multi.append(MultiValues(ids.astype(np.int64), weights.astype(np.float32), lengths))
-        return EncodedChunk(label_arr, cat, num, multi, kept)
+        return EncodedChunk(label_arr, cat, num, multi, kept, weight_arr)
 
     def value_exprs(self, chunk: RawChunk, stats: Stats | None = None) -> list[pl.Expr]:
         """Expressions ``n0, n1, ...``: the values of the value codecs (float32, NaN if missing). ``stats``
@@ -238,6 +244,10 @@ class Encoder:
         col = self._column(chunk, self.label)
         return col.to_frame("v").select(label_expr(pl.col("v"), col.dtype))["v"].to_numpy().astype(np.float32)
 
+    def _weights(self, chunk: RawChunk) -> np.ndarray:
+        col = self._column(chunk, str(self.weight_column))
+        return col.to_frame("v").select(weight_expr(pl.col("v"), col.dtype))["v"].to_numpy().astype(np.float32)
+
     def _long_form(self, chunk: RawChunk, c: MultiCodec) -> tuple[np.ndarray, pl.Series, np.ndarray]:
         return c.long_form(self._column(chunk, c.name), self.multi_value_separator, self.weight_separator,
                            chunk.path, chunk.lines)
@@ -248,9 +258,10 @@ class Encoder:
                            np.arange(1, len(cells) + 1, dtype=np.int64))
 
     def validate(self, chunk: RawChunk, bad: BadRows | None, check_label: bool = True,
-                 codecs: list[Codec] | None = None) -> tuple[RawChunk, np.ndarray]:
-        """Check labels and the values of ``codecs`` (default: all); raise on the first bad row, or drop and
-        report bad rows. Returns the kept rows (with the derived columns added) and the mask of kept rows."""
+                 codecs: list[Codec] | None = None, check_weight: bool = False) -> tuple[RawChunk, np.ndarray]:
+        """Check labels, sample weights (``check_weight``, when ``data.weight_column`` is set) and the values of
+        ``codecs`` (default: all); raise on the first bad row, or drop and report bad rows. Returns the kept
+        rows (with the derived columns added) and the mask of kept rows."""
         if chunk.absent_is_missing:  # a sparse format leaves out the columns a row has no value for
             absent = [pl.lit(None, pl.Utf8).alias(c.name) for c in self.codecs
                       if c.name not in chunk.frame.columns and c.name not in {d.name for d in self.derive}]
@@ -262,6 +273,9 @@ class Encoder:
             label = self.label
             checks.append(Check(label, bad_label_expr(pl.col(label), self._dtype(chunk, label)),
                                 "label must be 0 or 1"))
+        if check_weight and self.weight_column is not None:
+            weight = self.weight_column
+            checks.append(Check(weight, bad_weight_expr(pl.col(weight), self._dtype(chunk, weight)), BAD_WEIGHT))
         derived = {d.name for d in self.derive}  # computed below from their checked sources
         for c in self.codecs if codecs is None else codecs:
             if c.name not in derived:

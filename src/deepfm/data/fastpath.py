@@ -17,8 +17,9 @@ A file up to ``WHOLE_FILE_BYTES`` is parsed at once and encoded in memory; a lar
 distinct values; a multi-valued field's tags likewise), the training ids are written provisionally and renumbered
 in place once the vocabularies are fitted. Anything else it meets -- a malformed row, a cell that is not valid
 UTF-8 (text cells are parsed as bytes and their distinct values checked, so arrow never meets invalid text), a
-line longer than a parse block, a value that is not a finite float32, a label other than 0/1 -- raises
-``Unsupported`` and preparation runs the general path, which names the file, line and field of the bad value.
+line longer than a parse block, a value that is not a finite float32, a label other than 0/1, a bad sample weight
+-- raises ``Unsupported`` and preparation runs the general path, which names the file, line and field of the bad
+value.
 A file in another ``data.encoding`` is transcoded while it streams (``readers.text_source``).
 """
 
@@ -123,14 +124,15 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
     data = cfg.data
     cat = [c.name for c in encoder.codecs if c.source == "text"]  # categories and tag lists: dictionaries
     num = [c.name for c in encoder.codecs if c.source == "number"]
-    wanted = [data.label] + cat + num
+    weight = [data.weight_column] if data.weight_column is not None else []
+    wanted = [data.label] + weight + cat + num
     try:
         names, header_lines, sep = delimited_columns(path, data, wanted)
     except DataError as err:
         raise Unsupported(str(err)) from None
     # categorical cells as bytes: their distinct values are checked as UTF-8 once per table (_tokens)
     types = {c: pa.dictionary(pa.int32(), pa.binary()) for c in cat}
-    types.update({c: pa.float64() for c in num + [data.label]})
+    types.update({c: pa.float64() for c in num + [data.label] + weight})
     invalid = []
 
     def on_invalid(_row: pacsv.InvalidRow) -> str:
@@ -269,12 +271,14 @@ def _chunk(frame: pl.DataFrame) -> RawChunk:
 
 
 def _numbers(table: pa.Table, encoder: Encoder) -> pl.DataFrame:
-    """Label and number columns as float64 polars columns, validated by the codecs' own checks."""
-    keep = [encoder.label] + [c.name for c in encoder.codecs if c.source == "number"]
+    """Label, sample-weight and number columns as float64 polars columns, validated by the encoder's own checks."""
+    weight = [encoder.weight_column] if encoder.weight_column is not None else []
+    keep = [encoder.label] + weight + [c.name for c in encoder.codecs if c.source == "number"]
     frame = pl.from_arrow(table.select(keep))
     assert isinstance(frame, pl.DataFrame)
     try:
-        encoder.validate(_chunk(frame), None, codecs=[c for c in encoder.codecs if c.source == "number"])
+        encoder.validate(_chunk(frame), None, codecs=[c for c in encoder.codecs if c.source == "number"],
+                         check_weight=True)
     except DataError as err:  # the general path reports it with its file and line
         raise Unsupported(f"field '{err.field}': {err.reason}") from None
     return frame
@@ -339,7 +343,8 @@ def _fit_streamed(cfg: Config, encoder: Encoder, chunks: Iterator[pa.Table], wri
         multi = [b.provisional_rows(provisional[c.name]) for c, b in zip(encoder.bag_codecs, _bags(table, encoder),
                                                                           strict=True)]
         writer.append(EncodedChunk(_labels(encoder, numbers), np.ascontiguousarray(cat_t.T),
-                                   _numeric_values(encoder, numbers, stats={}), multi, np.ones(n, dtype=bool)), None)
+                                   _numeric_values(encoder, numbers, stats={}), multi, np.ones(n, dtype=bool),
+                                   _weights(encoder, numbers)), None)
     counters = encoder.counters()
     for c in encoder.id_codecs + encoder.bag_codecs:
         p = provisional[c.name]
@@ -368,7 +373,7 @@ def encode(encoder: Encoder, table: pa.Table, numbers: pl.DataFrame, columns: di
     multi = [b.rows(vocabs[str(c.vocab_name)].encode(b.tags).astype(id_dtype))  # once per distinct tag
              for c, b in zip(encoder.bag_codecs, bags, strict=True)]
     return EncodedChunk(_labels(encoder, numbers), cat, _numeric_values(encoder, numbers), multi,
-                        np.ones(n, dtype=bool))
+                        np.ones(n, dtype=bool), _weights(encoder, numbers))
 
 
 def _numeric_values(encoder: Encoder, numbers: pl.DataFrame, stats: dict | None = None) -> np.ndarray:
@@ -382,3 +387,9 @@ def _numeric_values(encoder: Encoder, numbers: pl.DataFrame, stats: dict | None 
 
 def _labels(encoder: Encoder, numbers: pl.DataFrame) -> np.ndarray:
     return numbers[encoder.label].to_numpy().astype(np.float32)
+
+
+def _weights(encoder: Encoder, numbers: pl.DataFrame) -> np.ndarray | None:
+    if encoder.weight_column is None:
+        return None
+    return numbers[encoder.weight_column].to_numpy().astype(np.float32)

@@ -143,12 +143,14 @@ def load_batch(split: SplitArrays, rows: np.ndarray | tuple[int, int]) -> ModelI
             rows = np.arange(rows[0], rows[1], dtype=np.int64)
         multi = [_gather_csr(i, w, o, rows) for i, w, o in split.multi]
         group = None if split.group is None else split.group[rows]
-        return make_input(split.cat_ids[rows], split.num_values[rows], multi, split.labels[rows], group)
+        weights = None if split.weights is None else split.weights[rows]
+        return make_input(split.cat_ids[rows], split.num_values[rows], multi, split.labels[rows], group, weights)
     starts, stops = runs_of(rows)
     multi = [_take_csr(i, w, o, starts, stops) for i, w, o in split.multi]
     group = None if split.group is None else take_runs(split.group, starts, stops)
+    weights = None if split.weights is None else take_runs(split.weights, starts, stops)
     return make_input(take_runs(split.cat_ids, starts, stops), take_runs(split.num_values, starts, stops), multi,
-                      take_runs(split.labels, starts, stops), group)
+                      take_runs(split.labels, starts, stops), group, weights)
 
 
 def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,

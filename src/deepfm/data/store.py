@@ -9,6 +9,7 @@ One folder per (data files, field schema) fingerprint under ``data.cache_dir``::
     <split>/num_values.bin float32 [N, Fn], NaN = missing
     <split>/multi<k>_ids.bin int32 [nnz], multi<k>_weights.bin float32 [nnz], multi<k>_offsets.bin int64 [N+1]
     <split>/group.bin      int64 [N] (hash of the group column, for gAUC; only when data.group_column is set)
+    <split>/weights.bin    float32 [N] (sample weights; only when data.weight_column is set)
 
 The folder is written under a temporary name (``.<fingerprint>.tmp-<pid>@<host>``) and renamed when complete,
 so a crash never leaves a half-written cache that a later run would trust; the next preparation removes the
@@ -185,13 +186,14 @@ def _subset(chunk: RawChunk, mask: np.ndarray) -> RawChunk:
 class _SplitWriter:
     """Appends encoded chunks to the raw binary files of one split."""
 
-    def __init__(self, folder: Path, id_dtype: np.dtype, n_multi: int, with_group: bool) -> None:
+    def __init__(self, folder: Path, id_dtype: np.dtype, n_multi: int, with_group: bool,
+                 with_weights: bool = False) -> None:
         folder.mkdir(parents=True)
         self.folder, self.id_dtype = folder, id_dtype
         self.rows = 0
         self.nnz = [0] * n_multi
         self.cat_width = self.num_width = 0
-        self.with_group = with_group
+        self.with_group, self.with_weights = with_group, with_weights
         self._fh: dict[str, object] = {}
 
     def _write(self, name: str, arr: np.ndarray) -> None:
@@ -206,6 +208,9 @@ class _SplitWriter:
         assert enc.labels is not None
         self.cat_width, self.num_width = enc.cat_ids.shape[1], enc.num_values.shape[1]
         self._write("labels", enc.labels.astype(np.float32, copy=False))
+        if self.with_weights:
+            assert enc.weights is not None
+            self._write("weights", enc.weights.astype(np.float32, copy=False))
         self._write("cat_ids", enc.cat_ids.astype(self.id_dtype, copy=False))
         self._write("num_values", enc.num_values.astype(np.float32, copy=False))
         for k, mv in enumerate(enc.multi):
@@ -247,13 +252,13 @@ class _SplitWriter:
         for fh in self._fh.values():
             fh.close()  # type: ignore[attr-defined]
         # a split without rows still gets its (empty) files
-        for name in ["labels", "cat_ids", "num_values"] + [f"multi{k}_{s}" for k in range(len(self.nnz))
-                                                           for s in ("ids", "weights", "offsets")]:
+        for name in ["labels", "cat_ids", "num_values"] + (["weights"] if self.with_weights else []) + \
+                [f"multi{k}_{s}" for k in range(len(self.nnz)) for s in ("ids", "weights", "offsets")]:
             p = self.folder / f"{name}.bin"
             if not p.exists():
                 p.write_bytes(np.zeros(1, np.int64).tobytes() if name.endswith("_offsets") else b"")
         return {"rows": self.rows, "nnz": self.nnz, "cat_width": self.cat_width, "num_width": self.num_width,
-                "group": self.with_group}
+                "group": self.with_group, "weights": self.with_weights}
 
 
 def _open_split(folder: Path, meta: dict, id_dtype: np.dtype, n_multi: int) -> SplitArrays:
@@ -274,6 +279,7 @@ def _open_split(folder: Path, meta: dict, id_dtype: np.dtype, n_multi: int) -> S
         num_values=mm("num_values", np.dtype(np.float32), (n, meta["num_width"])),
         multi=multi,
         group=mm("group", np.dtype(np.int64), (n,)) if meta.get("group") and n else None,
+        weights=mm("weights", np.dtype(np.float32), (n,)) if meta.get("weights") else None,
     )
 
 
@@ -381,7 +387,8 @@ def _prepare_fast(folder: Path, cfg: Config, log,
 
     def writer_for(name: str) -> _SplitWriter:
         if name not in writers:  # ids are int32 until renumbered (the table's size is known only then)
-            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), len(encoder.bag_codecs), False)
+            writers[name] = _SplitWriter(folder / name, np.dtype(np.int32), len(encoder.bag_codecs), False,
+                                         cfg.data.weight_column is not None)
         return writers[name]
 
     try:
@@ -429,11 +436,12 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
     id_dtype = _id_dtype(layout)
     n_multi = len(layout.multi_fields)
     with_group = cfg.data.group_column is not None
+    with_weights = cfg.data.weight_column is not None
     writers: dict[str, _SplitWriter] = {}
 
     def writer(name: str) -> _SplitWriter:
         if name not in writers:
-            writers[name] = _SplitWriter(folder / name, id_dtype, n_multi, with_group)
+            writers[name] = _SplitWriter(folder / name, id_dtype, n_multi, with_group, with_weights)
         return writers[name]
 
     sources = [("train", cfg.data.train)] + [(s, getattr(cfg.data, s)) for s in ("valid", "test")
@@ -453,7 +461,8 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
                 chunk, assign, n_dropped = route_rows(chunk, cfg.data, bad)
                 dropped += n_dropped
             # a kept chunk is re-validated against a throwaway sink: its bad rows were reported above
-            enc = encoder.transform(chunk, bad=(BadRows() if bad is not None else None) if reuse else bad)
+            enc = encoder.transform(chunk, weights=with_weights,
+                                    bad=(BadRows() if bad is not None else None) if reuse else bad)
             group = None
             if with_group:
                 gcol = chunk.frame[cfg.data.group_column].filter(pl.Series(enc.kept))
@@ -499,4 +508,5 @@ def _select(enc: EncodedChunk, mask: np.ndarray) -> EncodedChunk:
         keep = mask[row_of]
         multi.append(MultiValues(mv.ids[keep], mv.weights[keep], mv.lengths[mask]))
     assert enc.labels is not None
-    return EncodedChunk(enc.labels[mask], enc.cat_ids[mask], enc.num_values[mask], multi, enc.kept)
+    return EncodedChunk(enc.labels[mask], enc.cat_ids[mask], enc.num_values[mask], multi, enc.kept,
+                        None if enc.weights is None else enc.weights[mask])
