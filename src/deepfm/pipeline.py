@@ -153,7 +153,8 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
         if split is not None and len(split):
             preds[name] = trainer.predict(split)
             metrics[name] = summarize(np.asarray(split.labels), preds[name],
-                                      None if split.group is None else np.asarray(split.group))
+                                      None if split.group is None else np.asarray(split.group),
+                                      None if split.weights is None else np.asarray(split.weights))
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
                         "ranks": dist.world_size}
     # row sharding: the table and its optimiser state reach rank 0 block by block, as it writes them

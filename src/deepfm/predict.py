@@ -46,10 +46,13 @@ class Scored:
     chunk: RawChunk  # the rows that were scored (bad rows already dropped)
     probs: np.ndarray  # float64 [N]
     labels: np.ndarray | None
+    weights: np.ndarray | None = None  # sample weights (data.weight_column) when asked for and in the file
 
 
 def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bool]:
-    """The training data config adapted to a new file: format by extension, and whether it has labels."""
+    """The training data config adapted to a new file: format by extension, and whether it has labels. A
+    headerless file narrower than ``data.columns`` lacks the sample-weight column first (a file to score need
+    not carry it), then the label."""
     ext = Path(path).suffix.lower()
     fmt = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".csv": "csv"}.get(ext, train_data.format)
     update: dict = {"format": fmt, "train": path, "valid": None, "test": None, "split": None}
@@ -65,7 +68,11 @@ def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bo
         if cfg.header:
             return cfg, train_data.label in header_names(path, sep, cfg.encoding)
         names = list(cfg.column_names or [])
-        if _usual_width(path, sep, cfg.encoding) == len(names) - 1 and train_data.label in names:  # no labels
+        width = _usual_width(path, sep, cfg.encoding)
+        if train_data.weight_column in names and width < len(names):  # training-time only: a file may lack it
+            names.remove(train_data.weight_column)
+            cfg = cfg.model_copy(update={"preset": None, "columns": names})
+        if width == len(names) - 1 and train_data.label in names:  # no labels
             return cfg.model_copy(update={"preset": None, "columns": [c for c in names
                                                                       if c != train_data.label]}), False
         return cfg, True
@@ -106,16 +113,17 @@ class Predictor:
     def config(self):
         return self.loaded.config
 
-    def _probs(self, chunk: RawChunk, labels: bool, bad: BadRows | None) -> tuple[RawChunk, np.ndarray,
-                                                                                    np.ndarray | None]:
-        enc = self.loaded.encoder.transform(chunk, labels=labels, bad=bad)
+    def _probs(self, chunk: RawChunk, labels: bool, bad: BadRows | None, weights: bool = False) -> Scored:
+        enc = self.loaded.encoder.transform(chunk, labels=labels, weights=weights, bad=bad)
         if not enc.kept.all():
             chunk = RawChunk(chunk.path, chunk.frame.filter(pl.Series(enc.kept)), chunk.lines[enc.kept],
                              chunk.row_start)
-        return chunk, self.runtime.probabilities(input_from_chunk(enc)), enc.labels
+        return Scored(chunk, self.runtime.probabilities(input_from_chunk(enc)), enc.labels, enc.weights)
 
     def score_chunks(self, path: str, *, need_labels: bool = False, skip_bad_rows: bool = False,
-                     bad: BadRows | None = None, progress: bool = True) -> Iterator[Scored]:
+                     bad: BadRows | None = None, progress: bool = True, weights: bool = False) -> Iterator[Scored]:
+        """The file's rows with their probabilities, chunk by chunk; ``weights``: with the sample weights too,
+        where the file has ``data.weight_column`` (evaluation; predicting never reads the column)."""
         check_readable(path, hint="the input file to score; relative paths are read from the current folder "
                                   f"{os.getcwd()}")
         data, has_labels = infer_data_config(self.config.data, path)
@@ -125,8 +133,8 @@ class Predictor:
             bad = BadRows()
         for chunk in progress_bar(read_chunks(path, data, bad if skip_bad_rows else None),
                                   desc="score", enabled=progress, unit="chunk"):
-            kept_chunk, probs, labels = self._probs(chunk, has_labels, bad if skip_bad_rows else None)
-            yield Scored(kept_chunk, probs, labels)
+            yield self._probs(chunk, has_labels, bad if skip_bad_rows else None,
+                              weights=weights and self.config.data.weight_column in chunk.frame.columns)
 
     def predict_proba(self, frame) -> np.ndarray:
         """Probabilities for the rows of a pandas or polars DataFrame holding the training columns."""
@@ -134,15 +142,20 @@ class Predictor:
         if self.config.data.label in df.columns:
             df = df.drop(self.config.data.label)
         chunk = RawChunk("<dataframe>", df, np.arange(1, df.height + 1, dtype=np.int64), 0)
-        return self._probs(chunk, labels=False, bad=None)[1]
+        return self._probs(chunk, labels=False, bad=None).probs
 
     def evaluate_file(self, path: str, *, skip_bad_rows: bool = False, progress: bool = True) -> dict:
-        labels, probs, groups = [], [], []
+        """AUC, log loss and calibration of the model on a labelled file, weighted by its
+        ``data.weight_column`` when the file has that column (as validation during training), and gAUC."""
+        labels, probs, groups, weights = [], [], [], []
         gcol = self.config.data.group_column
-        for s in self.score_chunks(path, need_labels=True, skip_bad_rows=skip_bad_rows, progress=progress):
+        for s in self.score_chunks(path, need_labels=True, skip_bad_rows=skip_bad_rows, progress=progress,
+                                   weights=True):
             assert s.labels is not None
             labels.append(s.labels)
             probs.append(s.probs)
+            if s.weights is not None:
+                weights.append(s.weights)
             if gcol is not None:
                 if gcol not in s.chunk.frame.columns:
                     raise DataError(f"group column '{gcol}' (for gAUC) is missing", path=path, field=gcol)
@@ -150,7 +163,7 @@ class Predictor:
         if not labels:
             raise DataError("no rows to evaluate", path=path)
         y, p = np.concatenate(labels), np.concatenate(probs)
-        out = summarize(y, p)
+        out = summarize(y, p, weights=np.concatenate(weights) if weights else None)
         if groups:
             out["gauc"] = group_auc(y, p, np.concatenate(groups))
         return out

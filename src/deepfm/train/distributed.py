@@ -138,6 +138,15 @@ def gather_rows(local: np.ndarray, ctx: DistContext) -> np.ndarray:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).cpu().numpy()
 
 
+def sum_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """``t`` summed over every rank, on ``t``'s device, without leaving it for the CPU (``t`` for one process)."""
+    if not ctx.enabled:
+        return t
+    out = t.detach().to(_comm_device, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
 def allreduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     if not ctx.enabled:
         return values

@@ -47,8 +47,9 @@ class TrainState:
     best_score: float = -math.inf  # the monitored value (train.monitor) of the best epoch
     best_epoch: int = -1
     bad_epochs: int = 0
-    loss_sum: float = 0.0
-    loss_count: int = 0
+    loss_sum: float = 0.0  # this epoch's sum of (weighted) training losses so far
+    loss_count: int = 0  # rows in it
+    loss_weight: float = 0.0  # their total sample weight (= loss_count without data.weight_column)
     epoch_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
@@ -153,6 +154,7 @@ class Trainer:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
         saved_state = json.loads((last / "state.json").read_text())
         saved_state.setdefault("best_score", saved_state.get("best_auc", -math.inf))  # checkpoints before monitor
+        saved_state.setdefault("loss_weight", float(saved_state.get("loss_count", 0)))  # before weight_column
         self.state = TrainState(**saved_state)
         return True
 
@@ -222,10 +224,12 @@ class Trainer:
                            enabled=cfg.progress and self.dist.is_main,
                            total=per_epoch - st.batch, unit="batch")
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        weight_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         n_acc = 0
         for batch in bar:
-            loss = self._step(batch.to(self.device, non_blocking=True))
-            loss_acc += loss.detach().double() * len(batch)
+            loss_sum, weight = self._step(batch.to(self.device, non_blocking=True))
+            loss_acc += loss_sum
+            weight_acc += weight
             n_acc += len(batch)
             st.batch += 1
             st.step += 1
@@ -235,8 +239,10 @@ class Trainer:
                 st.finished = True
             if st.step % cfg.checkpoint_every_steps == 0 or st.finished:
                 st.loss_sum += float(loss_acc)
+                st.loss_weight += float(weight_acc)
                 st.loss_count += n_acc
                 loss_acc.zero_()
+                weight_acc.zero_()
                 n_acc = 0
                 st.epoch_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -244,29 +250,54 @@ class Trainer:
             if st.finished:
                 break
         st.loss_sum += float(loss_acc)
+        st.loss_weight += float(weight_acc)
         st.loss_count += n_acc
         st.epoch_seconds += time.perf_counter() - t0
 
-    def _step(self, batch: ModelInput) -> torch.Tensor:
+    def _step(self, batch: ModelInput) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """One optimiser step on a batch (this rank's part of it). Returns, for the epoch's training log loss,
+        this part's sum of losses (weighted by ``batch.weights`` when given) and its total weight."""
         with autocast(self.device, self.precision):
             logits, penalty = self._step_module(*batch.tensors())
         assert batch.labels is not None
-        # sum / rows rather than mean: a rank's part of a batch may be empty and must still join the step
-        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, reduction="sum") / max(len(batch), 1)
+        loss_sum, loss = self._loss(logits.float(), batch.labels, batch.weights)
         total = loss + self._batch_l2 * penalty if self._batch_l2 else loss
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total.backward()
+        weight = float(len(batch)) if batch.weights is None else batch.weights.detach().double().sum()
         if self.exchange is not None:
             self._step_sharded(self.exchange.push_gradients())
-            return loss
+            return loss_sum.detach().double(), weight
         if self.dist.enabled and self._sparse_table:
             self.sent_bytes += ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
         if self.cfg.grad_clip_norm is not None:
             clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
-        return loss
+        return loss_sum.detach().double(), weight
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the rows' binary cross-entropies, weighted by ``weights`` [B] when given; the loss to
+        minimise) for this rank's part of a batch.
+
+        Without weights the loss is the part's sum / its rows (not torch's mean: a rank's part may be empty and
+        must still join the step). With sample weights it is sum(w_i * l_i) / sum(w_i) over the whole batch
+        (every rank divides by the batch's total weight over the number of ranks, as DDP averages the ranks'
+        gradients). Normalising by the weights rather than the rows keeps the step size independent of the
+        weights' scale (weights all 2 train exactly as no weights, and the learning rate means the same whatever
+        the units of the weights) and makes a row of weight 0 contribute nothing, as if it were not in the
+        batch. What weights do not reach: batch-norm statistics, the per-lookup ``embedding_l2`` penalty and,
+        under lazy sparse Adam, which embedding rows are stepped (an embedding row looked up in a batch only by
+        rows of weight 0 still moves by its momentum)."""
+        if weights is None:
+            loss_sum = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+            return loss_sum, loss_sum / max(len(labels), 1)
+        loss_sum = F.binary_cross_entropy_with_logits(logits, labels, weight=weights, reduction="sum")
+        batch_weight = ddp.sum_over_ranks(weights.detach().sum(), self.dist) / self.dist.world_size
+        # a batch whose weights are all 0 has a loss of 0: no gradient, not 0 / 0
+        return loss_sum, loss_sum / batch_weight.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _step_sharded(self, finish_gradients: Callable[[], None]) -> None:
         """Row sharding: the dense layers' optimiser steps while the table's gradients travel to their owners
@@ -287,10 +318,11 @@ class Trainer:
 
     def _end_epoch(self, valid: SplitArrays | None) -> None:
         cfg, st = self.cfg, self.state
-        loss_sum, loss_count = ddp.allreduce_sum([st.loss_sum, float(st.loss_count)], self.dist)
+        loss_sum, loss_count, loss_weight = ddp.allreduce_sum([st.loss_sum, float(st.loss_count), st.loss_weight],
+                                                              self.dist)
         record: dict[str, Any] = {
             "epoch": st.epoch + 1, "step": st.step,
-            "train_logloss": loss_sum / max(loss_count, 1),
+            "train_logloss": loss_sum / loss_weight if loss_weight > 0 else 0.0,
             "lr": self.optimizers[0].param_groups[0]["lr"],
             "seconds": round(st.epoch_seconds, 3),
             "samples_per_s": round(loss_count / st.epoch_seconds, 1) if st.epoch_seconds else None,
@@ -322,7 +354,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
         st.epoch += 1
         st.batch = 0
-        st.loss_sum, st.loss_count, st.epoch_seconds = 0.0, 0, 0.0
+        st.loss_sum, st.loss_count, st.loss_weight, st.epoch_seconds = 0.0, 0, 0.0, 0.0
         self._save_checkpoint()
 
     def _comm_record(self) -> dict[str, Any]:
@@ -367,7 +399,8 @@ class Trainer:
 
     def evaluate(self, split: SplitArrays) -> dict[str, float]:
         probs = self.predict(split)
-        return summarize(np.asarray(split.labels), probs, None if split.group is None else np.asarray(split.group))
+        return summarize(np.asarray(split.labels), probs, None if split.group is None else np.asarray(split.group),
+                         None if split.weights is None else np.asarray(split.weights))
 
 
 _MONITOR = {"auc": "AUC", "auc-logloss": "AUC - logloss"}
