@@ -109,3 +109,62 @@ def test_deepfm_native_0_turns_the_kernel_off(monkeypatch):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_reuse_freed_memory_applies_on_glibc():
     assert native.reuse_freed_memory()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_give_the_same_bits_on_one_thread_and_on_two(dtype):
+    """The kernels split rows (head, Adam) or elements (dropout) over torch's OpenMP threads; each output is
+    computed by one thread whatever the split, so the bits cannot depend on the thread count."""
+    torch.manual_seed(3)
+    rows = torch.randn(700, 7, 17)
+    g = torch.randn(700)
+    dx = torch.randn(700, 7 * 16).to(dtype)
+    table = torch.randn(20_000, 16)
+    ids = torch.randint(0, 20_000, (30_000,))  # > 4096 distinct rows: the Adam update is split too
+    grad = torch.randn(30_000, 16)
+    x = torch.randn(5_003).to(dtype)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fwd = native.head_forward(rows, dtype)
+            bwd = native.head_backward(rows, fwd[1], dx, g)
+            w, m, v = table.clone(), torch.zeros_like(table), torch.zeros_like(table)
+            assert native.rowwise_adam(w, m, v, native.Scratch(), ids, grad, lr=0.01, beta1=0.9, beta2=0.999,
+                                       eps=1e-8, bias1=0.1, bias2=0.001)
+            drop, keep = native.dropout_forward(x, 9_000, 1.2, seed=77)
+            results.append([*fwd, bwd, w, m, v, drop, keep, native.dropout_backward(x, keep, 1.2)])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_the_kernels_share_torchs_openmp_runtime():
+    """Linked against libgomp.so.1, the kernels must resolve to the copy torch loaded (its soname), not a second
+    runtime with its own spinning thread pool."""
+    native.load()
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) <= 1, gomp
+
+
+def test_importing_deepfm_first_shortens_openmps_spin_and_keeps_a_users_setting():
+    import subprocess
+    import sys
+
+    code = "import os, deepfm, torch; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["5000", "1"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "300000"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["300000", "1"]
+    # torch loaded first: its runtime has read its settings already, so deepfm leaves the environment alone
+    code_late = "import os, torch, deepfm; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code_late], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None"]

@@ -47,16 +47,22 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+# Tried in order until one builds: OpenMP (sharing torch's libgomp, see fused_head.c) tuned to this CPU, then
+# without OpenMP (a compiler without it: one thread), then without -march=native.
+_FLAG_SETS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+
+
 def _compile(cc: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        base = [cc, "-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=c99", *map(str, _SOURCES), "-o", tmp, "-lm"]
-        res = subprocess.run(base[:2] + ["-march=native"] + base[2:], capture_output=True, text=True, timeout=120,
-                             check=False)
-        if res.returncode != 0:  # a compiler without -march=native
-            res = subprocess.run(base, capture_output=True, text=True, timeout=120, check=False)
+        base = [cc, "-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-std=c99"]
+        for flags in _FLAG_SETS:
+            res = subprocess.run(base + flags + [*map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
+                                 text=True, timeout=120, check=False)
+            if res.returncode == 0:
+                break
         if res.returncode != 0:
             raise RuntimeError(res.stderr.strip()[-2000:])
         os.replace(tmp, out)
@@ -90,15 +96,15 @@ def load() -> ctypes.CDLL | None:
             return None
         fn = lib.deepfm_rowwise_adam
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        fn.argtypes = [p, p, p, i64, i64, p, p, i64, p, p, p, f32, f32, f32, f32, f32, f32]
+        fn.argtypes = [p, p, p, i64, i64, p, p, i64, p, p, p, f32, f32, f32, f32, f32, f32, i64]
         fn.restype = i64
-        lib.deepfm_head_forward.argtypes = [p, i64, i64, i64, p, i64, p, p]
+        lib.deepfm_head_forward.argtypes = [p, i64, i64, i64, p, i64, p, p, i64]
         lib.deepfm_head_forward.restype = None
-        lib.deepfm_head_backward.argtypes = [p, p, p, i64, p, i64, i64, i64, p]
+        lib.deepfm_head_backward.argtypes = [p, p, p, i64, p, i64, i64, i64, p, i64]
         lib.deepfm_head_backward.restype = None
-        lib.deepfm_dropout_forward.argtypes = [p, p, p, i64, i64, i64, f32, ctypes.c_uint64]
+        lib.deepfm_dropout_forward.argtypes = [p, p, p, i64, i64, i64, f32, ctypes.c_uint64, i64]
         lib.deepfm_dropout_forward.restype = None
-        lib.deepfm_dropout_backward.argtypes = [p, p, p, i64, i64, f32]
+        lib.deepfm_dropout_backward.argtypes = [p, p, p, i64, i64, f32, i64]
         lib.deepfm_dropout_backward.restype = None
         _lib = lib
         return _lib
@@ -145,7 +151,7 @@ def rowwise_adam(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     got = lib.deepfm_rowwise_adam(weight.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), weight.shape[0],
                                   dim, ids.data_ptr(), grad.data_ptr(), n, scratch.slot.data_ptr(),
                                   scratch.acc.data_ptr(), scratch.rows.data_ptr(), lr / bias1, 1 - beta1, beta2,
-                                  1 - beta2, bias2, eps)
+                                  1 - beta2, bias2, eps, torch.get_num_threads())
     if got < 0:
         raise IndexError(f"row id {int(ids[-got - 1])} is outside the table's {weight.shape[0]} rows")
     return True
@@ -170,7 +176,7 @@ def head_forward(rows: torch.Tensor, dtype: torch.dtype
     total = torch.empty((batch, dim), dtype=torch.float32)
     first_second = torch.empty(batch, dtype=torch.float32)
     lib.deepfm_head_forward(rows.data_ptr(), batch, fields, dim, x.data_ptr(), int(dtype == torch.bfloat16),
-                            total.data_ptr(), first_second.data_ptr())
+                            total.data_ptr(), first_second.data_ptr(), torch.get_num_threads())
     return x, total, first_second
 
 
@@ -193,7 +199,7 @@ def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor 
     out = torch.empty_like(rows, memory_format=torch.contiguous_format)
     lib.deepfm_head_backward(rows.data_ptr(), total.data_ptr(), None if dx is None else dx.data_ptr(),
                              int(dx is not None and dx.dtype == torch.bfloat16), g.data_ptr(), batch, fields, dim,
-                             out.data_ptr())
+                             out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -215,7 +221,8 @@ def dropout_forward(x: torch.Tensor, drop: int, scale: float, seed: int
     out = torch.empty_like(x)
     keep = torch.empty(x.shape, dtype=torch.bool)
     lib.deepfm_dropout_forward(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(),
-                               int(x.dtype == torch.bfloat16), drop, scale, seed & ((1 << 64) - 1))
+                               int(x.dtype == torch.bfloat16), drop, scale, seed & ((1 << 64) - 1),
+                               torch.get_num_threads())
     return out, keep
 
 
@@ -227,7 +234,7 @@ def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> to
     lib = load()
     out = torch.empty_like(grad)
     lib.deepfm_dropout_backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(),
-                                int(grad.dtype == torch.bfloat16), scale)
+                                int(grad.dtype == torch.bfloat16), scale, torch.get_num_threads())
     return out
 
 

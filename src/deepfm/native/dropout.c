@@ -6,7 +6,8 @@
  * seed + (w + 1) * golden gamma), so the loop has no carried state and vectorises. The caller draws the seed
  * from torch's generator: seeded runs repeat. keep[i] (0/1) is written for the backward pass.
  * x, out and grads are float32, or bfloat16 (uint16) when is_bf16; a bfloat16 product is rounded once, as
- * torch rounds x * mask * scale (the mask product is exact).
+ * torch rounds x * mask * scale (the mask product is exact). Split over `threads` OpenMP threads (see
+ * fused_head.c); the draws depend on the element's index only, so the split does not change them.
  */
 #include <stdint.h>
 #include <string.h>
@@ -20,9 +21,10 @@ static inline uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
-static void draw_keep(uint8_t *restrict keep, int64_t n, uint32_t drop, uint64_t seed)
+static void draw_keep(uint8_t *restrict keep, int64_t n, uint32_t drop, uint64_t seed, int64_t threads)
 {
     int64_t full = n / 4;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t w = 0; w < full; ++w) {
         uint64_t z = mix64(seed + (uint64_t)(w + 1) * 0x9e3779b97f4a7c15ull);
         keep[4 * w] = (uint8_t)((z & 0xffffu) >= drop);
@@ -36,28 +38,31 @@ static void draw_keep(uint8_t *restrict keep, int64_t n, uint32_t drop, uint64_t
     }
 }
 
-static void apply(const void *x, void *out, const uint8_t *restrict keep, int64_t n, int64_t is_bf16, float scale)
+static void apply(const void *x, void *out, const uint8_t *restrict keep, int64_t n, int64_t is_bf16, float scale,
+                  int64_t threads)
 {
     if (is_bf16) {
         const uint16_t *restrict xs = (const uint16_t *)x;
         uint16_t *restrict o = (uint16_t *)out;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
         for (int64_t i = 0; i < n; ++i) o[i] = to_bf16(from_bf16(xs[i]) * (keep[i] ? scale : 0.0f));
     } else {
         const float *restrict xs = (const float *)x;
         float *restrict o = (float *)out;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
         for (int64_t i = 0; i < n; ++i) o[i] = xs[i] * (keep[i] ? scale : 0.0f);
     }
 }
 
 void deepfm_dropout_forward(const void *x, void *out, uint8_t *keep, int64_t n, int64_t is_bf16, int64_t drop,
-                            float scale, uint64_t seed)
+                            float scale, uint64_t seed, int64_t threads)
 {
-    draw_keep(keep, n, (uint32_t)drop, seed);
-    apply(x, out, keep, n, is_bf16, scale);
+    draw_keep(keep, n, (uint32_t)drop, seed, threads);
+    apply(x, out, keep, n, is_bf16, scale, threads);
 }
 
 void deepfm_dropout_backward(const void *grad, const uint8_t *keep, void *out, int64_t n, int64_t is_bf16,
-                             float scale)
+                             float scale, int64_t threads)
 {
-    apply(grad, out, keep, n, is_bf16, scale);
+    apply(grad, out, keep, n, is_bf16, scale, threads);
 }

@@ -4,9 +4,11 @@
  * the DNN's input x = v flattened to [B, F * D] (float32, or bfloat16 under autocast), the sum of the vectors
  * S [B, D], and first + second order: sum_f w_f + 0.5 * (sum_k S_k^2 - sum_{f,k} v_fk^2) [B]. Backward gives
  * d rows = ((S - v) * g + dx, g) with g the gradient of that logit part [B] and dx the DNN input's.
- * Torch does the same in about nine passes over strided [B, F, D] views; these are one each. One thread:
- * splitting the batch over two measured no faster inside a training step (torch's worker threads are still
- * spinning from the previous operation).
+ * Torch does the same in about nine passes over strided [B, F, D] views; these are one each.
+ *
+ * Rows of the batch are split over `threads` OpenMP threads. Built with -fopenmp the kernels link the
+ * libgomp.so.1 torch has already loaded, so they run on torch's own worker threads (which are still spinning
+ * from the previous operation) instead of beside them; without OpenMP the pragmas are ignored (one thread).
  */
 #include <stdint.h>
 #include <string.h>
@@ -17,9 +19,10 @@
 
 /* x is float32 [B, F * D] when x_bf16 is 0, else bfloat16 (uint16) */
 void deepfm_head_forward(const float *restrict rows, int64_t batch, int64_t fields, int64_t dim, void *x,
-                         int64_t x_bf16, float *restrict total, float *restrict first_second)
+                         int64_t x_bf16, float *restrict total, float *restrict first_second, int64_t threads)
 {
     const int64_t stride = dim + 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t b = 0; b < batch; ++b) {
         float *restrict s = total + b * dim;
         float sq[MAX_DIM];  /* per-column sums of squares: a single running sum would serialise the adds */
@@ -52,9 +55,10 @@ void deepfm_head_forward(const float *restrict rows, int64_t batch, int64_t fiel
 /* dx is float32 [B, F * D] when dx_bf16 is 0, else bfloat16; NULL: no gradient from the DNN */
 void deepfm_head_backward(const float *restrict rows, const float *restrict total, const void *dx,
                           int64_t dx_bf16, const float *restrict g, int64_t batch, int64_t fields, int64_t dim,
-                          float *restrict out)
+                          float *restrict out, int64_t threads)
 {
     const int64_t stride = dim + 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t b = 0; b < batch; ++b) {
         const float *restrict s = total + b * dim;
         const float gb = g[b];

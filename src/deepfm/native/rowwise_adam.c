@@ -8,8 +8,8 @@
  * Summation order is the lookup order, so results are deterministic; they equal the torch path up to float
  * rounding of the duplicate sums.
  *
- * One thread: splitting the rows over two threads measured no faster inside a training step, where torch's
- * own worker threads are still spinning from the backward pass.
+ * Summing duplicates runs on one thread (it is ordered); the update of the distinct rows is split over
+ * `threads` OpenMP threads, on torch's own worker threads (see fused_head.c): each row is one thread's.
  *
  * Plain C99 with no Python or torch headers: deepfm compiles it on first use and calls it through ctypes
  * (which releases the GIL for the call).
@@ -29,7 +29,7 @@ int64_t deepfm_rowwise_adam(float *restrict w, float *restrict m, float *restric
                             int64_t dim, const int64_t *ids, const float *grad, int64_t n,
                             int32_t *restrict slot, float *restrict acc, int64_t *restrict rows,
                             float lr_over_bias1, float one_minus_beta1, float beta2, float one_minus_beta2,
-                            float bias2, float eps)
+                            float bias2, float eps, int64_t threads)
 {
     int64_t u = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -50,6 +50,7 @@ int64_t deepfm_rowwise_adam(float *restrict w, float *restrict m, float *restric
             for (int64_t k = 0; k < dim; ++k) a[k] += g[k];
         }
     }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && u >= 4096)
     for (int64_t s = 0; s < u; ++s) {
         if (s + PREFETCH_ROWS < u) {
             int64_t q = rows[s + PREFETCH_ROWS] * dim;
