@@ -123,7 +123,8 @@ def main():
         res[name] = {"matmul_4096_gflops": round(sq, 1), "mlp_gemms_b4096_gflops": round(mlp, 1),
                      "mlp_train_samples_per_s_bound": round(mlp * 1e9 / train_flops),
                      "peak_train_samples_per_s_bound": round(sq * 1e9 / train_flops),
-                     "mlp_infer_samples_per_s_bound": round(mlp * 1e9 / fwd_flops)}
+                     "mlp_infer_samples_per_s_bound": round(mlp * 1e9 / fwd_flops),
+                     "peak_infer_samples_per_s_bound": round(sq * 1e9 / fwd_flops)}
     out["gemm"] = res
     out["triad_GBps"] = round(triad_gbps(dev), 1)
     out["deepfm_mlp"] = {"input": FIELDS * EMB, "hidden": HID, "fwd_mflop_per_sample": fwd_flops / 1e6,

@@ -9,7 +9,12 @@ Contenders: deepfm (its default precision: bf16 autocast where the CPU or GPU su
 result line says which), deepfm-fp32, deepctr (DeepCTR-Torch 0.3.0), fuxictr (FuxiCTR 2.3.x), torchrec (torchrec 1.8.0).
 Same configuration for all: embedding 16, DNN 400-400-400, batch 4096, Adam 1e-3, one epoch.
 Before each contender the script waits (up to --quiet-wait s) for the 1-minute load average to drop
-below --quiet-load, and records the load in the JSON line.
+below --quiet-load, and records the load in the JSON line. ``--busy N`` instead shares the machine on purpose:
+N busy-looping processes run beside every contender (the machine's bound is measured before they start).
+
+Every contender's figures are also given as a fraction of the machine's FLOP bound (bench/machine.py, same
+run): the DNN's GEMM FLOPs per sample (3.42 MFLOP training, 1.14 inference) at the machine's square-GEMM rate
+in the contender's precision, so the figures carry across machines.
 """
 
 from __future__ import annotations
@@ -111,7 +116,17 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
-def write_results(path: Path, results: list[dict], machine: dict | None, teacher: dict, command: str) -> None:
+def bound_fractions(r: dict, machine: dict | None) -> tuple[float, float] | None:
+    """(training, inference) samples/s of ``r`` as fractions of the FLOP bound in its precision."""
+    gemm = (machine or {}).get("gemm", {}).get("bf16" if r["name"].endswith("bf16") else "fp32")
+    if not gemm or not gemm.get("peak_train_samples_per_s_bound") or not gemm.get("peak_infer_samples_per_s_bound"):
+        return None
+    return (r["train_samples_per_s_median"] / gemm["peak_train_samples_per_s_bound"],
+            r["infer_samples_per_s"] / gemm["peak_infer_samples_per_s_bound"])
+
+
+def write_results(path: Path, results: list[dict], machine: dict | None, teacher: dict, command: str,
+                  busy: int = 0) -> None:
     runs = results
     results = aggregate(results)
     n_rounds = max((len(r["rounds"]) for r in results), default=1)
@@ -125,6 +140,9 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
         lines += [f"Machine: {machine.get('cpu_model', platform.processor())}, "
                   f"{machine.get('logical_cpus', os.cpu_count())} logical CPUs, torch {machine.get('torch', '?')}, "
                   f"device {machine.get('device', 'cpu')}. CPU flags: {flags}.", ""]
+    if busy:
+        lines += [f"**Shared machine**: {busy} busy-looping process(es) ran beside every contender (started after "
+                  "the machine's bound was measured).", ""]
     if n_rounds > 1:
         lines += [(f"Every contender ran {n_rounds} times, in {n_rounds} rounds of the whole list; each figure is the "
                    "median over the rounds (the train column lists each round's figure too)."), ""]
@@ -155,6 +173,16 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
                     f"| {r['name']} | {r['train_samples_per_s_median'] / best['train_samples_per_s_median']:.2f}x | "
                     f"{r['infer_samples_per_s'] / best['infer_samples_per_s']:.2f}x | "
                     f"{r['prep_rows_per_s'] / best['prep_rows_per_s']:.2f}x | {r['test_auc'] - best_auc:+.4f} |")
+    fractions = [(r["name"], bound_fractions(r, machine)) for r in results]
+    if any(f for _, f in fractions):
+        lines += ["", "## Fraction of the machine's FLOP bound", "",
+                  "The DNN's GEMM FLOPs per sample at the square-GEMM rate of bench/machine.py (same run) in the "
+                  "contender's precision (bf16 for deepfm-bf16, fp32 for the rest); embeddings, FM and optimizer "
+                  "are not counted, so 100% is out of reach.", "",
+                  "| contender | precision | train | inference |", "|---|---|---|---|"]
+        for name, f in fractions:
+            if f:
+                lines.append(f"| {name} | {'bf16' if name.endswith('bf16') else 'fp32'} | {f[0]:.0%} | {f[1]:.0%} |")
     if n_rounds > 1 and best["train_samples_per_s_median"]:
         lines += ["", "Training ratio within each round (deepfm / that round's fastest peer):", ""]
         for name in [r["name"] for r in results if r["name"].startswith("deepfm")]:
@@ -187,6 +215,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=120.0)
     ap.add_argument("--timeout", type=float, default=3600.0, help="per contender, seconds")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run this many busy-looping processes beside every contender (a shared machine)")
     args = ap.parse_args()
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     out = HERE / ".out"
@@ -206,8 +236,22 @@ def main() -> None:
         common += ["--max-steps", str(args.max_steps)]
     warm_page_cache([train, test])
     results = []
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run_rounds(args, contenders, common, out, results)
+    finally:
+        for proc in busy:
+            proc.kill()
+    command = "python bench/run_all.py " + " ".join(sys.argv[1:])
+    write_results(Path(args.results), results, machine, teacher, command.strip(), args.busy)
+    log(f"Wrote {args.results}")
+
+
+def run_rounds(args: argparse.Namespace, contenders: list[str], common: list[str], out: Path,
+               results: list[dict]) -> None:
     for round_no, name in [(k, c) for k in range(max(args.rounds, 1)) for c in contenders]:
-        wait_quiet(args.quiet_load, args.quiet_wait)
+        if not args.busy:
+            wait_quiet(args.quiet_load, args.quiet_wait)
         if name.startswith("deepfm"):
             precision = name.split("-", 1)[1] if "-" in name else "auto"
             cmd = [sys.executable, str(HERE / "run_deepfm.py"), *common, "--precision", precision]
@@ -226,9 +270,6 @@ def main() -> None:
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(r) + "\n")
             log(f"  {name}: {r.get('train_samples_per_s_median', 0):,.0f} samples/s, AUC {r.get('test_auc', 0):.4f}")
-    command = "python bench/run_all.py " + " ".join(sys.argv[1:])
-    write_results(Path(args.results), results, machine, teacher, command.strip())
-    log(f"Wrote {args.results}")
 
 
 if __name__ == "__main__":
