@@ -34,22 +34,22 @@ INT_COLS = [f"I{i}" for i in range(1, 14)]
 CAT_COLS = [f"C{i}" for i in range(1, 27)]
 
 
-def config(data: str, rate: float, cache: Path, args: argparse.Namespace):
+def config(data: str, rate: float, cache: Path, args: argparse.Namespace, seed: int = 2017):
     return config_from_dict({
         "data": {"format": "tsv", "header": False, "preset": "criteo", "train": f"{data}_train.tsv",
                  "valid": f"{data}_valid.tsv", "test": f"{data}_test.tsv", "cache_dir": str(cache),
-                 "negative_sampling_rate": rate},
+                 "negative_sampling_rate": rate, "sampling_seed": seed},
         "fields": [{"names": INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
                    {"names": CAT_COLS, "kind": "categorical"}],
         "model": {"embed_dim": 16, "hidden_units": [400, 400, 400]},
         "train": {"batch_size": args.batch_size, "eval_batch_size": 16384, "epochs": args.epochs, "lr": 1e-3,
-                  "seed": 2017, "precision": args.precision, "progress": False, "patience": args.patience,
+                  "seed": seed, "precision": args.precision, "progress": False, "patience": args.patience,
                   "checkpoint_every_steps": 10**9},
     })
 
 
-def run(data: str, rate: float, work: Path, args: argparse.Namespace) -> dict:
-    cfg = config(data, rate, work / "cache", args)
+def run(data: str, rate: float, work: Path, args: argparse.Namespace, seed: int = 2017) -> dict:
+    cfg = config(data, rate, work / "cache", args, seed)
     t0 = time.perf_counter()
     prepared = prepare(cfg, progress=False, log=lambda m: None)
     prep_s = time.perf_counter() - t0
@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--data", default="bench/.data/ns1m", help="stem of <stem>_train/_valid/_test.tsv")
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2017],
+                    help="round k trains (and samples) with seed k of this list, cycling; with several seeds the "
+                         "table gives means over rounds and each round's paired AUC gap")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--patience", type=int, default=10**6,
                     help="early stopping on validation AUC (default: run every epoch); the best epoch is kept")
@@ -100,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deepfm-ns-") as tmp:
         for rnd in range(args.rounds):
             for rate in args.rates:
-                row = run(args.data, rate, Path(tmp), args)
+                row = run(args.data, rate, Path(tmp), args, args.seeds[rnd % len(args.seeds)])
                 runs[rate].append(row)
                 print(f"round {rnd + 1} rate {rate}: " + ", ".join(
                     f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
@@ -110,6 +113,7 @@ def main() -> None:
     stopping = args.patience < 10**6
     command = (f"python bench/negative_sampling.py --data {args.data} --rates {' '.join(map(str, args.rates))} "
                f"--rounds {args.rounds} --epochs {args.epochs} --batch-size {args.batch_size}"
+               + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [2017] else "")
                + (f" --patience {args.patience}" if stopping else ""))
     schedule = (f"at most {args.epochs} epoch(s), early stopping after {args.patience} epoch(s) without a better "
                 "validation AUC (the best epoch's weights are scored)") if stopping else f"{args.epochs} epoch(s)"
@@ -132,15 +136,29 @@ def main() -> None:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
+    seeded = len(set(args.seeds)) > 1
+
+    def mean(rows: list[dict], key: str) -> float:
+        return float(np.mean([x[key] for x in rows])) if seeded else rows[0][key]
+
     for rate, rows in runs.items():
         r = rows[0]
         times = " / ".join(f"{x['train_s']:.1f}" for x in rows)
+        gaps = [x["auc"] - b["auc"] for x, b in zip(rows, runs[base], strict=True)]  # paired: same round, same seed
+        gap = f"{np.mean(gaps):+.5f}" + (" (" + " / ".join(f"{g:+.4f}" for g in gaps) + ")" if seeded else "")
+        calib = f"{mean(rows, 'calibration'):.4f}" + (
+            " (" + " / ".join(f"{x['calibration']:.3f}" for x in rows) + ")" if seeded else "")
         cells = [f"{rate:g}", f"{r['train_rows']:,}", f"{r['train_positive_share']:.3f}",
-                 f"{r['epochs_run']} ({r['best_epoch']})", str(r["steps"]), f"{r['auc']:.5f}",
-                 f"{r['auc'] - runs[base][0]['auc']:+.5f}", f"{r['logloss']:.5f}", f"{r['calibration']:.4f}",
-                 f"{r['uncorrected_calibration']:.4f}", f"{med[rate]:.1f} ({times})", f"{med[rate] / med[base]:.2f}",
-                 f"{np.median([x['prep_s'] for x in rows]):.1f}"]
+                 " / ".join(f"{x['epochs_run']} ({x['best_epoch']})" for x in rows) if seeded
+                 else f"{r['epochs_run']} ({r['best_epoch']})",
+                 str(r["steps"]), f"{mean(rows, 'auc'):.5f}", gap, f"{mean(rows, 'logloss'):.5f}", calib,
+                 f"{mean(rows, 'uncorrected_calibration'):.4f}", f"{med[rate]:.1f} ({times})",
+                 f"{med[rate] / med[base]:.2f}", f"{np.median([x['prep_s'] for x in rows]):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if seeded:
+        lines += ["", (f"Seeds {', '.join(map(str, args.seeds))} (one per round, training and sampling): AUC, log "
+                       "loss and calibration are means over the rounds; the gap is paired within each round, "
+                       "every round's listed. Steps are the first round's.")]
     lines += [
         "",
         ("Calibration = mean predicted probability / observed click rate on the test split (1.0 = calibrated). "

@@ -75,10 +75,7 @@ def main() -> None:
     if use.size == 0:
         use = gaps[1:]
 
-    common.sync()
-    t0 = time.perf_counter()
-    probs = trainer.predict(data.splits["test"])
-    infer_s = time.perf_counter() - t0
+    probs, infer_s = common.timed_passes(lambda: trainer.predict(data.splits["test"]))
 
     m = trainer.model.eval()
     test = data.splits["test"]

@@ -97,9 +97,7 @@ def main():
     timer.restore()
 
     # ---------------------------------------------------------------- inference
-    t1 = time.perf_counter()
-    pred = model.predict(x_test, batch_size=4096)
-    t_inf = time.perf_counter() - t1
+    pred, t_inf = common.timed_passes(lambda: model.predict(x_test, batch_size=4096))
     X = torch.from_numpy(np.concatenate([np.asarray(x_test[f]).reshape(-1, 1) for f in model.feature_index], axis=-1)).float().to(device)
     model.eval()
     lat = common.latency(lambda inp: model(inp), lambda bs: X[:bs].contiguous())

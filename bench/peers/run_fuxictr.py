@@ -150,9 +150,7 @@ def main():
     timer.restore()
 
     # ---------------------------------------------------------------- inference
-    t1 = time.perf_counter()
-    pred = model.predict(test_gen)
-    t_inf = time.perf_counter() - t1
+    pred, t_inf = common.timed_passes(lambda: model.predict(test_gen))
     import pandas as pd
     y_test = pd.read_parquet(test_path, columns=["label"])["label"].to_numpy()
     it = iter(test_gen)

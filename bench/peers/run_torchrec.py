@@ -118,15 +118,17 @@ def main():
 
     # ---------------------------------------------------------------- inference
     model.eval()
-    preds, labels = [], []
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        for batch in test_dp:
-            batch = batch.to(device)
-            preds.append(model(batch.dense_features, batch.sparse_features).reshape(-1).cpu().numpy())
-            labels.append(batch.labels.reshape(-1).cpu().numpy())
-    t_inf = time.perf_counter() - t1
-    pred = np.concatenate(preds); y_test = np.concatenate(labels)
+
+    def predict():
+        preds, labels = [], []
+        with torch.no_grad():
+            for batch in test_dp:
+                batch = batch.to(device)
+                preds.append(model(batch.dense_features, batch.sparse_features).reshape(-1).cpu().numpy())
+                labels.append(batch.labels.reshape(-1).cpu().numpy())
+        return np.concatenate(preds), np.concatenate(labels)
+
+    (pred, y_test), t_inf = common.timed_passes(predict)
 
     dense, sparse, lab = test_dp.dense_arrs[0], test_dp.sparse_arrs[0], test_dp.labels_arrs[0]
 

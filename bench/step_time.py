@@ -1,0 +1,80 @@
+"""deepfm's training step and predict pass on the benchmark data, for A/B runs of one setting against another.
+
+    python bench/step_time.py [--precision fp32] [--steps 40] [--busy 1] [--tag NAME]
+    GOMP_SPINCOUNT=300000 python bench/step_time.py --tag "libgomp default"      # an environment setting
+    PYTHONPATH=/path/to/other/tree/src python bench/step_time.py --tag baseline  # another commit's code
+
+Prints one JSON line: the median step time over the steps after 5 warm-up steps (data loading included) and
+the best of 5 predict passes over the test split. Uses bench/.data/g250000s7 (run_all.py's data; generated
+when missing) and the Criteo-layout config of run_deepfm.py, batch 4096. ``--busy N`` runs N busy-looping
+processes beside it. Interleave the settings in rounds and compare medians (bench/THREADS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "peers"))
+import deepfm  # noqa: E402,F401  (first: sets deepfm's OpenMP defaults before torch loads)
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deepfm.config import config_from_dict  # noqa: E402
+from deepfm.data.store import prepare  # noqa: E402
+from deepfm.pipeline import build_model  # noqa: E402
+from deepfm.train.trainer import Trainer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--busy", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    stem = HERE / ".data" / "g250000s7"
+    if not Path(f"{stem}_test.tsv").is_file():
+        subprocess.run([sys.executable, str(HERE / "generate.py"), "--rows", "250000", "--seed", "7", "--out",
+                        f"{stem}.tsv", "--split"], check=True)
+    work = Path(tempfile.mkdtemp(prefix="deepfm-step-"))
+    cfg = config_from_dict({
+        "data": {"format": "tsv", "header": False, "preset": "criteo", "train": f"{stem}_train.tsv",
+                 "test": f"{stem}_test.tsv", "cache_dir": str(HERE / ".out" / "step_time_cache")},
+        "fields": [{"names": common.INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
+                   {"names": common.CAT_COLS, "kind": "categorical"}],
+        "model": {"embed_dim": 16, "hidden_units": [400, 400, 400]},
+        "train": {"batch_size": 4096, "eval_batch_size": 4096, "epochs": 1, "lr": 1e-3, "seed": 1,
+                  "precision": args.precision, "device": "cpu", "progress": False,
+                  "checkpoint_every_steps": 10**9, "max_steps": args.steps}})
+    data = prepare(cfg, progress=False, log=lambda _m: None)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        stamps: list[float] = []
+        trainer = Trainer(build_model(cfg, data), cfg.train, work / "run", log=lambda _m: None,
+                          callbacks=[lambda _t, _s: stamps.append(time.perf_counter())])
+        t0 = time.perf_counter()
+        trainer.fit(data.splits["train"])
+        gaps = np.diff(np.array([t0] + stamps))[common.WARMUP_STEPS:]
+        test = data.splits["test"]
+        passes = []
+        for _ in range(5):
+            t1 = time.perf_counter()
+            trainer.predict(test)
+            passes.append(time.perf_counter() - t1)
+    finally:
+        for proc in busy:
+            proc.kill()
+    print(json.dumps({"tag": args.tag, "precision": trainer.precision, "busy": args.busy,
+                      "step_ms": float(np.median(gaps) * 1e3), "train_samples_per_s": 4096 / float(np.median(gaps)),
+                      "infer_samples_per_s": len(test) / float(np.min(passes))}))
+
+
+if __name__ == "__main__":
+    main()
