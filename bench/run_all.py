@@ -116,13 +116,27 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
-def bound_fractions(r: dict, machine: dict | None) -> tuple[float, float] | None:
-    """(training, inference) samples/s of ``r`` as fractions of the FLOP bound in its precision."""
+# Forward GEMM FLOPs per sample of each contender's model at the benchmark's configuration (embedding 16, DNN
+# 400-400-400): deepfm and FuxiCTR embed all 39 fields (the 13 integers bucketed), so their DNN reads 39 x 16 =
+# 624 inputs; DeepCTR-Torch feeds the 13 integers raw (26 x 16 + 13 = 429); torchrec projects them through its
+# dense arch 13 -> 400 -> 16 into one more field (27 x 16 = 432) and ends in Linear(417 -> 1).
+def _mlp_flops(inputs: int, extra_macs: int = 0) -> float:
+    return 2.0 * (inputs * 400 + 2 * 400 * 400 + 400 + extra_macs)
+
+
+FWD_FLOPS = {"deepfm": _mlp_flops(624), "fuxictr": _mlp_flops(624), "deepctr-torch": _mlp_flops(429),
+             "torchrec": _mlp_flops(432, 13 * 400 + 400 * 16 + 17)}
+
+
+def bound_fractions(r: dict, machine: dict | None) -> tuple[float, float, float] | None:
+    """(forward MFLOP per sample, training, inference samples/s of ``r`` as fractions of what the machine's
+    square-GEMM rate in its precision allows for that model's GEMMs: 3x forward FLOPs a training sample)."""
     gemm = (machine or {}).get("gemm", {}).get("bf16" if r["name"].endswith("bf16") else "fp32")
-    if not gemm or not gemm.get("peak_train_samples_per_s_bound") or not gemm.get("peak_infer_samples_per_s_bound"):
+    flops = FWD_FLOPS.get(r["name"].split("-bf16")[0].split("-fp32")[0])
+    if not gemm or not gemm.get("matmul_4096_gflops") or flops is None:
         return None
-    return (r["train_samples_per_s_median"] / gemm["peak_train_samples_per_s_bound"],
-            r["infer_samples_per_s"] / gemm["peak_infer_samples_per_s_bound"])
+    rate = gemm["matmul_4096_gflops"] * 1e9
+    return (flops / 1e6, r["train_samples_per_s_median"] * 3 * flops / rate, r["infer_samples_per_s"] * flops / rate)
 
 
 def write_results(path: Path, results: list[dict], machine: dict | None, teacher: dict, command: str,
@@ -176,13 +190,16 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
     fractions = [(r["name"], bound_fractions(r, machine)) for r in results]
     if any(f for _, f in fractions):
         lines += ["", "## Fraction of the machine's FLOP bound", "",
-                  "The DNN's GEMM FLOPs per sample at the square-GEMM rate of bench/machine.py (same run) in the "
-                  "contender's precision (bf16 for deepfm-bf16, fp32 for the rest); embeddings, FM and optimizer "
-                  "are not counted, so 100% is out of reach.", "",
-                  "| contender | precision | train | inference |", "|---|---|---|---|"]
+                  "Each contender's own DNN GEMM FLOPs per sample (forward; training 3x) at the square-GEMM rate of "
+                  "bench/machine.py (same run) in its precision (bf16 for deepfm-bf16, fp32 for the rest). The "
+                  "models differ: deepfm and FuxiCTR embed all 39 fields (DNN input 624), DeepCTR-Torch feeds the "
+                  "13 integers raw (429), torchrec projects them into one field (432). Embeddings, FM and "
+                  "optimizer are not counted, so 100% is out of reach.", "",
+                  "| contender | precision | forward MFLOP/sample | train | inference |", "|---|---|---|---|---|"]
         for name, f in fractions:
             if f:
-                lines.append(f"| {name} | {'bf16' if name.endswith('bf16') else 'fp32'} | {f[0]:.0%} | {f[1]:.0%} |")
+                lines.append(f"| {name} | {'bf16' if name.endswith('bf16') else 'fp32'} | {f[0]:.3f} | "
+                             f"{f[1]:.0%} | {f[2]:.0%} |")
     if n_rounds > 1 and best["train_samples_per_s_median"]:
         lines += ["", "Training ratio within each round (deepfm / that round's fastest peer):", ""]
         for name in [r["name"] for r in results if r["name"].startswith("deepfm")]:
