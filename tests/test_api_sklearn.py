@@ -130,3 +130,24 @@ def test_progress_in_fit_is_opt_in(capsys):
     assert loud.out == ""
     assert "epoch 1 | train logloss" in loud.err and "epoch 2 | train logloss" in loud.err
     assert "Data: train 400 rows" in loud.err
+
+
+def test_fit_and_score_take_sample_weight():
+    X, y = frame(600, seed=3)
+    cfg = {"model": {"hidden_units": [8]}, "train": {"epochs": 1, "batch_size": 600, "seed": 5, "shuffle": False}}
+    plain = DeepFMClassifier(**cfg).fit(X, y)
+    twos = DeepFMClassifier(**cfg).fit(X, y, sample_weight=np.full(600, 2.0))
+    # the loss is sum(w l) / sum(w): uniform weights train exactly as none
+    assert np.array_equal(plain.predict_proba(X), twos.predict_proba(X))
+    keep = np.arange(600) % 4 != 0
+    zero = DeepFMClassifier(**cfg).fit(X, y, sample_weight=keep.astype(float))
+    assert not np.allclose(zero.predict_proba(X), plain.predict_proba(X))  # the weights reach the loss
+    w = np.random.default_rng(0).integers(0, 4, 600).astype(float)
+    from sklearn.metrics import roc_auc_score
+
+    expected = roc_auc_score(y, plain.predict_proba(X)[:, 1], sample_weight=w)
+    assert plain.score(X, y, sample_weight=w) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="one weight per row"):
+        DeepFMClassifier(**cfg).fit(X, y, sample_weight=np.ones(5))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        DeepFMClassifier(**cfg).fit(X, y, sample_weight=np.r_[-1.0, np.ones(599)])

@@ -62,6 +62,21 @@ class InputError(DataError, ValueError):
     """Bad ``X`` / ``y`` given to the estimator: a DataError for deepfm, a ValueError for scikit-learn."""
 
 
+SAMPLE_WEIGHT = "__sample_weight__"  # the column fit writes sample_weight to (data.weight_column)
+
+
+def _sample_weight(sample_weight: Any, rows: int) -> np.ndarray | None:
+    """``sample_weight`` as float64 ``[rows]``, checked as ``data.weight_column`` checks a file's cells."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.ndim != 1 or len(w) != rows:
+        raise InputError(f"sample_weight must be 1-D with one weight per row of X ({rows} rows), got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise InputError("sample_weight must be finite and >= 0")
+    return w
+
+
 def binary_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(classes, 0/1 labels)``: the two classes in sorted order, the second one is the positive class."""
     try:
@@ -121,9 +136,10 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
         self.output_dir = output_dir
         self.verbose = verbose
 
-    def _config(self, work: Path, fields: list[Any], has_valid: bool) -> Config:
+    def _config(self, work: Path, fields: list[Any], has_valid: bool, weighted: bool = False) -> Config:
         data = {"format": "parquet", "train": str(work / "train.parquet"), "label": self.label,
-                "cache_dir": str(work / "cache"), **(self.data or {})}
+                "cache_dir": str(work / "cache"), **({"weight_column": SAMPLE_WEIGHT} if weighted else {}),
+                **(self.data or {})}
         if has_valid:
             data["valid"] = str(work / "valid.parquet")
         train = {"progress": bool(self.verbose), **(self.train or {})}
@@ -160,9 +176,10 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
                              f"{labels.shape}")
         return frame.drop(self.label, strict=False), labels
 
-    def fit(self, X: Any, y: Any = None, *, eval_set: Any = None) -> DeepFMClassifier:
-        """Train on ``X`` (labels from ``y`` or the label column); ``eval_set`` (a frame with labels) drives
-        early stopping. Refitting starts afresh."""
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, *, eval_set: Any = None) -> DeepFMClassifier:
+        """Train on ``X`` (labels from ``y`` or the label column); ``sample_weight`` (one finite weight >= 0 a
+        row) weights the training loss as ``data.weight_column`` does; ``eval_set`` (a frame with labels)
+        drives early stopping. Refitting starts afresh."""
         from deepfm.pipeline import train
         from deepfm.predict import Predictor
 
@@ -176,6 +193,11 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
                              "(NaN or null is a missing value)")
         classes, labels = binary_labels(y_raw)
         frame = features.with_columns(pl.Series(self.label, labels))
+        weights = _sample_weight(sample_weight, frame.height)
+        if weights is not None:
+            if SAMPLE_WEIGHT in features.columns:
+                raise InputError(f"X has a column named '{SAMPLE_WEIGHT}', the name fit gives sample_weight")
+            frame = frame.with_columns(pl.Series(SAMPLE_WEIGHT, weights))
         valid = None
         if eval_set is not None:
             v_features, v_raw = self._with_label(eval_set, None)
@@ -186,7 +208,7 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
         frame.write_parquet(work / "train.parquet")
         if valid is not None:
             valid.write_parquet(work / "valid.parquet")
-        cfg = self._config(work, fields, valid is not None)
+        cfg = self._config(work, fields, valid is not None, weighted=weights is not None)
         out = Path(self.output_dir) if self.output_dir else work / "model"
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.verbose else (lambda _msg: None)
         result = train(cfg, out, log=log)
@@ -232,12 +254,12 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
         return self.classes_[(self.predict_proba(X)[:, 1] >= threshold).astype(np.int64)]
 
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
-        """AUC on ``X`` (labels from ``y`` or the label column): the model-selection score of GridSearchCV."""
-        if sample_weight is not None:
-            raise InputError("score does not take sample weights")
+        """AUC on ``X`` (labels from ``y`` or the label column), weighted by ``sample_weight`` when given: the
+        model-selection score of GridSearchCV."""
         self._check_fitted()
         frame, labels = self._with_label(X, y)
-        return auc((labels == self.classes_[1]).astype(np.int64), self.predict_proba(frame)[:, 1])
+        return auc((labels == self.classes_[1]).astype(np.int64), self.predict_proba(frame)[:, 1],
+                   _sample_weight(sample_weight, frame.height))
 
     def save(self, path: str | Path) -> Path:
         import shutil
