@@ -169,3 +169,10 @@ def test_importing_deepfm_first_shortens_openmps_spin_and_keeps_a_users_setting(
     code_late = "import os, torch, deepfm; print(os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code_late], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["None"]
+
+
+def test_openmp_only_beside_torchs_own_libgomp():
+    assert ["-march=native", "-fopenmp"] in native._flag_sets(True)
+    assert all("-fopenmp" not in flags for flags in native._flag_sets(False))  # libiomp5 / libomp: one thread
+    if platform.system() == "Linux" and "+cpu" in torch.__version__:
+        assert native.torch_uses_libgomp()  # the PyPI Linux wheels bundle libgomp.so.1

@@ -47,18 +47,31 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-# Tried in order until one builds: OpenMP (sharing torch's libgomp, see fused_head.c) tuned to this CPU, then
-# without OpenMP (a compiler without it: one thread), then without -march=native.
-_FLAG_SETS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+def torch_uses_libgomp() -> bool:
+    """Whether the OpenMP runtime torch loaded is GNU's ``libgomp.so.1`` (Linux wheels), read from this process's
+    mapped files. Only then may the kernels be built with ``-fopenmp``: their ``libgomp.so.1`` resolves to
+    torch's copy by soname, one thread pool. Beside another runtime (Intel's ``libiomp5``, LLVM's ``libomp``)
+    they would bring a second pool that competes with torch's, so they are built without OpenMP there."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return any(line.rsplit("/", 1)[-1].startswith("libgomp.so") for line in f)
+    except OSError:  # not Linux
+        return False
 
 
-def _compile(cc: str, out: Path) -> None:
+def _flag_sets(openmp: bool) -> list[list[str]]:
+    """Tried in order until one builds: tuned to this CPU (with OpenMP where torch's runtime is libgomp), then
+    without OpenMP (a compiler without it: one thread), then without -march=native."""
+    return ([["-march=native", "-fopenmp"]] if openmp else []) + [["-march=native"], []]
+
+
+def _compile(cc: str, out: Path, openmp: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         base = [cc, "-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-std=c99"]
-        for flags in _FLAG_SETS:
+        for flags in _flag_sets(openmp):
             res = subprocess.run(base + flags + [*map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
                                  text=True, timeout=120, check=False)
             if res.returncode == 0:
@@ -83,12 +96,14 @@ def load() -> ctypes.CDLL | None:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if cc is None:
             return None
+        openmp = torch_uses_libgomp()
         key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cc.encode()
-                             + _cpu_signature().encode() + platform.machine().encode()).hexdigest()[:16]
+                             + _cpu_signature().encode() + platform.machine().encode()
+                             + (b"omp" if openmp else b"")).hexdigest()[:16]
         path = cache_dir() / f"kernels-{key}.so"
         try:
             if not path.is_file():
-                _compile(cc, path)
+                _compile(cc, path, openmp)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             warnings.warn(f"deepfm: the native kernels could not be built ({exc}); using the torch path (same "
