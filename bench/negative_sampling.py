@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepfm.config import config_from_dict
+from deepfm.config import CRITEO_COLUMNS, config_from_dict
 from deepfm.data.store import prepare
 from deepfm.pipeline import train
 
@@ -34,11 +34,14 @@ INT_COLS = [f"I{i}" for i in range(1, 14)]
 CAT_COLS = [f"C{i}" for i in range(1, 27)]
 
 
-def config(data: str, rate: float, cache: Path, args: argparse.Namespace, seed: int = 2017):
+def config(data: str, rate: float, cache: Path, args: argparse.Namespace, seed: int = 2017,
+           weighted: dict[str, str] | None = None):
+    """``weighted``: the importance-weighted files of ``weighted_files`` instead (no sampling by deepfm)."""
+    files = weighted or {s: f"{data}_{s}.tsv" for s in ("train", "valid", "test")}
+    layout = ({"columns": CRITEO_COLUMNS + [WEIGHT], "weight_column": WEIGHT} if weighted else
+              {"preset": "criteo", "negative_sampling_rate": rate, "sampling_seed": seed})
     return config_from_dict({
-        "data": {"format": "tsv", "header": False, "preset": "criteo", "train": f"{data}_train.tsv",
-                 "valid": f"{data}_valid.tsv", "test": f"{data}_test.tsv", "cache_dir": str(cache),
-                 "negative_sampling_rate": rate, "sampling_seed": seed},
+        "data": {"format": "tsv", "header": False, **files, "cache_dir": str(cache), **layout},
         "fields": [{"names": INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
                    {"names": CAT_COLS, "kind": "categorical"}],
         "model": {"embed_dim": 16, "hidden_units": [400, 400, 400]},
@@ -48,8 +51,33 @@ def config(data: str, rate: float, cache: Path, args: argparse.Namespace, seed: 
     })
 
 
-def run(data: str, rate: float, work: Path, args: argparse.Namespace, seed: int = 2017) -> dict:
-    cfg = config(data, rate, work / "cache", args, seed)
+WEIGHT = "weight"
+
+
+def weighted_files(data: str, rate: float, seed: int, work: Path) -> dict[str, str]:
+    """The alternative to ``negative_sampling_rate``: the training file's negatives kept with probability
+    ``rate`` (numpy, seeded) and every kept row given an importance weight (1 / rate on negatives, 1 on
+    positives) in an extra column, for ``data.weight_column``; valid and test keep every row, weight 1."""
+    out = {}
+    for split in ("train", "valid", "test"):
+        lines = Path(f"{data}_{split}.tsv").read_text().splitlines()
+        if split == "train":
+            rng = np.random.default_rng(seed)
+            draws = rng.random(len(lines))
+            lines = [f"{ln}\t1" if ln[0] == "1" else f"{ln}\t{1 / rate!r}" for ln, u in zip(lines, draws)
+                     if ln[0] == "1" or u < rate]
+        else:
+            lines = [f"{ln}\t1" for ln in lines]
+        path = work / f"weighted_{split}.tsv"
+        path.write_text("\n".join(lines) + "\n")
+        out[split] = str(path)
+    return out
+
+
+def run(data: str, rate: float, work: Path, args: argparse.Namespace, seed: int = 2017,
+        weights: bool = False) -> dict:
+    cfg = config(data, rate, work / "cache", args, seed,
+                 weighted_files(data, rate, seed, work) if weights else None)
     t0 = time.perf_counter()
     prepared = prepare(cfg, progress=False, log=lambda m: None)
     prep_s = time.perf_counter() - t0
@@ -59,7 +87,9 @@ def run(data: str, rate: float, work: Path, args: argparse.Namespace, seed: int 
     test = result.metrics["test"]
     labels = np.asarray(prepared.splits["test"].labels, dtype=np.float64)
     probs = np.clip(result.trainer.predict(prepared.splits["test"]), 1e-12, 1 - 1e-12)
-    uncorrected = 1.0 / (1.0 + np.exp(-(np.log(probs / (1 - probs)) - cfg.data.logit_shift)))
+    # what the model would score without the correction (importance weights: there is none to undo)
+    shift = 0.0 if weights else cfg.data.logit_shift
+    uncorrected = 1.0 / (1.0 + np.exp(-(np.log(probs / (1 - probs)) - shift)))
     row = {"rate": rate, "train_rows": len(prepared.splits["train"]),
            "train_positive_share": float(np.mean(np.asarray(prepared.splits["train"].labels))),
            "prep_s": prep_s, "train_s": sum(r["seconds"] for r in result.history),
@@ -95,25 +125,32 @@ def main() -> None:
                     help="early stopping on validation AUC (default: run every epoch); the best epoch is kept")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--importance-weights", action="store_true",
+                    help="also run each rate < 1 as the user's own downsampling with weights 1/rate on the kept "
+                         "negatives (data.weight_column) instead of negative_sampling_rate")
     ap.add_argument("--out", default="bench/NEGATIVE_SAMPLING.md")
     ap.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")
     args = ap.parse_args()
 
-    runs: dict[float, list[dict]] = {r: [] for r in args.rates}
+    variants = [(f"{r:g}", r, False) for r in args.rates]
+    if args.importance_weights:
+        variants += [(f"{r:g} (weights)", r, True) for r in args.rates if r < 1]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory(prefix="deepfm-ns-") as tmp:
         for rnd in range(args.rounds):
-            for rate in args.rates:
-                row = run(args.data, rate, Path(tmp), args, args.seeds[rnd % len(args.seeds)])
-                runs[rate].append(row)
-                print(f"round {rnd + 1} rate {rate}: " + ", ".join(
+            for name, rate, weights in variants:
+                row = run(args.data, rate, Path(tmp), args, args.seeds[rnd % len(args.seeds)], weights)
+                runs[name].append(row)
+                print(f"round {rnd + 1} {name}: " + ", ".join(
                     f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
-    base = args.rates[0]
+    base = variants[0][0]
     med = {r: float(np.median([x["train_s"] for x in rows])) for r, rows in runs.items()}
     stopping = args.patience < 10**6
     command = (f"python bench/negative_sampling.py --data {args.data} --rates {' '.join(map(str, args.rates))} "
                f"--rounds {args.rounds} --epochs {args.epochs} --batch-size {args.batch_size}"
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [2017] else "")
+               + (" --importance-weights" if args.importance_weights else "")
                + (f" --patience {args.patience}" if stopping else ""))
     schedule = (f"at most {args.epochs} epoch(s), early stopping after {args.patience} epoch(s) without a better "
                 "validation AUC (the best epoch's weights are scored)") if stopping else f"{args.epochs} epoch(s)"
@@ -148,7 +185,7 @@ def main() -> None:
         gap = f"{np.mean(gaps):+.5f}" + (" (" + " / ".join(f"{g:+.4f}" for g in gaps) + ")" if seeded else "")
         calib = f"{mean(rows, 'calibration'):.4f}" + (
             " (" + " / ".join(f"{x['calibration']:.3f}" for x in rows) + ")" if seeded else "")
-        cells = [f"{rate:g}", f"{r['train_rows']:,}", f"{r['train_positive_share']:.3f}",
+        cells = [rate, f"{r['train_rows']:,}", f"{r['train_positive_share']:.3f}",
                  " / ".join(f"{x['epochs_run']} ({x['best_epoch']})" for x in rows) if seeded
                  else f"{r['epochs_run']} ({r['best_epoch']})",
                  str(r["steps"]), f"{mean(rows, 'auc'):.5f}", gap, f"{mean(rows, 'logloss'):.5f}", calib,
