@@ -32,6 +32,12 @@ FLAGS = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "av
 EMB, FIELDS, HID = 16, 39, [400, 400, 400]
 
 
+def mlp_flops(inputs: int, hidden: list[int] = HID, extra_macs: int = 0) -> float:
+    """Forward GEMM FLOPs per sample of an MLP inputs -> hidden... -> 1 (plus ``extra_macs`` multiply-adds)."""
+    dims = [inputs, *hidden, 1]
+    return 2.0 * (sum(a * b for a, b in zip(dims, dims[1:])) + extra_macs)
+
+
 def cpu_info():
     model, flags = platform.processor(), set()
     try:
@@ -110,7 +116,7 @@ def main():
         torch.set_num_threads(args.threads)
     dev = torch.device("cuda:0" if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     mt = 0.5 if args.quick else 2.0
-    fwd_flops = 2.0 * (FIELDS * EMB * HID[0] + HID[0] * HID[1] + HID[1] * HID[2] + HID[2] * 1)
+    fwd_flops = mlp_flops(FIELDS * EMB)
     train_flops = 3.0 * fwd_flops
     out = {"torch": torch.__version__, "device": str(dev), "torch_threads": torch.get_num_threads(),
            **cpu_info(), "mkldnn_bf16_supported": bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)())}

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import mlp_flops  # bench/machine.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS = {"deepctr": "run_deepctr.py", "fuxictr": "run_fuxictr.py", "torchrec": "run_torchrec.py"}
@@ -120,12 +122,8 @@ def aggregate(results: list[dict]) -> list[dict]:
 # 400-400-400): deepfm and FuxiCTR embed all 39 fields (the 13 integers bucketed), so their DNN reads 39 x 16 =
 # 624 inputs; DeepCTR-Torch feeds the 13 integers raw (26 x 16 + 13 = 429); torchrec projects them through its
 # dense arch 13 -> 400 -> 16 into one more field (27 x 16 = 432) and ends in Linear(417 -> 1).
-def _mlp_flops(inputs: int, extra_macs: int = 0) -> float:
-    return 2.0 * (inputs * 400 + 2 * 400 * 400 + 400 + extra_macs)
-
-
-FWD_FLOPS = {"deepfm": _mlp_flops(624), "fuxictr": _mlp_flops(624), "deepctr-torch": _mlp_flops(429),
-             "torchrec": _mlp_flops(432, 13 * 400 + 400 * 16 + 17)}
+FWD_FLOPS = {"deepfm": mlp_flops(624), "fuxictr": mlp_flops(624), "deepctr-torch": mlp_flops(429),
+             "torchrec": mlp_flops(432, extra_macs=13 * 400 + 400 * 16 + 17)}
 
 
 def bound_fractions(r: dict, machine: dict | None) -> tuple[float, float, float] | None:

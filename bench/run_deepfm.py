@@ -33,6 +33,21 @@ from deepfm.runtime import resolve_precision  # noqa: E402
 from deepfm.train.trainer import Trainer  # noqa: E402
 
 
+def bench_config(train: str, test: str, cache: Path, *, embed_dim: int = 16, batch_size: int = 4096,
+                 **train_options):
+    """deepfm's configuration in the shared protocol (module docstring) on Criteo-layout TSVs; ``train_options``
+    go to the ``train`` section (lr, seed, precision, device, max_steps, ...)."""
+    return config_from_dict({
+        "data": {"format": "tsv", "header": False, "preset": "criteo", "train": os.path.abspath(train),
+                 "test": os.path.abspath(test), "cache_dir": str(cache)},
+        "fields": [{"names": common.INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
+                   {"names": common.CAT_COLS, "kind": "categorical"}],
+        "model": {"embed_dim": embed_dim, "hidden_units": [400, 400, 400]},
+        "train": {"batch_size": batch_size, "eval_batch_size": batch_size, "epochs": 1, "lr": 1e-3, "progress": False,
+                  "checkpoint_every_steps": 10**9, **train_options},
+    })
+
+
 def main() -> None:
     ap = common.base_parser("deepfm on Criteo-layout TSVs (one epoch, the shared bench protocol)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -44,18 +59,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deepfm-bench-"))
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    raw = {
-        "data": {"format": "tsv", "header": False, "preset": "criteo", "train": os.path.abspath(args.train),
-                 "test": os.path.abspath(args.test), "cache_dir": str(cache)},
-        "fields": [{"names": common.INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
-                   {"names": common.CAT_COLS, "kind": "categorical"}],
-        "model": {"embed_dim": args.embedding_dim, "hidden_units": [400, 400, 400]},
-        "train": {"batch_size": args.batch_size, "eval_batch_size": args.batch_size, "epochs": 1, "lr": args.lr,
-                  "seed": args.seed, "precision": args.precision, "device": args.device, "num_threads": threads,
-                  "progress": False, "checkpoint_every_steps": 10**9,
-                  **({"max_steps": args.max_steps} if args.max_steps else {})},
-    }
-    cfg = config_from_dict(raw)
+    cfg = bench_config(args.train, args.test, cache, embed_dim=args.embedding_dim, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, precision=args.precision, device=args.device, num_threads=threads,
+                       **({"max_steps": args.max_steps} if args.max_steps else {}))
 
     t0 = time.perf_counter()
     data = prepare(cfg, progress=False, log=common.log)

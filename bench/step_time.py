@@ -6,7 +6,7 @@
 
 Prints one JSON line: the median step time over the steps after 5 warm-up steps (data loading included) and
 the best of 5 predict passes over the test split. Uses bench/.data/g250000s7 (run_all.py's data; generated
-when missing) and the Criteo-layout config of run_deepfm.py, batch 4096. ``--busy N`` runs N busy-looping
+when missing) and run_deepfm.py's configuration (batch 4096). ``--busy N`` runs N busy-looping
 processes beside it. Interleave the settings in rounds and compare medians (bench/THREADS.md).
 """
 
@@ -26,10 +26,10 @@ import deepfm  # noqa: E402,F401  (first: sets deepfm's OpenMP defaults before t
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepfm.config import config_from_dict  # noqa: E402
 from deepfm.data.store import prepare  # noqa: E402
 from deepfm.pipeline import build_model  # noqa: E402
 from deepfm.train.trainer import Trainer  # noqa: E402
+from run_deepfm import bench_config  # noqa: E402  (the shared protocol's deepfm configuration)
 
 
 def main() -> None:
@@ -44,15 +44,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "generate.py"), "--rows", "250000", "--seed", "7", "--out",
                         f"{stem}.tsv", "--split"], check=True)
     work = Path(tempfile.mkdtemp(prefix="deepfm-step-"))
-    cfg = config_from_dict({
-        "data": {"format": "tsv", "header": False, "preset": "criteo", "train": f"{stem}_train.tsv",
-                 "test": f"{stem}_test.tsv", "cache_dir": str(HERE / ".out" / "step_time_cache")},
-        "fields": [{"names": common.INT_COLS, "kind": "numeric", "numeric": "log_bucket"},
-                   {"names": common.CAT_COLS, "kind": "categorical"}],
-        "model": {"embed_dim": 16, "hidden_units": [400, 400, 400]},
-        "train": {"batch_size": 4096, "eval_batch_size": 4096, "epochs": 1, "lr": 1e-3, "seed": 1,
-                  "precision": args.precision, "device": "cpu", "progress": False,
-                  "checkpoint_every_steps": 10**9, "max_steps": args.steps}})
+    cfg = bench_config(f"{stem}_train.tsv", f"{stem}_test.tsv", HERE / ".out" / "step_time_cache", seed=1,
+                       precision=args.precision, device="cpu", max_steps=args.steps)
     data = prepare(cfg, progress=False, log=lambda _m: None)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:

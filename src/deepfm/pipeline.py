@@ -19,7 +19,6 @@ from deepfm.artifact import LoadedModel, load_model, save_model
 from deepfm.config import Config, auto_batch_size
 from deepfm.errors import ConfigError
 from deepfm.data.store import PreparedData, prepare
-from deepfm.metrics import summarize
 from deepfm.model import DeepFM
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
@@ -152,9 +151,7 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
         split = splits.get(name)
         if split is not None and len(split):
             preds[name] = trainer.predict(split)
-            metrics[name] = summarize(np.asarray(split.labels), preds[name],
-                                      None if split.group is None else np.asarray(split.group),
-                                      None if split.weights is None else np.asarray(split.weights))
+            metrics[name] = trainer.evaluate(split, preds[name])
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
                         "ranks": dist.world_size}
     # row sharding: the table and its optimiser state reach rank 0 block by block, as it writes them

@@ -397,8 +397,10 @@ class Trainer:
                 self.exchange.join_empty()
         return ddp.gather_rows(local, self.dist)
 
-    def evaluate(self, split: SplitArrays) -> dict[str, float]:
-        probs = self.predict(split)
+    def evaluate(self, split: SplitArrays, probs: np.ndarray | None = None) -> dict[str, float]:
+        """The split's metrics (weighted by its sample weights, gAUC by its groups, where it has them), from
+        ``probs`` when already predicted."""
+        probs = self.predict(split) if probs is None else probs
         return summarize(np.asarray(split.labels), probs, None if split.group is None else np.asarray(split.group),
                          None if split.weights is None else np.asarray(split.weights))
 
