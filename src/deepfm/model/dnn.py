@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepfm import native as kernels
@@ -40,7 +41,7 @@ class DNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fuse_linear_relu(x):
+        if not _fusable(x):
             return self.net(x).squeeze(-1)
         layers = list(self.net)
         i = 0
@@ -105,10 +106,15 @@ class _NativeDropoutFn(torch.autograd.Function):
         return (grad * keep * ctx.scale if g is None else g), None, None, None
 
 
-def _fuse_linear_relu(x: torch.Tensor) -> bool:
-    """True where a CPU pass runs under bf16 autocast, oneDNN's fused linear+ReLU is there, and no export traces."""
-    return (x.device.type == "cpu" and _HAS_LINEAR_POINTWISE and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _tracing())
+def _fusable(x: torch.Tensor) -> bool:
+    """True for a CPU pass outside export: Linear + ReLU pairs then run fused (``linear_relu``)."""
+    return x.device.type == "cpu" and not _tracing()
+
+
+def _onednn_bf16() -> bool:
+    """Under CPU bf16 autocast with oneDNN's fused linear + pointwise op available."""
+    return (_HAS_LINEAR_POINTWISE and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 _HAS_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -131,8 +137,30 @@ class _LinearReLUFn(torch.autograd.Function):
         return g.mm(weight), g.t().mm(x), g.sum(0)
 
 
+class _NativeLinearReLUFn(torch.autograd.Function):
+    """``relu(x @ W.T + b)`` in float32: torch's GEMM without the bias, then the bias and ReLU in one pass over its
+    output (``native/linear_relu.c``); backward masks the gradient and sums the bias gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = kernels.bias_relu_(torch.mm(x, weight.t()), bias)
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x, weight, y = ctx.saved_tensors
+        g, db = kernels.relu_bias_grad(grad, y)
+        return (g.mm(weight) if ctx.needs_input_grad[0] else None), g.t().mm(x), db
+
+
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``relu(linear(x, weight, bias))`` under CPU bf16 autocast, computed as autocast would (bf16 operands,
-    gradients cast back to the float32 parameters), in one fused oneDNN call."""
-    dtype = torch.bfloat16
-    return _LinearReLUFn.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    """``relu(linear(x, weight, bias))`` on the CPU, fused where it pays: under bf16 autocast in one oneDNN call,
+    computed as autocast would (bf16 operands, gradients cast back to the float32 parameters); in float32 with
+    the native bias + ReLU pass (``_NativeLinearReLUFn``); elsewhere as torch's two modules."""
+    if _onednn_bf16():
+        dtype = torch.bfloat16
+        return _LinearReLUFn.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    if not torch.is_autocast_enabled("cpu") and kernels.linear_relu_applies(x, weight, bias):
+        return _NativeLinearReLUFn.apply(x, weight, bias)
+    return torch.relu_(F.linear(x, weight, bias))
