@@ -192,6 +192,34 @@ def test_fused_training_head_equals_the_plain_graph(combiners, native_on, bf16, 
         torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-5 if bf16 else 1e-6, msg=name)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_scoring_pass_reads_the_table_directly_with_the_training_heads_bits(bf16):
+    """Without a gradient, single-valued fields are scored straight from the table (``head_gather_forward``):
+    the same logits, bit for bit, as looking the rows up and running the fused head; a bad id is an error."""
+    from deepfm import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler: the torch path is used")
+    fused, _plain, args = _training_pair(())
+    fused.eval()
+    calls = []
+    real = native.head_gather_forward
+    try:
+        native.head_gather_forward = lambda *a: calls.append(1) or real(*a)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                scored = fused(*args)
+            looked_up = fused(*args).detach()  # with a gradient: the training path
+    finally:
+        native.head_gather_forward = real
+    assert calls == [1]
+    assert torch.equal(scored, looked_up)
+    bad = (args[0].clone(), *args[1:])
+    bad[0][4, 0] = 10**6
+    with torch.no_grad(), pytest.raises(IndexError, match="1000000 is outside the embedding table's 21 rows"):
+        fused(*bad)
+
+
 def test_fused_head_gradient_is_exact():
     from deepfm.model.interaction import _FusedHeadFn
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepfm import native
 from deepfm.config import ModelConfig
 from deepfm.layout import TableLayout
 from deepfm.model.dnn import DNN
@@ -50,9 +51,13 @@ class DeepFM(nn.Module):
                              multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked)."""
+        if self.fuse and not with_penalty and self._fusable():
+            scored = self._score_from_table(cat_ids, num_values)
+            if scored is not None:
+                return scored, self.bias.new_zeros(())
         rows, square_excess, penalty = self.embedding.lookup(cat_ids, num_values, multi_ids, multi_weights,
                                                              multi_bags, with_penalty)
-        if self.fuse and self._fusable(rows):
+        if self.fuse and self._fusable():
             device = rows.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
             x, first_second = fused_head(rows, dtype)
@@ -72,7 +77,23 @@ class DeepFM(nn.Module):
             logit = logit + self.dnn(fields.flatten(1)).float()
         return logit, penalty
 
-    def _fusable(self, rows: torch.Tensor) -> bool:
+    def _score_from_table(self, cat_ids: torch.Tensor, num_values: torch.Tensor) -> torch.Tensor | None:
+        """Logits of a scoring pass (no gradient) on the CPU over single-valued fields, the fused head reading the
+        embedding table directly (``native.head_gather_forward``): the looked-up rows, which only a backward
+        needs, are never written. None where that does not apply; the caller then takes the training path,
+        which computes the same."""
+        emb = self.embedding
+        if (torch.is_grad_enabled() or emb.num_multi or emb.row_source is not None
+                or emb.weight.device.type != "cpu"):
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else emb.weight.dtype
+        got = native.head_gather_forward(emb.weight, *emb.single_ids(cat_ids, num_values), dtype)
+        if got is None:
+            return None
+        x, first_second = got
+        return self.bias + first_second + self.dnn(x).float()  # type: ignore[misc]
+
+    def _fusable(self) -> bool:
         """The paper's sum head with all three parts, outside export: the fused head gives the same result
         faster, in training and inference alike."""
         cfg = self.cfg

@@ -96,17 +96,14 @@ class FieldEmbedding(nn.Module):
         """As ``forward``, with each field's vector and first-order term still joined: ``rows [B, F, D + 1]``."""
         d = self.embed_dim
         batch = cat_ids.shape[0]
-        missing = torch.isnan(num_values)
-        ids = torch.cat([cat_ids + self.cat_offsets, self.num_offsets + missing.long()], dim=1)
+        ids, values = self.single_ids(cat_ids, num_values)
         if self.num_multi:
             field_of_tag = torch.div(multi_bags, batch, rounding_mode="floor")
             rows, multi_rows = self._gather([ids, multi_ids + self.multi_offsets[field_of_tag]])
         else:
             (rows,) = self._gather([ids])  # [B, Fs, D+1]
         penalty = rows[..., :d].pow(2).sum() / max(batch, 1) if with_penalty else rows.new_zeros(())
-        if num_values.shape[1]:
-            values = torch.cat([torch.ones_like(cat_ids, dtype=rows.dtype),
-                                torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
+        if values is not None:
             rows = rows * values.unsqueeze(-1)
         square_excess = None
         if self.num_multi:
@@ -116,6 +113,18 @@ class FieldEmbedding(nn.Module):
             square_excess = multi_square - pooled[..., :d].pow(2).sum(dim=1)
             penalty = penalty + multi_penalty
         return rows, square_excess, penalty
+
+    def single_ids(self, cat_ids: torch.Tensor, num_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The single-valued fields' table rows ``[B, Fs]`` (categorical fields, then numeric ones: a numeric
+        field's value row, or its missing row for NaN) and the value each row's vector is scaled by (None when
+        there are no numeric fields: all 1)."""
+        missing = torch.isnan(num_values)
+        ids = torch.cat([cat_ids + self.cat_offsets, self.num_offsets + missing.long()], dim=1)
+        if not num_values.shape[1]:
+            return ids, None
+        values = torch.cat([torch.ones_like(cat_ids, dtype=self.weight.dtype),
+                            torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
+        return ids, values
 
     def _gather(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """The table rows of each id tensor: from this module's weight, or from their owners when sharded."""

@@ -115,6 +115,8 @@ def load() -> ctypes.CDLL | None:
         fn.restype = i64
         lib.deepfm_head_forward.argtypes = [p, i64, i64, i64, p, i64, p, p, i64]
         lib.deepfm_head_forward.restype = None
+        lib.deepfm_head_gather_forward.argtypes = [p, i64, p, p, i64, i64, i64, p, i64, p, i64]
+        lib.deepfm_head_gather_forward.restype = i64
         lib.deepfm_head_backward.argtypes = [p, p, p, i64, p, i64, i64, i64, p, i64]
         lib.deepfm_head_backward.restype = None
         lib.deepfm_dropout_forward.argtypes = [p, p, p, i64, i64, i64, f32, ctypes.c_uint64, i64]
@@ -197,6 +199,35 @@ def head_forward(rows: torch.Tensor, dtype: torch.dtype
     lib.deepfm_head_forward(rows.data_ptr(), batch, fields, dim, x.data_ptr(), int(dtype == torch.bfloat16),
                             total.data_ptr(), first_second.data_ptr(), torch.get_num_threads())
     return x, total, first_second
+
+
+def head_gather_forward(table: torch.Tensor, ids: torch.Tensor, values: torch.Tensor | None, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``head_forward``'s DNN input and first + second order part for the rows ``table[ids] * values[..., None]``
+    (``ids`` and ``values`` ``[B, F]``; ``values`` None: all 1), read straight from the table: the scoring pass,
+    which keeps no rows for a backward. None where the kernel does not apply (as ``head_forward``, or ids not
+    int64); an id outside the table raises IndexError."""
+    if (table.device.type != "cpu" or table.dtype != torch.float32 or not table.is_contiguous()
+            or table.dim() != 2 or ids.dim() != 2 or ids.dtype != torch.int64 or ids.device.type != "cpu"
+            or dtype not in (torch.float32, torch.bfloat16) or table.shape[1] - 1 > HEAD_MAX_DIM
+            or (values is not None and (values.dtype != torch.float32 or values.shape != ids.shape))):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    ids = ids.contiguous()
+    values = None if values is None else values.contiguous()
+    (batch, fields), dim = ids.shape, table.shape[1] - 1
+    x = torch.empty((batch, fields * dim), dtype=dtype)
+    first_second = torch.empty(batch, dtype=torch.float32)
+    got = lib.deepfm_head_gather_forward(table.data_ptr(), table.shape[0], ids.data_ptr(),
+                                         None if values is None else values.data_ptr(), batch, fields, dim,
+                                         x.data_ptr(), int(dtype == torch.bfloat16), first_second.data_ptr(),
+                                         torch.get_num_threads())
+    if got < 0:
+        raise IndexError(f"row id {int(ids.view(-1)[-got - 1])} is outside the embedding table's {table.shape[0]} "
+                         f"rows")
+    return x, first_second
 
 
 def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor | None,
