@@ -12,9 +12,10 @@ Before each contender the script waits (up to --quiet-wait s) for the 1-minute l
 below --quiet-load, and records the load in the JSON line. ``--busy N`` instead shares the machine on purpose:
 N busy-looping processes run beside every contender (the machine's bound is measured before they start).
 
-Every contender's figures are also given as a fraction of the machine's FLOP bound (bench/machine.py, same
-run): the DNN's GEMM FLOPs per sample (3.42 MFLOP training, 1.14 inference) at the machine's square-GEMM rate
-in the contender's precision, so the figures carry across machines.
+Every contender's figures are also given as a fraction of the machine's FLOP bound: the DNN's GEMM FLOPs per
+sample (3.42 MFLOP training, 1.14 inference for deepfm) at the machine's square-GEMM rate in the contender's
+precision (bench/machine.py --quick at the start of every round; with --busy, bench/machine.py before the busy
+processes start), so the figures carry across machines.
 """
 
 from __future__ import annotations
@@ -126,15 +127,31 @@ FWD_FLOPS = {"deepfm": mlp_flops(624), "fuxictr": mlp_flops(624), "deepctr-torch
              "torchrec": mlp_flops(432, extra_macs=13 * 400 + 400 * 16 + 17)}
 
 
-def bound_fractions(r: dict, machine: dict | None) -> tuple[float, float, float] | None:
-    """(forward MFLOP per sample, training, inference samples/s of ``r`` as fractions of what the machine's
-    square-GEMM rate in its precision allows for that model's GEMMs: 3x forward FLOPs a training sample)."""
-    gemm = (machine or {}).get("gemm", {}).get("bf16" if r["name"].endswith("bf16") else "fp32")
+def square_rates(machine: dict | None) -> dict[str, float]:
+    """The machine's square-GEMM rate (GFLOP/s) per precision from a bench/machine.py result."""
+    return {p: g["matmul_4096_gflops"] for p, g in (machine or {}).get("gemm", {}).items()
+            if g.get("matmul_4096_gflops")}
+
+
+def bound_fractions(r: dict, rates: dict[str, float]) -> tuple[float, float, float] | None:
+    """(forward MFLOP per sample, training, inference samples/s of ``r`` as fractions of what the square-GEMM
+    rate ``rates`` in its precision allows for that model's GEMMs: 3x forward FLOPs a training sample)."""
+    rate = rates.get("bf16" if r["name"].endswith("bf16") else "fp32")
     flops = FWD_FLOPS.get(r["name"].split("-bf16")[0].split("-fp32")[0])
-    if not gemm or not gemm.get("matmul_4096_gflops") or flops is None:
+    if not rate or flops is None:
         return None
-    rate = gemm["matmul_4096_gflops"] * 1e9
+    rate *= 1e9
     return (flops / 1e6, r["train_samples_per_s_median"] * 3 * flops / rate, r["infer_samples_per_s"] * flops / rate)
+
+
+def note_fractions(r: dict, rates: dict[str, float]) -> None:
+    """Add to a run's result its fractions of the bound at ``rates``, the rate measured at the start of its round:
+    the machine's speed drifts over a run (other tenants), and a bound taken once would credit or blame the
+    contenders for it. ``aggregate`` then takes their median over the rounds like any other figure."""
+    f = bound_fractions(r, rates)
+    if f is not None:
+        r["bound_gflops"] = rates["bf16" if r["name"].endswith("bf16") else "fp32"]
+        r["train_bound_fraction"], r["infer_bound_fraction"] = f[1], f[2]
 
 
 def write_results(path: Path, results: list[dict], machine: dict | None, teacher: dict, command: str,
@@ -185,19 +202,33 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
                     f"| {r['name']} | {r['train_samples_per_s_median'] / best['train_samples_per_s_median']:.2f}x | "
                     f"{r['infer_samples_per_s'] / best['infer_samples_per_s']:.2f}x | "
                     f"{r['prep_rows_per_s'] / best['prep_rows_per_s']:.2f}x | {r['test_auc'] - best_auc:+.4f} |")
-    fractions = [(r["name"], bound_fractions(r, machine)) for r in results]
+    fractions = []
+    for r in results:
+        if "train_bound_fraction" in r:  # per round: at the rate measured at its start
+            rates = {"bf16" if r["name"].endswith("bf16") else "fp32": r["bound_gflops"]}
+            f = bound_fractions(r, rates)
+            f = f and (f[0], r["train_bound_fraction"], r["infer_bound_fraction"])
+        else:
+            f = bound_fractions(r, square_rates(machine))
+        fractions.append((r["name"], f))
+    per_round = any("train_bound_fraction" in r for r in results)
     if any(f for _, f in fractions):
+        where = ("measured by bench/machine.py --quick at the start of each round (the median over the rounds of "
+                 "each round's fraction: the machine's speed drifts during a run)" if per_round else
+                 "of bench/machine.py (same run)")
         lines += ["", "## Fraction of the machine's FLOP bound", "",
-                  "Each contender's own DNN GEMM FLOPs per sample (forward; training 3x) at the square-GEMM rate of "
-                  "bench/machine.py (same run) in its precision (bf16 for deepfm-bf16, fp32 for the rest). The "
+                  "Each contender's own DNN GEMM FLOPs per sample (forward; training 3x) at the square-GEMM rate "
+                  f"{where}, in its precision (bf16 for deepfm-bf16, fp32 for the rest). The "
                   "models differ: deepfm and FuxiCTR embed all 39 fields (DNN input 624), DeepCTR-Torch feeds the "
                   "13 integers raw (429), torchrec projects them into one field (432). Embeddings, FM and "
                   "optimizer are not counted, so 100% is out of reach.", "",
-                  "| contender | precision | forward MFLOP/sample | train | inference |", "|---|---|---|---|---|"]
-        for name, f in fractions:
+                  "| contender | precision | forward MFLOP/sample | square GEMM GFLOP/s | train | inference |",
+                  "|---|---|---|---|---|---|"]
+        for r, (name, f) in zip(results, fractions):
             if f:
-                lines.append(f"| {name} | {'bf16' if name.endswith('bf16') else 'fp32'} | {f[0]:.3f} | "
-                             f"{f[1]:.0%} | {f[2]:.0%} |")
+                precision = "bf16" if name.endswith("bf16") else "fp32"
+                rate = r.get("bound_gflops") or square_rates(machine).get(precision, float("nan"))
+                lines.append(f"| {name} | {precision} | {f[0]:.3f} | {rate:,.0f} | {f[1]:.0%} | {f[2]:.0%} |")
     if n_rounds > 1 and best["train_samples_per_s_median"]:
         lines += ["", "Training ratio within each round (deepfm / that round's fastest peer):", ""]
         for name in [r["name"] for r in results if r["name"].startswith("deepfm")]:
@@ -264,9 +295,17 @@ def main() -> None:
 
 def run_rounds(args: argparse.Namespace, contenders: list[str], common: list[str], out: Path,
                results: list[dict]) -> None:
+    rates: dict[str, float] = {}
     for round_no, name in [(k, c) for k in range(max(args.rounds, 1)) for c in contenders]:
         if not args.busy:
             wait_quiet(args.quiet_load, args.quiet_wait)
+            if name == contenders[0]:  # a round starts: the bound now (with --busy the one measured before)
+                quick = run_json([sys.executable, str(HERE / "machine.py"), "--quick", "--device", args.device,
+                                  *(["--threads", str(args.threads)] if args.threads else [])],
+                                 out / "machine-round.err", 600)
+                rates = square_rates(quick)
+                if rates:
+                    log(f"  round {round_no + 1}: fp32 square GEMM {rates.get('fp32', 0):.1f} GFLOP/s")
         if name.startswith("deepfm"):
             precision = name.split("-", 1)[1] if "-" in name else "auto"
             cmd = [sys.executable, str(HERE / "run_deepfm.py"), *common, "--precision", precision]
@@ -281,6 +320,7 @@ def run_rounds(args: argparse.Namespace, contenders: list[str], common: list[str
         r = run_json(cmd, out / f"{name}.err", args.timeout)
         if r is not None:
             r["round"] = round_no
+            note_fractions(r, rates)
             results.append(r)
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(r) + "\n")
