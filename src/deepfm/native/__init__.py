@@ -125,8 +125,6 @@ def load() -> ctypes.CDLL | None:
         lib.deepfm_dropout_backward.restype = None
         lib.deepfm_bias_relu.argtypes = [p, p, i64, i64, i64]
         lib.deepfm_bias_relu.restype = None
-        lib.deepfm_relu_bias_grad.argtypes = [p, p, p, p, p, i64, i64, i64]
-        lib.deepfm_relu_bias_grad.restype = None
         _lib = lib
         return _lib
 
@@ -289,13 +287,10 @@ def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> to
 
 
 def linear_relu_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether ``bias_relu_`` and ``relu_bias_grad`` take a float32 Linear + ReLU on these CPU tensors (2-D input,
+    """Whether ``bias_relu_`` takes a float32 Linear + ReLU on these CPU tensors (2-D input,
     contiguous float32 parameters) and the kernels are built."""
     return (x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == bias.dtype == torch.float32
             and weight.is_contiguous() and bias.is_contiguous() and load() is not None)
-
-
-_BIAS_GRAD_BLOCK = 64  # BLOCK in linear_relu.c
 
 
 def bias_relu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -303,19 +298,6 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     caller checked ``linear_relu_applies``."""
     load().deepfm_bias_relu(y.data_ptr(), bias.data_ptr(), y.shape[0], y.shape[1], torch.get_num_threads())
     return y
-
-
-def relu_bias_grad(grad: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ``y = relu(x @ W.T + b)``: the gradient before the ReLU (``grad`` where ``y > 0``) and ``b``'s gradient
-    (its column sums), in one pass; the caller checked ``linear_relu_applies``."""
-    grad = grad.contiguous()
-    rows, cols = y.shape
-    g = torch.empty_like(y)
-    db = torch.empty(cols, dtype=torch.float32)
-    partial = torch.empty(-(-rows // _BIAS_GRAD_BLOCK) * cols, dtype=torch.float32)
-    load().deepfm_relu_bias_grad(grad.data_ptr(), y.data_ptr(), g.data_ptr(), db.data_ptr(), partial.data_ptr(),
-                                 rows, cols, torch.get_num_threads())
-    return g, db
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
