@@ -14,7 +14,7 @@ N busy-looping processes run beside every contender (the machine's bound is meas
 
 Every contender's figures are also given as a fraction of the machine's FLOP bound: the DNN's GEMM FLOPs per
 sample (3.42 MFLOP training, 1.14 inference for deepfm) at the machine's square-GEMM rate in the contender's
-precision (bench/machine.py --quick at the start of every round; with --busy, bench/machine.py before the busy
+precision (bench/machine.py at the start of every round; with --busy, bench/machine.py before the busy
 processes start), so the figures carry across machines.
 """
 
@@ -213,7 +213,7 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
         fractions.append((r["name"], f))
     per_round = any("train_bound_fraction" in r for r in results)
     if any(f for _, f in fractions):
-        where = ("measured by bench/machine.py --quick at the start of each round (the median over the rounds of "
+        where = ("measured by bench/machine.py at the start of each round (the median over the rounds of "
                  "each round's fraction: the machine's speed drifts during a run)" if per_round else
                  "of bench/machine.py (same run)")
         lines += ["", "## Fraction of the machine's FLOP bound", "",
@@ -300,10 +300,11 @@ def run_rounds(args: argparse.Namespace, contenders: list[str], common: list[str
         if not args.busy:
             wait_quiet(args.quiet_load, args.quiet_wait)
             if name == contenders[0]:  # a round starts: the bound now (with --busy the one measured before)
-                quick = run_json([sys.executable, str(HERE / "machine.py"), "--quick", "--device", args.device,
-                                  *(["--threads", str(args.threads)] if args.threads else [])],
-                                 out / "machine-round.err", 600)
-                rates = square_rates(quick)
+                # not --quick: its half-second loops catch bf16 (AMX) before it reaches its rate
+                now = run_json([sys.executable, str(HERE / "machine.py"), "--device", args.device,
+                                *(["--threads", str(args.threads)] if args.threads else [])],
+                               out / "machine-round.err", 600)
+                rates = square_rates(now)
                 if rates:
                     log(f"  round {round_no + 1}: fp32 square GEMM {rates.get('fp32', 0):.1f} GFLOP/s")
         if name.startswith("deepfm"):

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from deepfm.data.store import prepare  # noqa: E402
 from deepfm.pipeline import build_model  # noqa: E402
 from deepfm.train.trainer import Trainer  # noqa: E402
+from run_all import ensure_data  # noqa: E402  (run_all.py's data)
 from run_deepfm import bench_config  # noqa: E402  (the shared protocol's deepfm configuration)
 
 
@@ -39,10 +40,7 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
-    stem = HERE / ".data" / "g250000s7"
-    if not Path(f"{stem}_test.tsv").is_file():
-        subprocess.run([sys.executable, str(HERE / "generate.py"), "--rows", "250000", "--seed", "7", "--out",
-                        f"{stem}.tsv", "--split"], check=True)
+    stem = ensure_data(250_000, 7)
     work = Path(tempfile.mkdtemp(prefix="deepfm-step-"))
     cfg = bench_config(f"{stem}_train.tsv", f"{stem}_test.tsv", HERE / ".out" / "step_time_cache", seed=1,
                        precision=args.precision, device="cpu", max_steps=args.steps)
