@@ -17,7 +17,7 @@
   term and the optimizer are ignored (they are bandwidth-, not FLOP-bound).
   With GPU available (--device cuda) the same is measured on the GPU.
 
-Usage: python bench/machine.py [--threads N] [--device cpu|cuda] [--quick]
+Usage: python bench/machine.py [--threads N] [--device cpu|cuda] [--quick] [--square-only fp32|bf16]
 """
 import argparse
 import json
@@ -111,10 +111,18 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="shorter timing loops")
+    ap.add_argument("--square-only", default=None, choices=["fp32", "bf16"],
+                    help="only the square-GEMM rate in this precision, now (run_all.py takes it before and "
+                         "after every contender): {\"square_gflops\": ...}")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device("cuda:0" if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+    if args.square_only:
+        dt = torch.bfloat16 if args.square_only == "bf16" else torch.float32
+        gemm_gflops(4096, 4096, 4096, dt, dev, 0.5)  # warm-up: AMX and the clock reach their rate
+        print(json.dumps({"square_gflops": round(gemm_gflops(4096, 4096, 4096, dt, dev, 1.5), 1)}))
+        return
     mt = 0.5 if args.quick else 2.0
     fwd_flops = mlp_flops(FIELDS * EMB)
     train_flops = 3.0 * fwd_flops

@@ -14,13 +14,14 @@ N busy-looping processes run beside every contender (the machine's bound is meas
 
 Every contender's figures are also given as a fraction of the machine's FLOP bound: the DNN's GEMM FLOPs per
 sample (3.42 MFLOP training, 1.14 inference for deepfm) at the machine's square-GEMM rate in the contender's
-precision (bench/machine.py at the start of every round; with --busy, bench/machine.py before the busy
-processes start), so the figures carry across machines.
+precision, measured just before and after each contender (bench/machine.py --square-only; with --busy,
+bench/machine.py before the busy processes start), so the figures carry across machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -144,10 +145,24 @@ def bound_fractions(r: dict, rates: dict[str, float]) -> tuple[float, float, flo
     return (flops / 1e6, r["train_samples_per_s_median"] * 3 * flops / rate, r["infer_samples_per_s"] * flops / rate)
 
 
+def square_rate(precision: str, device: str, threads: list[str], out: Path) -> float | None:
+    """The machine's square-GEMM rate (GFLOP/s) in ``precision`` now (bench/machine.py --square-only)."""
+    got = run_json([sys.executable, str(HERE / "machine.py"), "--square-only", precision, "--device", device,
+                    *threads], out / "machine-square.err", 300)
+    return got and got.get("square_gflops")
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_default(device: str) -> bool:
+    """Whether deepfm's default precision on ``device`` is bf16 (deepfm.runtime decides it in the contender)."""
+    got = subprocess.run([sys.executable, "-c", "import torch; from deepfm.runtime import resolve_precision as r; "
+                          f"print(r('auto', torch.device('{device}')))"], capture_output=True, text=True, cwd=ROOT)
+    return got.stdout.strip() == "bf16"
+
+
 def note_fractions(r: dict, rates: dict[str, float]) -> None:
-    """Add to a run's result its fractions of the bound at ``rates``, the rate measured at the start of its round:
-    the machine's speed drifts over a run (other tenants), and a bound taken once would credit or blame the
-    contenders for it. ``aggregate`` then takes their median over the rounds like any other figure."""
+    """Add to a run's result its fractions of the bound at ``rates`` (measured around it); ``aggregate`` then
+    takes their median over the rounds like any other figure."""
     f = bound_fractions(r, rates)
     if f is not None:
         r["bound_gflops"] = rates["bf16" if r["name"].endswith("bf16") else "fp32"]
@@ -213,8 +228,9 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
         fractions.append((r["name"], f))
     per_round = any("train_bound_fraction" in r for r in results)
     if any(f for _, f in fractions):
-        where = ("measured by bench/machine.py at the start of each round (the median over the rounds of "
-                 "each round's fraction: the machine's speed drifts during a run)" if per_round else
+        where = ("measured just before and just after each contender ran (bench/machine.py --square-only, "
+                 "their mean; the figure is the median over rounds of each run's fraction: the machine's speed "
+                 "drifts during a run)" if per_round else
                  "of bench/machine.py (same run)")
         lines += ["", "## Fraction of the machine's FLOP bound", "",
                   "Each contender's own DNN GEMM FLOPs per sample (forward; training 3x) at the square-GEMM rate "
@@ -295,18 +311,10 @@ def main() -> None:
 
 def run_rounds(args: argparse.Namespace, contenders: list[str], common: list[str], out: Path,
                results: list[dict]) -> None:
-    rates: dict[str, float] = {}
+    threads = ["--threads", str(args.threads)] if args.threads else []
     for round_no, name in [(k, c) for k in range(max(args.rounds, 1)) for c in contenders]:
         if not args.busy:
             wait_quiet(args.quiet_load, args.quiet_wait)
-            if name == contenders[0]:  # a round starts: the bound now (with --busy the one measured before)
-                # not --quick: its half-second loops catch bf16 (AMX) before it reaches its rate
-                now = run_json([sys.executable, str(HERE / "machine.py"), "--device", args.device,
-                                *(["--threads", str(args.threads)] if args.threads else [])],
-                               out / "machine-round.err", 600)
-                rates = square_rates(now)
-                if rates:
-                    log(f"  round {round_no + 1}: fp32 square GEMM {rates.get('fp32', 0):.1f} GFLOP/s")
         if name.startswith("deepfm"):
             precision = name.split("-", 1)[1] if "-" in name else "auto"
             cmd = [sys.executable, str(HERE / "run_deepfm.py"), *common, "--precision", precision]
@@ -318,10 +326,20 @@ def run_rounds(args: argparse.Namespace, contenders: list[str], common: list[str
             cmd = [str(python), str(HERE / "peers" / PEERS[name]), *common]
         else:
             raise SystemExit(f"unknown contender {name!r}; choose from {ALL}")
+        in_bf16 = name.endswith("bf16") or (name == "deepfm" and bf16_default(args.device))
+        bound_precision = "bf16" if in_bf16 else "fp32"
+        # the bound just before and just after the contender (unless --busy: then the one measured before the
+        # busy processes started): the machine's speed drifts over a run, and one measure would credit or blame
+        # the contenders for it
+        square = [] if args.busy else [square_rate(bound_precision, args.device, threads, out)]
         r = run_json(cmd, out / f"{name}.err", args.timeout)
+        if not args.busy:
+            square.append(square_rate(bound_precision, args.device, threads, out))
         if r is not None:
             r["round"] = round_no
-            note_fractions(r, rates)
+            if square and all(square):
+                r["bound_gflops_before_after"] = square
+                note_fractions(r, {bound_precision: sum(square) / 2})
             results.append(r)
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(r) + "\n")
