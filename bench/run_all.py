@@ -246,16 +246,26 @@ def write_results(path: Path, results: list[dict], machine: dict | None, teacher
                 rate = r.get("bound_gflops") or square_rates(machine).get(precision, float("nan"))
                 lines.append(f"| {name} | {precision} | {f[0]:.3f} | {rate:,.0f} | {f[1]:.0%} | {f[2]:.0%} |")
     if n_rounds > 1 and best["train_samples_per_s_median"]:
-        lines += ["", "Training ratio within each round (deepfm / that round's fastest peer):", ""]
-        for name in [r["name"] for r in results if r["name"].startswith("deepfm")]:
-            ratios = []
-            for k in range(n_rounds):
-                in_round = [r for r in runs if r.get("round", 0) == k]
-                mine = [r for r in in_round if r["name"] == name]
-                rivals = [r["train_samples_per_s_median"] for r in in_round if not r["name"].startswith("deepfm")]
-                if mine and rivals:
-                    ratios.append(mine[0]["train_samples_per_s_median"] / max(rivals))
-            lines.append(f"- {name}: " + ", ".join(f"{x:.2f}x" for x in ratios))
+        for key, what in (("train_samples_per_s_median", "Training"), ("infer_samples_per_s", "Inference")):
+            lines += ["", f"{what} ratio within each round (deepfm / that round's fastest peer):", ""]
+            for name in [r["name"] for r in results if r["name"].startswith("deepfm")]:
+                ratios = []
+                for k in range(n_rounds):
+                    in_round = [r for r in runs if r.get("round", 0) == k]
+                    mine = [r for r in in_round if r["name"] == name]
+                    rivals = [r[key] for r in in_round if not r["name"].startswith("deepfm")]
+                    if mine and rivals:
+                        ratios.append(mine[0][key] / max(rivals))
+                lines.append(f"- {name}: " + ", ".join(f"{x:.2f}x" for x in ratios))
+        bounded = [r for r in runs if "bound_gflops_before_after" in r and r["name"].startswith("deepfm")]
+        if bounded:
+            lines += ["", "deepfm's fraction of the bound in each round (train / inference; square-GEMM GFLOP/s "
+                      "before -> after):", ""]
+            for name in sorted({r["name"] for r in bounded}):
+                lines.append(f"- {name}: " + ", ".join(
+                    f"{r['train_bound_fraction']:.0%} / {r['infer_bound_fraction']:.0%} "
+                    f"({r['bound_gflops_before_after'][0]:,.0f} -> {r['bound_gflops_before_after'][1]:,.0f})"
+                    for r in bounded if r["name"] == name))
     if machine:
         lines += ["", "## Machine ceiling (bench/machine.py)", "", "```", json.dumps(machine, indent=1), "```"]
     lines += ["", "Raw JSON lines: `bench/.out/results.jsonl`. Protocol: bench/README.md."]
