@@ -107,8 +107,11 @@ class _NativeDropoutFn(torch.autograd.Function):
 
 
 def _fusable(x: torch.Tensor) -> bool:
-    """True for a CPU pass outside export: Linear + ReLU pairs then run fused (``linear_relu``)."""
-    return x.device.type == "cpu" and not _tracing()
+    """True where ``linear_relu`` fuses Linear + ReLU pairs: a CPU pass outside export, under bf16 autocast or
+    scoring in float32 (no gradient). Elsewhere the modules run as they are (their hooks included)."""
+    return (x.device.type == "cpu" and not _tracing()
+            and (_onednn_bf16() or (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                                    and x.dtype == torch.float32)))
 
 
 def _onednn_bf16() -> bool:
