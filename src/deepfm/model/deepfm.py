@@ -83,9 +83,8 @@ class DeepFM(nn.Module):
         needs, are never written. None where that does not apply; the caller then takes the training path,
         which computes the same."""
         emb = self.embedding
-        if (torch.is_grad_enabled() or emb.num_multi or emb.row_source is not None
-                or emb.weight.device.type != "cpu"):
-            return None
+        if torch.is_grad_enabled() or emb.num_multi or emb.row_source is not None:
+            return None  # (a table off the CPU: head_gather_forward declines it)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else emb.weight.dtype
         got = native.head_gather_forward(emb.weight, *emb.single_ids(cat_ids, num_values), dtype)
         if got is None:

@@ -109,9 +109,12 @@ class _NativeDropoutFn(torch.autograd.Function):
 def _fusable(x: torch.Tensor) -> bool:
     """True where ``linear_relu`` fuses Linear + ReLU pairs: a CPU pass outside export, under bf16 autocast or
     scoring in float32 (no gradient). Elsewhere the modules run as they are (their hooks included)."""
-    return (x.device.type == "cpu" and not _tracing()
-            and (_onednn_bf16() or (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                                    and x.dtype == torch.float32)))
+    return x.device.type == "cpu" and not _tracing() and (_onednn_bf16() or _float32_scoring(x))
+
+
+def _float32_scoring(x: torch.Tensor) -> bool:
+    """A float32 pass without gradient or autocast (evaluation, prediction, serving)."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32
 
 
 def _onednn_bf16() -> bool:
@@ -153,7 +156,6 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     if _onednn_bf16():
         dtype = torch.bfloat16
         return _LinearReLUFn.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
-    if (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and kernels.linear_relu_applies(x, weight, bias)):
+    if _float32_scoring(x) and kernels.linear_relu_applies(x, weight, bias):
         return kernels.bias_relu_(torch.mm(x, weight.t()), bias)
     return torch.relu_(F.linear(x, weight, bias))

@@ -11,7 +11,6 @@
  * from the previous operation) instead of beside them; without OpenMP the pragmas are ignored (one thread).
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "bf16.h"
 
