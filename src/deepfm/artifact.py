@@ -34,11 +34,10 @@ from deepfm.errors import ArtifactError, ConfigError
 from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, leftover_siblings, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.layout import TableLayout
-from deepfm.model import DeepFM
+from deepfm.model import TABLE_KEY, DeepFM
 
 FORMAT = "deepfm-model"
 FORMAT_VERSION = 1
-TABLE = "embedding.weight"  # the embedding table's name in model.safetensors
 REQUIRED = ("deepfm.json", "config.yaml", "layout.json", "encoder.json", "model.safetensors")
 
 
@@ -109,8 +108,8 @@ def save_model(path: Path, *, config: Config, layout: TableLayout, encoder: Enco
                  model.state_dict().items()}
         streamed = None
         if table_blocks is not None:
-            del state[TABLE]
-            streamed = StreamedTensor(TABLE, (layout.num_rows, model.cfg.embed_dim + 1), torch.float32,
+            del state[TABLE_KEY]
+            streamed = StreamedTensor(TABLE_KEY, (layout.num_rows, model.cfg.embed_dim + 1), torch.float32,
                                       (b.float() for b in table_blocks))
         atomic_save_tensors(state, tmp / "model.safetensors", metadata={"format": FORMAT}, streamed=streamed)
         if optimizers is not None:

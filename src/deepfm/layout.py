@@ -47,3 +47,16 @@ class TableLayout:
         tuples = {k: tuple(v) for k, v in d.items() if k != "vocab_blocks" and isinstance(v, list)}
         return cls(num_rows=int(d["num_rows"]), **tuples,  # type: ignore[arg-type]
                    vocab_blocks={k: (int(v[0]), int(v[1])) for k, v in d["vocab_blocks"].items()})
+
+
+def rows_per_rank(n: int, world_size: int) -> int:
+    """How many of ``n`` rows each of ``world_size`` ranks gets when they are cut into contiguous shares in rank
+    order (the last share may be shorter, or empty): the one rule for the table's row shards, a split's
+    evaluation shards and a batch's parts."""
+    return -(-n // world_size)
+
+
+def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``n`` rows (see ``rows_per_rank``)."""
+    per = rows_per_rank(n, world_size)
+    return min(rank * per, n), min((rank + 1) * per, n)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from deepfm.data.batch import ModelInput, SplitArrays, input_from_chunk, make_input  # noqa: F401 (re-exported)
+from deepfm.layout import rank_share
 
 
 _FILES: dict[str, int] = {}
@@ -105,8 +106,8 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
     for rows in plan:
         if isinstance(rows, tuple):
             lo, hi = rows
-            per = -(-(hi - lo) // world_size)
-            out.append((min(lo + rank * per, hi), min(lo + (rank + 1) * per, hi)))
+            a, b = rank_share(hi - lo, rank, world_size)
+            out.append((lo + a, lo + b))
         else:
             out.append(np.array_split(rows, world_size)[rank])
     return out

@@ -23,6 +23,16 @@ from deepfm.layout import TableLayout
 COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
 INIT_BLOCK_ROWS = 65536  # rows drawn at a time when initialising the table: bounds the memory a shard's init needs
 
+TABLE_KEY = "embedding.weight"  # the table's name in a model's state dict and in model.safetensors
+
+
+def embedding_table(model: nn.Module) -> nn.Parameter | None:
+    """The model's embedding table (``[rows held, D + 1]``), None for a model without one. The one place that
+    knows where a model keeps it: optimisers, checkpoints, warm start and sharding all ask here."""
+    module = getattr(model, "embedding", None)
+    return None if module is None else module.weight
+
+
 # global row ids of each lookup -> their rows [*ids.shape, D + 1], in one call (one exchange when sharded)
 RowSource = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 

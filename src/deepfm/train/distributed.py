@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deepfm.layout import rank_share
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -119,8 +121,7 @@ def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> int:
 
 def shard_bounds(n: int, ctx: DistContext) -> tuple[int, int]:
     """This rank's contiguous share ``[lo, hi)`` of ``n`` rows."""
-    per = -(-n // ctx.world_size)
-    return min(ctx.rank * per, n), min((ctx.rank + 1) * per, n)
+    return rank_share(n, ctx.rank, ctx.world_size)
 
 
 def gather_rows(local: np.ndarray, ctx: DistContext) -> np.ndarray:

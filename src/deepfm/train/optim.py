@@ -13,6 +13,7 @@ from torch import nn
 
 from deepfm import native as kernels
 from deepfm.config import TrainConfig
+from deepfm.model.embedding import embedding_table
 from deepfm.train import distributed as ddp
 
 
@@ -175,8 +176,9 @@ def _adam(params, **kwargs) -> torch.optim.Adam:
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """One optimiser for the embedding table (sparse when ``cfg.sparse``) and one for the dense layers."""
-    table = [p for n, p in model.named_parameters() if n.endswith("embedding.weight")]
-    dense = [p for n, p in model.named_parameters() if not n.endswith("embedding.weight")]
+    weight = embedding_table(model)
+    table = [] if weight is None else [weight]
+    dense = [p for p in model.parameters() if p is not weight]
     opts: list[torch.optim.Optimizer] = []
     # whole-table L2 (embedding_l2 / 2 * ||W||^2) has the gradient embedding_l2 * W: coupled weight decay
     table_decay = cfg.embedding_l2 if cfg.embedding_l2_scope == "table" else 0.0

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from deepfm.config import Config, TrainConfig
 from deepfm.errors import ConfigError, OutOfMemory
 from deepfm.io import StreamedTensor, replace_directory, state_key
+from deepfm.layout import rows_per_rank
 from deepfm.model.embedding import FieldEmbedding
 from deepfm.train import distributed as ddp
 
@@ -49,7 +50,7 @@ class RowExchange:
     def __init__(self, embedding: FieldEmbedding, ctx: ddp.DistContext) -> None:
         self.embedding = embedding
         self.ctx = ctx
-        self.per = -(-embedding.num_rows // ctx.world_size)  # rows per rank, as ddp.shard_bounds
+        self.per = rows_per_rank(embedding.num_rows, ctx.world_size)
         self.lo = embedding.rows[0]
         if embedding.rows != ddp.shard_bounds(embedding.num_rows, ctx):
             raise ValueError(f"rank {ctx.rank} holds rows {embedding.rows}, not its shard "
@@ -123,7 +124,7 @@ def table_state_bytes(embedding: FieldEmbedding, optimizers: list[torch.optim.Op
 def table_state_bytes_needed(cfg: TrainConfig, num_rows: int, embed_dim: int, ranks: int) -> int:
     """What one rank's table and its optimiser state take (the shape ``table_state_bytes`` measures)."""
     copies = {"adam": 3, "adagrad": 2, "proximal_adagrad": 2}[cfg.optimizer]  # weights + moments / accumulator
-    rows = -(-num_rows // ranks) if cfg.embedding_sharding == "row" else num_rows
+    rows = rows_per_rank(num_rows, ranks) if cfg.embedding_sharding == "row" else num_rows
     return rows * (embed_dim + 1) * 4 * copies
 
 

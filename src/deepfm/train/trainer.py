@@ -30,6 +30,7 @@ from deepfm.data.loader import iterate_batches, num_batches
 from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.metrics import summarize
+from deepfm.model.embedding import embedding_table
 from deepfm.progress import progress_bar
 from deepfm.runtime import autocast, predict_logits, resolve_precision, sigmoid
 from deepfm.train import distributed as ddp
@@ -95,7 +96,8 @@ class Trainer:
         self.state = TrainState()
         self._batch_l2 = cfg.embedding_l2 if cfg.embedding_l2_scope == "batch" else 0.0  # "table": in the optimiser
         self._step_module: nn.Module = _WithPenalty(self.model, self._batch_l2 > 0)
-        self._sparse_table = cfg.sparse and hasattr(self.model, "embedding")
+        self._table = embedding_table(self.model)
+        self._sparse_table = cfg.sparse and self._table is not None
         self.exchange: sharding.RowExchange | None = None
         if dist.enabled and self._sparse_table and cfg.embedding_sharding == "row":
             self.exchange = sharding.RowExchange(self.model.embedding, dist)
@@ -366,8 +368,8 @@ class Trainer:
         sent = self.exchange.sent_bytes if self.exchange is not None else self.sent_bytes
         steps = max(self.state.step - self._comm_from_step, 1)
         per_rank = ddp.gather_rows(np.array([(sent - self._comm_from_bytes) / steps]), self.dist)
-        dense = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
-                    if not (self._sparse_table and n == "embedding.weight"))
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters()
+                    if not (self._sparse_table and p is self._table))
         world = self.dist.world_size
         return {"table_sent_bytes_per_step": [round(float(b)) for b in per_rank],
                 "dense_allreduce_bytes_per_step": round(2 * (world - 1) / world * dense)}

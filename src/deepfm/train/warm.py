@@ -19,9 +19,7 @@ from deepfm.config import Config
 from deepfm.data.vocab import Vocabulary, growth
 from deepfm.errors import ConfigError
 from deepfm.layout import TableLayout
-
-TABLE = "embedding.weight"
-
+from deepfm.model.embedding import TABLE_KEY
 
 def check_compatible(parent: Config, child: Config) -> None:
     """The new config must describe the parent's model: the same fields (``min_count`` and ``max_size`` may
@@ -79,7 +77,7 @@ def warm_start(model: nn.Module, parent_state: dict[str, torch.Tensor], source: 
         if name not in parent_state:
             raise ConfigError(f"the parent model has no '{name}': it was built by another model shape")
         old = parent_state[name]
-        if name.endswith(TABLE):
+        if name == TABLE_KEY:
             new[name] = _moved(old, source, tensor)
         else:
             if old.shape != tensor.shape:
