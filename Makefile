@@ -15,7 +15,7 @@ $(BIN)/deepfm: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, from TORCH_INDEX when set (see above), so that the next line does not choose it
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q -e ".[dev,serve,export,tune]"
+	$(BIN)/pip install -q -e ".[dev,serve,export,tune,explain]"
 	touch $(BIN)/deepfm
 
 setup: $(BIN)/deepfm

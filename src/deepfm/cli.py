@@ -114,6 +114,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from deepfm.artifact import load_model
+    from deepfm.explain import explain_data
+    from deepfm.explain.report import format_tables, write_output
+    from deepfm.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    given = {k: v for k, v in (("seeds", args.seeds), ("max_rows", args.max_rows)) if v is not None}
+    report = explain_data(load_model(Path(args.model_dir), device), args.data, device=str(device), **given)
+    if args.output:
+        for path in write_output(report, Path(args.output)):
+            _log(f"Wrote {path}")
+    print(json.dumps(report) if args.json else format_tables(report))
+    return 0
+
+
 def _scoring_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that score a data file with a model (evaluate, predict)."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -179,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="column to carry through unchanged (repeatable; default: data.id_columns)")
     _scoring_args(r)
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("explain", help="field importance, field-pair interactions and the logit's parts on a "
+                                       "labelled file (README: Explaining a model)")
+    x.add_argument("model_dir")
+    x.add_argument("data", help="labelled file (the format follows its extension, as for evaluate)")
+    x.add_argument("--output", "-o", metavar="DIR", help="write importance.png, pairs.png and explain.json here")
+    x.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    x.add_argument("--seeds", type=int, help="shuffles of each field (default: 5)")
+    x.add_argument("--max-rows", type=int, help="rows of DATA to read, its first ones (default: 100,000)")
+    x.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    x.set_defaults(func=cmd_explain)
 
     i = sub.add_parser("inspect", help="config, fields, vocabulary sizes, metrics and versions of a model")
     i.add_argument("model_dir")

@@ -1,0 +1,210 @@
+"""deepfm explain: importance finds a planted teacher's fields and pair, attributions sum to the logit, and the
+linear + FM attributions equal a brute-force pairwise computation over every individual feature."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+import _serve_models as models
+from deepfm.artifact import LoadedModel, load_model
+from deepfm.config import config_from_dict
+from deepfm.data.batch import input_from_chunk
+from deepfm.data.readers import RawChunk
+from deepfm.explain import attribute_input, attribution_columns, explain_data, explain_rows
+from deepfm.pipeline import train
+from deepfm.predict import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANTED = ["a", "b", "n1", "n2", "n3", "const"]  # the teacher reads a, b and the pair (a, b); const never varies
+
+
+def planted_frame(n: int, seed: int) -> pl.DataFrame:
+    """A teacher over 6 categorical fields: main effects of ``a`` and ``b`` and a strong ``a`` x ``b``
+    interaction; ``n1..n3`` are noise, ``const`` is one value everywhere."""
+    teacher = np.random.default_rng(0)  # the same teacher for every split
+    main_a, main_b = teacher.normal(0, 1.0, 12), teacher.normal(0, 1.0, 12)
+    u_a, u_b = teacher.choice([-1.0, 1.0], 12), teacher.choice([-1.0, 1.0], 12)
+    rng = np.random.default_rng(seed)
+    cols = {c: rng.integers(0, 12, n) for c in PLANTED[:5]}
+    logit = main_a[cols["a"]] + main_b[cols["b"]] + 2.0 * u_a[cols["a"]] * u_b[cols["b"]] - 0.5
+    label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    return pl.DataFrame({"label": label, **{c: [f"{c}{v}" for v in cols[c]] for c in PLANTED[:5]},
+                         "const": ["k"] * n})
+
+
+@functools.lru_cache(maxsize=None)
+def planted_data() -> tuple[Path, Path]:
+    folder = models.workdir() / "planted"
+    folder.mkdir(parents=True, exist_ok=True)
+    planted_frame(8000, 1).write_csv(folder / "train.csv")
+    planted_frame(3000, 2).write_csv(folder / "valid.csv")
+    return folder / "train.csv", folder / "valid.csv"
+
+
+def _planted_config(train_csv: Path, valid_csv: Path, **train_over) -> dict:
+    return {"data": {"format": "csv", "train": str(train_csv), "valid": str(valid_csv),
+                     "cache_dir": str(models.workdir() / "cache")},
+            "fields": [{"names": PLANTED}],
+            "model": {"embed_dim": 8, "hidden_units": [16, 16]},
+            "train": {"epochs": 4, "batch_size": 128, "lr": 0.01, "progress": False, "precision": "fp32",
+                      "seed": 1, **train_over}}
+
+
+@functools.lru_cache(maxsize=None)
+def planted_model() -> Path:
+    out = models.workdir() / "planted-model"
+    train(config_from_dict(_planted_config(*planted_data())), out, log=models._quiet)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def planted_further_bf16() -> Path:
+    """The planted model trained one epoch further (--init-from) on new rows, in bf16."""
+    folder = models.workdir() / "planted"
+    planted_frame(3000, 3).write_csv(folder / "day2.csv")
+    out = models.workdir() / "planted-day2"
+    cfg = _planted_config(folder / "day2.csv", planted_data()[1], epochs=1, precision="bf16")
+    train(config_from_dict(cfg), out, log=models._quiet, init_from=planted_model())
+    return out
+
+
+def test_importance_ranks_the_teachers_fields_and_pair_first():
+    loaded = load_model(planted_model())
+    report = explain_data(loaded, str(planted_data()[1]), seeds=3)
+    ranked = [r["field"] for r in report["importance"]]
+    assert set(ranked[:2]) == {"a", "b"}, report["importance"]
+    top = report["importance"][0]
+    assert top["auc_drop"] > 0.05 and top["auc_drop_interval"][0] > 0.02  # far from noise
+    assert set(report["pairs"][0]["fields"]) == {"a", "b"}, report["pairs"][:3]
+    assert report["pairs"][0]["strength"] > 3 * report["pairs"][1]["strength"]
+    const = next(r for r in report["importance"] if r["field"] == "const")
+    assert const["auc_drop"] == 0.0 and const["auc_drop_interval"] == [0.0, 0.0]  # shuffling one value: no change
+    assert abs(const["logloss_increase"]) == 0.0
+    # set to missing, it moves from its one trained row to the untrained out-of-vocabulary one: a near-constant shift
+    assert abs(const["auc_drop_missing"]) < 0.01 < top["auc_drop_missing"]
+    shares = report["decomposition"]
+    assert sum(v["share"] for v in shares.values()) == pytest.approx(1.0, abs=1e-9)
+    predictor = Predictor(loaded, device="cpu")
+    logits = np.concatenate([predictor.runtime.logits(_inputs(loaded, frame)) for frame in
+                             pl.read_csv(planted_data()[1]).iter_slices(100_000)])
+    assert sum(v["mean"] for v in shares.values()) == pytest.approx(logits.mean(), abs=1e-5)
+    assert min(shares[k]["share"] for k in ("linear", "fm", "dnn")) > 0.02  # each part carries some signal
+
+
+def test_cli_explain_writes_json_and_pngs(tmp_path):
+    out = tmp_path / "explain"
+    proc = subprocess.run([sys.executable, "-m", "deepfm", "explain", str(planted_model()),
+                           str(planted_data()[1]), "--json", "--seeds", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["importance"][0]) >= {"field", "auc_drop", "auc_drop_interval", "logloss_increase",
+                                            "auc_drop_missing"}
+    drops = [r["auc_drop"] for r in report["importance"]]
+    assert drops == sorted(drops, reverse=True)
+    strengths = [p["strength"] for p in report["pairs"]]
+    assert strengths == sorted(strengths, reverse=True) and len(strengths) == 6 * 5 // 2
+    assert json.loads((out / "explain.json").read_text())["pairs"] == report["pairs"]
+    for png in ("importance.png", "pairs.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = subprocess.run([sys.executable, "-m", "deepfm", "explain", str(planted_model()),
+                            str(planted_data()[1]), "--seeds", "1"], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "strongest field pairs" in table.stdout and "a x b" in table.stdout
+
+
+def _inputs(loaded: LoadedModel, frame: pl.DataFrame):
+    chunk = RawChunk("<test>", frame.drop(loaded.config.data.label, strict=False),
+                     np.arange(1, frame.height + 1, dtype=np.int64), 0)
+    return input_from_chunk(loaded.encoder.transform(chunk, labels=False))
+
+
+def _multi_frame(n: int) -> pl.DataFrame:
+    rows = models.multi_rows(n, 7)
+    return pl.DataFrame(rows, schema=models.MULTI_COLUMNS, orient="row")
+
+
+@pytest.mark.parametrize("which", ["planted", "multi", "criteo", "bf16-init-from"])
+def test_attributions_sum_to_the_models_logit(which):
+    if which == "planted":
+        path, frame = planted_model(), planted_frame(500, 5)
+    elif which == "bf16-init-from":
+        path, frame = planted_further_bf16(), planted_frame(500, 5)
+    elif which == "multi":
+        path, frame = models.multi_model(), _multi_frame(400)
+    else:
+        path = models.criteo_model()
+        frame = pl.read_csv(ROOT / "examples/criteo/data/test.tsv", separator="\t", has_header=False,
+                            new_columns=list(load_model(path).config.data.column_names or []),
+                            infer_schema_length=0)
+    predictor = Predictor(path, device="cpu")
+    inp = _inputs(predictor.loaded, frame)
+    logit = predictor.runtime.logits(inp)  # the scoring path deepfm predict takes (fused, native kernels)
+    attr = attribute_input(predictor.loaded, inp, batch=128)  # several batches
+    assert attr.dnn.std() > 0 and attr.fm.std() > 0
+    np.testing.assert_allclose(attr.logit, logit, rtol=0, atol=1e-4)
+    cols = attribution_columns(attr)
+    assert list(cols)[:1] == ["attr_bias"] and len(cols) == 1 + len(predictor.loaded.layout.field_order)
+    np.testing.assert_allclose(sum(cols.values()), logit, rtol=0, atol=1e-4)
+    api = explain_rows(predictor.loaded, frame)  # the DataFrame API gives the same numbers
+    np.testing.assert_allclose(api.to_numpy().sum(axis=1), logit, rtol=0, atol=1e-4)
+    assert api.columns == list(cols)
+
+
+def _brute_force(loaded: LoadedModel, inp) -> tuple[np.ndarray, np.ndarray]:
+    """Per-field linear and FM shares by listing every individual feature (table row, value) of each row and
+    summing c_p c_q <v_p, v_q> over pairs of features, half to each one's field: float64, no shortcuts."""
+    table = loaded.model.embedding.weight.detach().double().numpy()
+    layout, d = loaded.layout, loaded.config.model.embed_dim
+    b = len(inp)
+    n_cat, n_num = len(layout.cat_fields), len(layout.num_fields)
+    tags = [[[] for _ in range(len(layout.multi_fields))] for _ in range(b)]
+    bags = inp.multi_bags.numpy()
+    for tag_id, w, bag in zip(inp.multi_ids.numpy(), inp.multi_weights.double().numpy(), bags):
+        tags[bag % b][bag // b].append((int(tag_id), float(w)))
+    linear, fm = np.zeros((b, layout.num_fields_total)), np.zeros((b, layout.num_fields_total))
+    for r in range(b):
+        feats = [(f, layout.cat_offsets[f] + int(inp.cat_ids[r, f]), 1.0) for f in range(n_cat)]
+        for j in range(n_num):
+            v = float(inp.num_values[r, j])
+            feats.append((n_cat + j, layout.num_offsets[j] + int(np.isnan(v)), 1.0 if np.isnan(v) else v))
+        for m, combiner in enumerate(layout.multi_combiners):
+            ws = np.array([w for _, w in tags[r][m]])
+            denom = {"sum": 1.0, "mean": ws.sum(), "sqrtn": np.sqrt((ws ** 2).sum())}[combiner] if len(ws) else 1.0
+            denom = denom or 1.0
+            feats += [(n_cat + n_num + m, layout.multi_offsets[m] + t, w / denom) for t, w in tags[r][m]]
+        for p, (fp, rp, cp) in enumerate(feats):
+            linear[r, fp] += cp * table[rp, d]
+            for fq, rq, cq in feats[p + 1:]:
+                term = cp * cq * float(table[rp, :d] @ table[rq, :d])
+                fm[r, fp] += term / 2
+                fm[r, fq] += term / 2
+    return linear, fm
+
+
+def test_linear_and_fm_attributions_equal_brute_force_pairs():
+    """Weighted multi-valued fields (mean, sqrtn, sum), scaled / standardized numeric fields with missing values,
+    a hashed vocabulary and two fields sharing one."""
+    loaded = load_model(models.multi_model())
+    inp = _inputs(loaded, _multi_frame(60))
+    assert (inp.num_values.isnan().any() and len(inp.multi_ids) > 0
+            and len(set(loaded.layout.multi_offsets)) < len(loaded.layout.multi_offsets))
+    with torch.no_grad():  # the trained table is near its tiny init: make the terms large enough to compare
+        loaded.model.embedding.weight.mul_(50.0)
+    attr = attribute_input(loaded, inp)
+    linear, fm = _brute_force(loaded, inp)
+    scale = np.abs(fm).max()
+    assert scale > 1e-2
+    np.testing.assert_allclose(attr.linear, linear, rtol=0, atol=1e-6 * max(np.abs(linear).max(), 1))
+    np.testing.assert_allclose(attr.fm, fm, rtol=0, atol=1e-6 * scale)
+    with torch.no_grad():  # logits ~20 from the enlarged table: the float32 model agrees to its own rounding
+        logit = loaded.model(*inp.tensors()).double().numpy()
+    np.testing.assert_allclose(attr.logit, logit, rtol=2e-5, atol=1e-4)
