@@ -104,3 +104,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of Prometheus text (``name`` with exactly ``labels``; the ``pid`` label of a
+    per-worker gauge ignored), or None when the server has not written it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and {k: v for k, v in sample.labels.items() if k != "pid"} == labels:
+                return sample.value
+    return None
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample called ``name``: (labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]

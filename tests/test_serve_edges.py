@@ -87,7 +87,7 @@ def test_docs_are_served_from_the_installed_package(client):
 
 def test_the_small_request_forward_runs_off_the_event_loop():
     app = create_app(models.criteo_model())
-    served = app.state.serving["model"]
+    served = app.state.serving.model
     seen: list[bool] = []
     real = served.fast.probs
 
@@ -102,7 +102,7 @@ def test_the_small_request_forward_runs_off_the_event_loop():
     served.fast.probs = probs
     resp = TestClient(app).post("/v1/predict", json={"rows": [{"features": ROW}]})
     assert resp.status_code == 200 and seen == [False]
-    assert 'deepfm_predict_batches_total{path="fast"} 1' in app.state.metrics.render()
+    assert models.metric(app.state.metrics.render(), "deepfm_predict_batches_total", path="fast") == 1
 
 
 def test_serving_is_announced_after_the_bind_and_a_taken_port_says_what_to_do(tmp_path):

@@ -16,36 +16,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from deepfm.errors import DeepFMError
 
         raise DeepFMError("deepfm serve needs FastAPI and uvicorn: pip install 'deepfm[serve]'") from None
-    import torch
-
     from deepfm.artifact import read_info
+    from deepfm.serve.settings import from_args
 
     read_info(args.model_dir)  # a missing / incomplete model directory is a clear error, before any server
-    threads = args.threads or max(1, (os.cpu_count() or 1) // (2 * args.workers))
-    env = {"DEEPFM_SERVE_MODEL_DIR": os.path.abspath(args.model_dir), "DEEPFM_SERVE_MAX_ROWS": str(args.max_rows),
-           "DEEPFM_SERVE_MAX_BODY": str(args.max_body_bytes), "DEEPFM_SERVE_FAST_ROWS": str(args.fast_path_rows),
-           "DEEPFM_SERVE_RELOAD": "0" if args.no_reload_endpoint else "1", "DEEPFM_SERVE_THREADS": str(threads)}
-    os.environ.update(env)
-    sock = bind_socket(args.host, args.port)  # first: a taken port is a clear error, before the model loads
-    opts = dict(log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=10)
-    if args.workers > 1:
-        config = uvicorn.Config("deepfm.serve.app:app_from_env", factory=True, workers=args.workers, **opts)
+    settings = from_args(args, model_dir=os.path.abspath(args.model_dir))
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // (2 * settings.workers))
+    settings = settings.model_copy(update={"threads": threads})
+    sock = bind_socket(settings.host, settings.port)  # first: a taken port is a clear error, before the model loads
+    opts = dict(log_level=settings.log_level, access_log=settings.access_log, timeout_graceful_shutdown=10)
+    if settings.workers > 1:
+        _shared_metrics_folder()
+        os.environ.update(settings.environ())  # what the spawned workers read (ServeSettings())
+        config = uvicorn.Config("deepfm.serve.app:app_from_env", factory=True, workers=settings.workers, **opts)
     else:
-        torch.set_num_threads(threads)
-        from deepfm.serve.app import app_from_env
-
-        app = app_from_env()
-        import gc
-
-        gc.collect()
-        gc.set_threshold(50_000, 20, 100)  # request garbage is short-lived: collect young objects rarely
-        gc.freeze()  # the loaded model's objects leave the collector's scans: fewer latency spikes
-        config = uvicorn.Config(app, **opts)
-    host = f"[{args.host}]" if ":" in args.host else args.host
+        config = uvicorn.Config(_one_worker_app(settings), **opts)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"Serving {args.model_dir} on http://{host}:{sock.getsockname()[1]}  (POST /v1/predict, GET /docs)",
           file=sys.stderr, flush=True)
     server = uvicorn.Server(config)
-    if args.workers > 1:
+    if settings.workers > 1:
         import inspect
 
         from uvicorn.supervisors import Multiprocess
@@ -55,6 +45,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         server.run(sockets=[sock])
     return 0
+
+
+def _one_worker_app(settings):
+    """The app in this process: its settings object handed over as it is."""
+    import gc
+
+    import torch
+
+    from deepfm.serve.app import create_app
+
+    torch.set_num_threads(settings.threads)
+    app = create_app(settings.model_dir, settings)
+    gc.collect()
+    gc.set_threshold(50_000, 20, 100)  # request garbage is short-lived: collect young objects rarely
+    gc.freeze()  # the loaded model's objects leave the collector's scans: fewer latency spikes
+    return app
+
+
+def _shared_metrics_folder() -> None:
+    """``--workers N``: the folder where every worker writes its metrics (prometheus_client's multiprocess
+    mode), fresh for this server and removed when it stops; set before any worker imports prometheus_client."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from deepfm.serve.metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        return  # the operator's own folder (kept, as they chose it)
+    folder = tempfile.mkdtemp(prefix="deepfm-serve-metrics-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ[MULTIPROC_ENV] = folder
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -88,20 +110,9 @@ def register(sub) -> None:
     """Add ``deepfm serve`` and ``deepfm export`` to the CLI's subcommands."""
     s = sub.add_parser("serve", help="serve a model over an HTTP JSON API (POST /v1/predict)")
     s.add_argument("model_dir")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    s.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
-    s.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: cores / (2 * workers), at least 1)")
-    s.add_argument("--max-rows", type=int, default=10_000, help="most rows per predict request")
-    s.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body")
-    s.add_argument("--fast-path-rows", type=int, default=8,
-                   help="requests up to this many rows use the pure-Python encoder (0: never)")
-    s.add_argument("--no-reload-endpoint", action="store_true",
-                   help="disable POST /v1/reload (SIGHUP still reloads the current directory)")
-    s.add_argument("--log-level", default="warning", help="uvicorn log level")
-    s.add_argument("--access-log", action="store_true", help="log every request (costs latency)")
+    from deepfm.serve.settings import add_arguments
+
+    add_arguments(s)  # one flag per setting (deepfm.serve.settings.ServeSettings: defaults, help, env names)
     s.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a model as ONNX or TorchScript over encoded inputs")

@@ -15,7 +15,6 @@ A value's encoding never depends on the other rows of the request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,46 +27,15 @@ from deepfm.data.codecs import CategoricalCodec, Codec
 from deepfm.data.records import RecordEncoder
 from deepfm.errors import DataError
 from deepfm.predict import Predictor
+from deepfm.serve.errors import ErrorItem, Problems, RequestError
 
-MAX_ERRORS = 20
-
-
-@dataclass
-class ErrorItem:
-    row: int | None
-    field: str | None
-    message: str
-
-    def text(self) -> str:
-        where = []
-        if self.row is not None:
-            where.append(f"row {self.row}")
-        if self.field is not None:
-            where.append(f"field '{self.field}'")
-        return f"{', '.join(where)}: {self.message}" if where else self.message
-
-    def to_json(self) -> dict:
-        return {"row": self.row, "field": self.field, "message": self.message}
-
-
-class RequestError(Exception):
-    """A client error: answered with ``status`` and a message naming the row(s) and field(s)."""
-
-    def __init__(self, status: int, errors: list[ErrorItem] | str) -> None:
-        self.status = status
-        self.errors = [ErrorItem(None, None, errors)] if isinstance(errors, str) else errors
-        more = "" if len(self.errors) < MAX_ERRORS else f" (showing the first {MAX_ERRORS} problems)"
-        self.detail = "; ".join(e.text() for e in self.errors) + more
-        super().__init__(self.detail)
-
-    def to_json(self) -> dict:
-        return {"detail": self.detail, "errors": [e.to_json() for e in self.errors]}
+__all__ = ["ErrorItem", "RequestError", "validate_rows", "build_frame", "frame_probs", "FastEncoder"]
 
 
 def validate_rows(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: str) -> list[dict[str, Any]]:
     """Check and normalise every row's features with its field's codec; raise ``RequestError`` (422) listing
     the problems."""
-    errors: list[ErrorItem] = []
+    problems = Problems(422)
     out: list[dict[str, Any]] = []
     for i, feats in enumerate(rows):
         norm: dict[str, Any] = {}
@@ -76,18 +44,15 @@ def validate_rows(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: s
             if c is None:
                 hint = " (it is the label column, not a feature)" if name == label else \
                     "; the model's fields are " + ", ".join(codecs)[:300]
-                errors.append(ErrorItem(i, name, f"unknown field{hint}"))
+                problems.add(i, name, f"unknown field{hint}")
             elif v is not None:  # None: missing, like an empty cell
                 value, problem = c.request_value(v)
                 if problem:
-                    errors.append(ErrorItem(i, name, problem))
+                    problems.add(i, name, problem)
                 else:
                     norm[name] = value
-            if len(errors) >= MAX_ERRORS:
-                raise RequestError(422, errors)
         out.append(norm)
-    if errors:
-        raise RequestError(422, errors)
+    problems.raise_any()
     return out
 
 
@@ -95,13 +60,13 @@ def validate_rows(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: s
 def build_frame(rows: list[dict[str, Any]], codecs: list[Codec], sep: str, wsep: str) -> pl.DataFrame:
     """One column per request field from validated rows; a field a row leaves out is null (missing)."""
     cols: list[pl.Series] = []
-    errors: list[ErrorItem] = []
+    problems = Problems(422)
     for c in codecs:
-        col, problems = c.request_column([r.get(c.name) for r in rows], sep, wsep)
+        col, found = c.request_column([r.get(c.name) for r in rows], sep, wsep)
         cols.append(col)
-        errors += [ErrorItem(i, c.name, message) for i, message in problems]
-    if errors:
-        raise RequestError(422, errors[:MAX_ERRORS])
+        for i, message in found:
+            problems.add(i, c.name, message)
+    problems.raise_any()
     return pl.DataFrame(cols)
 
 

@@ -1,92 +1,103 @@
-"""Prometheus metrics in the text exposition format, written by hand (no dependency).
+"""The server's Prometheus metrics (``prometheus_client``), one set per app, summed over ``--workers N``.
 
-Counters and histograms live in one process; with ``--workers N`` each worker exposes its own.
-Updated only on the event loop thread, so no locks are needed.
+With one process the metrics live in a registry of the app's own (two apps in one process, as in the tests,
+do not share counters). With ``--workers N``, ``deepfm serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before the
+workers start: every worker writes its values to memory-mapped files there, and a scrape answered by any
+worker reads them all (``MultiProcessCollector``), so ``/metrics`` reports the whole server and not the
+worker that happened to answer. Per-process gauges say how they combine (``multiprocess_mode``); a worker
+removes its live gauges when it stops.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections import defaultdict
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-KNOWN_PATHS = ("/v1/predict", "/v1/model", "/v1/reload", "/healthz", "/metrics", "/openapi.json", "/docs")
+KNOWN_PATHS = frozenset({"/v1/predict", "/v1/model", "/v1/reload", "/healthz", "/metrics", "/openapi.json",
+                         "/docs"})
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def path_label(path: str) -> str:
+    """Known endpoints by name, anything else as ``other`` (a client cannot grow the label set)."""
     return path if path in KNOWN_PATHS else "other"
 
 
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
+    """What the server counts; ``render`` gives the Prometheus text of the whole server."""
+
     def __init__(self) -> None:
-        self.started = time.time()
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
-        self.errors: dict[tuple[str, str], int] = defaultdict(int)
-        self.hist: dict[str, list[int]] = {}
-        self.hist_sum: dict[str, float] = defaultdict(float)
-        self.rows = 0
-        self.predict_batches: dict[str, int] = defaultdict(int)  # by encoding path: fast / frame
-        self.reloads: dict[str, int] = defaultdict(int)
-        self.model_version = ""
-        self.in_flight = 0
+        self.shared = multiprocess_dir() is not None
+        reg = None if self.shared else CollectorRegistry()  # shared: the values go to the folder's files
+        self.registry = reg
+        self.requests = Counter("deepfm_requests", "HTTP requests by path, method and status code.",
+                                ("path", "method", "code"), registry=reg)
+        self.errors = Counter("deepfm_request_errors", "Requests answered with 4xx (client) or 5xx (server).",
+                              ("path", "kind"), registry=reg)
+        self.duration = Histogram("deepfm_request_duration_seconds", "Time from request start to response end.",
+                                  ("path",), buckets=BUCKETS, registry=reg)
+        self.rows = Counter("deepfm_predicted_rows", "Rows scored.", registry=reg)
+        self.batches = Counter("deepfm_predict_batches", "Forward passes by encoding path (fast: small requests "
+                               "of plain values; frame: the batch predict path).", ("path",), registry=reg)
+        self.reloads = Counter("deepfm_model_reloads", "Model reloads by result.", ("result",), registry=reg)
+        self.in_flight = Gauge("deepfm_requests_in_flight", "Requests being handled now.", registry=reg,
+                               multiprocess_mode="livesum")
+        self.model_info = Gauge("deepfm_model_info", "The model being served (1; 0 for a version replaced).",
+                                ("version",), registry=reg, multiprocess_mode="livemax")
+        self.worker_requests = Gauge("deepfm_worker_requests", "Requests handled by each worker process since it "
+                                     "started (how evenly connections spread over workers).", registry=reg,
+                                     multiprocess_mode="liveall")
+        start = Gauge("deepfm_process_start_time_seconds", "Start time of the (first) server process.",
+                      registry=reg, multiprocess_mode="min")
+        start.set(time.time())
+        self.version = ""
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         p = path_label(path)
-        self.requests[(p, method, str(status))] += 1
+        self.requests.labels(p, method, str(status)).inc()
+        self.worker_requests.inc()
         if status >= 400:
-            self.errors[(p, "client" if status < 500 else "server")] += 1
-        counts = self.hist.get(p)
-        if counts is None:
-            counts = self.hist[p] = [0] * (len(BUCKETS) + 1)
-        for i, b in enumerate(BUCKETS):
-            if seconds <= b:
-                counts[i] += 1
-                break
-        else:
-            counts[-1] += 1
-        self.hist_sum[p] += seconds
+            self.errors.labels(p, "client" if status < 500 else "server").inc()
+        self.duration.labels(p).observe(seconds)
+
+    def scored(self, path: str, rows: int) -> None:
+        """One forward pass over ``rows`` rows through the ``path`` encoder (fast / frame)."""
+        self.batches.labels(path).inc()
+        self.rows.inc(rows)
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "failed").inc()
+
+    def serving(self, version: str) -> None:
+        if self.version and self.version != version:
+            self.model_info.labels(self.version).set(0)
+        self.model_info.labels(version).set(1)
+        self.version = version
 
     def render(self) -> str:
-        out = [
-            "# HELP deepfm_requests_total HTTP requests by path, method and status code.",
-            "# TYPE deepfm_requests_total counter"]
-        for (p, m, c), n in sorted(self.requests.items()):
-            out.append(f'deepfm_requests_total{{path="{_esc(p)}",method="{_esc(m)}",code="{c}"}} {n}')
-        out += ["# HELP deepfm_request_errors_total Requests answered with 4xx (client) or 5xx (server).",
-                "# TYPE deepfm_request_errors_total counter"]
-        for (p, kind), n in sorted(self.errors.items()):
-            out.append(f'deepfm_request_errors_total{{path="{_esc(p)}",kind="{kind}"}} {n}')
-        out += ["# HELP deepfm_request_duration_seconds Time from request start to response end.",
-                "# TYPE deepfm_request_duration_seconds histogram"]
-        for p, counts in sorted(self.hist.items()):
-            acc = 0
-            for b, n in zip(BUCKETS, counts):
-                acc += n
-                out.append(f'deepfm_request_duration_seconds_bucket{{path="{_esc(p)}",le="{b}"}} {acc}')
-            acc += counts[-1]
-            out.append(f'deepfm_request_duration_seconds_bucket{{path="{_esc(p)}",le="+Inf"}} {acc}')
-            out.append(f'deepfm_request_duration_seconds_sum{{path="{_esc(p)}"}} {self.hist_sum[p]:.9f}')
-            out.append(f'deepfm_request_duration_seconds_count{{path="{_esc(p)}"}} {acc}')
-        out += ["# HELP deepfm_predicted_rows_total Rows scored.", "# TYPE deepfm_predicted_rows_total counter",
-                f"deepfm_predicted_rows_total {self.rows}",
-                "# HELP deepfm_predict_batches_total Predict requests by encoding path (fast: small requests "
-                "of plain values; frame: the batch predict path).",
-                "# TYPE deepfm_predict_batches_total counter"]
-        for k, n in sorted(self.predict_batches.items()):
-            out.append(f'deepfm_predict_batches_total{{path="{k}"}} {n}')
-        out += ["# HELP deepfm_model_reloads_total Model reloads by result.",
-                "# TYPE deepfm_model_reloads_total counter"]
-        for k, n in sorted(self.reloads.items()):
-            out.append(f'deepfm_model_reloads_total{{result="{k}"}} {n}')
-        out += ["# HELP deepfm_requests_in_flight Requests being handled now.",
-                "# TYPE deepfm_requests_in_flight gauge", f"deepfm_requests_in_flight {self.in_flight}",
-                "# HELP deepfm_model_info The model being served (value 1).", "# TYPE deepfm_model_info gauge",
-                f'deepfm_model_info{{version="{_esc(self.model_version)}"}} 1',
-                "# HELP deepfm_process_start_time_seconds Start time of the server process.",
-                "# TYPE deepfm_process_start_time_seconds gauge",
-                f"deepfm_process_start_time_seconds {self.started:.3f}"]
-        return "\n".join(out) + "\n"
+        return self.render_bytes().decode()
+
+    def render_bytes(self) -> bytes:
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """This worker stops: its live gauges leave the shared folder (its counters stay in the sums)."""
+        if self.shared:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())

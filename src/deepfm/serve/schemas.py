@@ -1,8 +1,8 @@
 """The JSON API's request and response bodies (they are also the OpenAPI document's schemas).
 
 Feature values are typed per field by ``deepfm.serve.encode.validate_rows`` (the kind of a field is only
-known from the loaded model), so the body model accepts any JSON value there and the OpenAPI document
-describes what each kind takes.
+known from the loaded model), so the body model accepts any JSON value there; the OpenAPI document of the
+served model lists its columns with the schema each codec gives (``Codec.request_schema``).
 """
 
 from __future__ import annotations
@@ -12,21 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-FEATURE_VALUE_SCHEMA = {
-    "description": (
-        "A raw value, as in the training files. Categorical field: a string (or an integer / number, "
-        "written as its integer text when integral). Numeric field: a number or a numeric string. "
-        "Multi-valued field: a list of tags, a list of [tag, weight] pairs, or the text form of the "
-        "training files ('a:1.0^b^c:0.5'). null (or leaving the field out) means missing, like an empty "
-        "cell in training."),
-    "anyOf": [
-        {"type": "string"}, {"type": "number"}, {"type": "null"},
-        {"type": "array", "items": {"anyOf": [
-            {"type": "string"}, {"type": "integer"},
-            {"type": "array", "prefixItems": [{"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                                              {"type": "number"}], "minItems": 2, "maxItems": 2}]}},
-    ],
-}
+from deepfm.serve.errors import ErrorItem
+
 
 def model_features_schema(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The ``features`` object of one loaded model: its request columns (name -> the JSON schema of the values
@@ -36,9 +23,9 @@ def model_features_schema(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
                            "Columns of the model being served: " + ", ".join(fields)}
 
 
+# the served model's own ``features`` schema replaces this one in its OpenAPI document (``create_app``)
 Features = Annotated[dict[str, Any], WithJsonSchema({
-    "type": "object", "additionalProperties": FEATURE_VALUE_SCHEMA,
-    "description": "column name (as in training) -> raw value; unknown names are rejected",
+    "type": "object", "description": "column name (as in training) -> raw value; unknown names are rejected",
     "example": {"I1": 3, "C1": "68fd1e64"}})]
 
 
@@ -92,12 +79,6 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str | None = Field(None, description="model directory to load (default: reload the current one)")
-
-
-class ErrorItem(BaseModel):
-    row: int | None = None
-    field: str | None = None
-    message: str
 
 
 class ErrorResponse(BaseModel):

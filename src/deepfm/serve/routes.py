@@ -1,0 +1,96 @@
+"""The endpoints. Each takes the app's ``ServingState`` (``state``) and, for predict, the model it holds at
+the start of the request; client mistakes are ``RequestError`` (see ``deepfm.serve.errors``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from deepfm.errors import DeepFMError
+from deepfm.serve.encode import frame_probs
+from deepfm.serve.errors import Problems, RequestError
+from deepfm.serve.schemas import ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse, ReloadRequest
+from deepfm.serve.state import ServedModel, ServingState
+
+
+def serving(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(serving)]
+ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                                           422: {"model": ErrorResponse}}
+router = APIRouter()
+
+
+async def probabilities(state: ServingState, served: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
+    """Validated rows -> probabilities, off the event loop (the forward never blocks other requests)."""
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0)
+    if n <= state.settings.fast_path_max_rows and served.fast.eligible(rows):
+        probs = await run_in_threadpool(served.fast.probs, rows)
+        state.metrics.scored("fast", n)
+    else:
+        probs = await run_in_threadpool(frame_probs, served.predictor, rows)
+        state.metrics.scored("frame", n)
+    return probs
+
+
+def check_finite(probs: np.ndarray) -> None:
+    finite = np.isfinite(probs)
+    if not finite.all():
+        problems = Problems(422)
+        for i in np.nonzero(~finite)[0]:
+            problems.add(int(i), None, "the features give a non-finite score: a numeric value or weight is out "
+                                       "of range")
+        problems.raise_any()
+
+
+@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS,
+             summary="Probabilities for rows of raw feature values")
+async def predict(body: PredictRequest, state: State) -> JSONResponse:
+    served = state.model  # this request's model, whatever a reload does meanwhile
+    n = len(body.rows)
+    if n > state.settings.max_rows:
+        raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_rows:,} rows per request")
+    rows = served.validate([r.features for r in body.rows])
+    probs = await probabilities(state, served, rows)
+    check_finite(probs)
+    return JSONResponse({"model_version": served.version,
+                         "predictions": [{"id": r.id, "probability": p} for r, p in zip(body.rows, probs.tolist())]})
+
+
+@router.get("/v1/model", response_model=ModelInfo, summary="The model being served")
+async def model_info(state: State) -> JSONResponse:
+    return JSONResponse(state.info())
+
+
+@router.post("/v1/reload", response_model=ModelInfo, responses={**ERRORS, 403: {"model": ErrorResponse}},
+             summary="Load a model directory fully, then swap it in without dropping requests")
+async def reload(state: State, body: ReloadRequest | None = None) -> JSONResponse:
+    if not state.settings.reload_endpoint:
+        raise RequestError(403, "reload over HTTP is disabled on this server (send SIGHUP instead)")
+    path = Path(body.model_dir) if body is not None and body.model_dir else None
+    try:
+        served = await run_in_threadpool(state.reload, path)
+    except (DeepFMError, OSError, ValueError, KeyError, TypeError) as err:
+        raise RequestError(400, f"could not load model directory {str(path or state.path)!r}; still serving "
+                                f"version {state.model.version}: {err}") from None
+    return JSONResponse(served.info(state.settings.max_rows))
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz(state: State) -> JSONResponse:
+    return JSONResponse({"status": "ok", "model_version": state.model.version})
+
+
+@router.get("/metrics", summary="Prometheus metrics (the whole server: every worker)",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def prometheus(state: State) -> Response:
+    return Response(state.metrics.render_bytes(), media_type=state.metrics.content_type)

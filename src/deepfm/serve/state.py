@@ -1,0 +1,109 @@
+"""What the routes share: ``ServedModel`` (one loaded model, never mutated) and ``ServingState`` (the
+settings, the metrics and the model being served now, swapped by a reload).
+
+A request takes one reference to the served model when it starts and keeps it to the end, so a reload (which
+builds the new model completely before swapping one attribute) never disturbs requests in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepfm.artifact import LoadedModel
+from deepfm.errors import DeepFMError
+from deepfm.predict import Predictor
+from deepfm.serve.encode import FastEncoder, frame_probs, request_codecs, validate_rows
+from deepfm.serve.metrics import Metrics
+from deepfm.serve.settings import ServeSettings
+
+
+@dataclass
+class ServedModel:
+    """A loaded model and everything a request needs from it; never mutated after construction."""
+
+    predictor: Predictor
+    fast: FastEncoder
+    version: str
+    loaded_at: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.predictor.loaded
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> ServedModel:
+        path = Path(model_dir)
+        predictor = Predictor(path, device=device, precision="fp32")
+        digest = hashlib.sha256()
+        for name in ("model.safetensors", "encoder.json"):
+            with open(path / name, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        codecs = request_codecs(predictor.loaded.encoder.codecs, predictor.config.data)
+        served = cls(predictor, FastEncoder(predictor), digest.hexdigest()[:16], time.time(),
+                     {c.name: c for c in codecs})
+        served.warm_up()
+        return served
+
+    def warm_up(self) -> None:
+        """One prediction through each path, so the first request is not slower (and a broken model fails
+        here, before it is swapped in)."""
+        rows = self.validate([{}])
+        p2 = frame_probs(self.predictor, rows)
+        p1 = self.fast.probs(rows) if self.fast.enabled else p2
+        if not np.array_equal(p1, p2):
+            raise DeepFMError(f"{self.loaded.path}: the fast encoding path disagrees with the batch path "
+                              f"({p1} vs {p2}); this is a deepfm bug")
+
+    def validate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return validate_rows(rows, self.fields, self.predictor.config.data.label)
+
+    def info(self, max_rows: int) -> dict[str, Any]:
+        m = self.loaded
+        return {"version": self.version, "path": str(m.path), "created": m.info.get("created"),
+                "format_version": m.info.get("format_version"), "versions": m.info.get("versions"),
+                "label": m.config.data.label, "fields": m.encoder.describe(), "metrics": m.metrics,
+                "loaded_at": self.loaded_at, "max_rows": max_rows}
+
+
+class ServingState:
+    """The server's state: typed, one per app (``app.state.serving``)."""
+
+    def __init__(self, settings: ServeSettings, model_dir: str | Path, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._reload_lock = threading.Lock()  # one load at a time; requests go on with the current model
+        self.openapi_doc: dict[str, Any] | None = None  # the document of the served model, built on demand
+        self.model: ServedModel
+        self.path: Path
+        self._install(ServedModel.load(model_dir, settings.device), Path(model_dir))
+
+    def _install(self, served: ServedModel, path: Path) -> None:
+        self.model, self.path = served, path  # one reference swap: requests keep the model they took
+        self.metrics.serving(served.version)
+        self.openapi_doc = None  # it lists the served model's fields: rebuilt on the next request
+
+    def reload(self, path: Path | None = None) -> ServedModel:
+        """Load ``path`` (default: the current directory) completely, then swap it in; a failure leaves the
+        current model serving and is counted."""
+        with self._reload_lock:
+            target = self.path if path is None else path
+            try:
+                served = ServedModel.load(target, self.settings.device)
+            except BaseException:
+                self.metrics.reloaded(False)
+                raise
+            self._install(served, target)
+            self.metrics.reloaded(True)
+            return served
+
+    def info(self) -> dict[str, Any]:
+        return self.model.info(self.settings.max_rows)
