@@ -30,6 +30,8 @@ from deepfm.serve.app import ServedModel, Settings, create_app  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TEST_TSV = models.CRITEO / "data" / "test.tsv"
+TOKEN = "s3cret-admin-token"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +289,9 @@ def _shifted_copy(src: Path, dst: Path, shift: float) -> Path:
 
 
 def test_reload_swaps_without_dropping_requests(criteo_dir, tmp_path):
+    v1 = shutil.copytree(criteo_dir, tmp_path / "v1")
     v2 = _shifted_copy(criteo_dir, tmp_path / "v2", 1.0)
-    client = TestClient(create_app(criteo_dir))
+    client = TestClient(create_app(v1, Settings(admin_token=TOKEN)))  # reloads may load from tmp_path
     rows = as_json_rows(criteo_frame().head(3))
     before = client.post("/v1/predict", json={"rows": rows}).json()
     results, stop = [], threading.Event()
@@ -302,9 +305,9 @@ def test_reload_swaps_without_dropping_requests(criteo_dir, tmp_path):
     for t in threads:
         t.start()
     time.sleep(0.2)
-    bad = client.post("/v1/reload", json={"model_dir": str(tmp_path / "nope")})
+    bad = client.post("/v1/reload", json={"model_dir": str(tmp_path / "nope")}, headers=ADMIN)
     assert bad.status_code == 400 and "still serving" in bad.json()["detail"]
-    ok = client.post("/v1/reload", json={"model_dir": str(v2)})
+    ok = client.post("/v1/reload", json={"model_dir": str(v2)}, headers=ADMIN)
     time.sleep(0.2)
     stop.set()
     for t in threads:

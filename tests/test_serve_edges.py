@@ -61,13 +61,14 @@ def test_openapi_lists_the_served_models_fields_and_follows_a_reload():
     criteo_dir, multi_dir = models.criteo_model(), models.multi_model()
     from deepfm.config import CRITEO_COLUMNS
 
-    c = TestClient(create_app(criteo_dir))
+    c = TestClient(create_app(criteo_dir, Settings(admin_token="t", model_root=str(models.workdir()))))
     schema = _features_schema(c)
     assert list(schema["properties"]) == [n for n in CRITEO_COLUMNS if n != "label"]
     assert schema["additionalProperties"] is False
     assert {"type": "number"} in schema["properties"]["I1"]["anyOf"]
     assert {"type": "string"} in schema["properties"]["C1"]["anyOf"]
-    assert c.post("/v1/reload", json={"model_dir": str(multi_dir)}).status_code == 200
+    resp = c.post("/v1/reload", json={"model_dir": str(multi_dir)}, headers={"authorization": "Bearer t"})
+    assert resp.status_code == 200
     schema = _features_schema(c)
     assert list(schema["properties"]) == ["user", "site", "price", "age", "clicks", "tags", "cats", "query"]
     assert any(s.get("type") == "array" for s in schema["properties"]["tags"]["anyOf"])

@@ -187,7 +187,7 @@ def test_server_reload_serves_the_grown_model(tmp_path):
     from fastapi.testclient import TestClient
 
     from deepfm.predict import Predictor
-    from deepfm.serve.app import create_app
+    from deepfm.serve.app import ServeSettings, create_app
 
     parent_dir = models.multi_model()
     parent, cfg, _ = _child(tmp_path)
@@ -195,11 +195,12 @@ def test_server_reload_serves_the_grown_model(tmp_path):
 
     out = tmp_path / "grown"
     train(cfg, out, log=lambda _m: None, init_from=parent_dir)
-    client = TestClient(create_app(parent_dir))
+    settings = ServeSettings(admin_token="t0ken", model_root=str(tmp_path))  # the grown model is under tmp_path
+    client = TestClient(create_app(parent_dir, settings))
     rows = [{"id": i, "features": {"user": f"newuser{i}", "tags": [["newtag1", 1.5], "t3"], "price": 12.5}}
             for i in range(3)]
     v1 = client.post("/v1/predict", json={"rows": rows}).json()
-    ok = client.post("/v1/reload", json={"model_dir": str(out)})
+    ok = client.post("/v1/reload", json={"model_dir": str(out)}, headers={"authorization": "Bearer t0ken"})
     assert ok.status_code == 200
     v2 = client.post("/v1/predict", json={"rows": rows}).json()
     assert v2["model_version"] == ok.json()["version"] != v1["model_version"]

@@ -115,7 +115,8 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     app.openapi = _openapi(app, state)  # type: ignore[method-assign]
     app.include_router(router)
     add_docs(app)
-    app.add_middleware(ServeMiddleware, metrics=state.metrics, max_body=settings.max_body_bytes)
+    app.add_middleware(ServeMiddleware, metrics=state.metrics, max_body=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout_s)
     _error_handlers(app)
     return app
 

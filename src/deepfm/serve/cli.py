@@ -24,13 +24,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = settings.threads or max(1, (os.cpu_count() or 1) // (2 * settings.workers))
     settings = settings.model_copy(update={"threads": threads})
     sock = bind_socket(settings.host, settings.port)  # first: a taken port is a clear error, before the model loads
-    opts = dict(log_level=settings.log_level, access_log=settings.access_log, timeout_graceful_shutdown=10)
+    opts = dict(log_level=settings.log_level, access_log=settings.access_log, timeout_graceful_shutdown=10,
+                timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.limit_concurrency,
+                http="deepfm.serve.limits:HeaderTimeoutProtocol")
     if settings.workers > 1:
         _shared_metrics_folder()
         os.environ.update(settings.environ())  # what the spawned workers read (ServeSettings())
         config = uvicorn.Config("deepfm.serve.app:app_from_env", factory=True, workers=settings.workers, **opts)
     else:
         config = uvicorn.Config(_one_worker_app(settings), **opts)
+    config.deepfm_header_timeout = settings.header_timeout_s  # read by HeaderTimeoutProtocol (travels with config)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"Serving {args.model_dir} on http://{host}:{sock.getsockname()[1]}  (POST /v1/predict, GET /docs)",
           file=sys.stderr, flush=True)

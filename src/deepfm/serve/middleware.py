@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,6 +16,11 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit:,} bytes")
 
 
+class BodyTooSlow(StarletteHTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g} seconds")
+
+
 def _header(scope, name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:
@@ -24,10 +30,11 @@ def _header(scope, name: bytes) -> bytes | None:
 
 class ServeMiddleware:
     """Counts every request (status, latency) and refuses bodies over ``max_body`` bytes, whether the
-    Content-Length says so up front or the body grows past it while streaming."""
+    Content-Length says so up front or the body grows past it while streaming, and bodies that take longer
+    than ``body_timeout`` seconds to arrive."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int) -> None:
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+    def __init__(self, app, metrics: Metrics, max_body: int, body_timeout: float = 30.0) -> None:
+        self.app, self.metrics, self.max_body, self.body_timeout = app, metrics, max_body, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -53,9 +60,9 @@ class ServeMiddleware:
                 return
             try:
                 await self.app(scope, self._counting(receive), send_wrapper)
-            except BodyTooLarge as err:
+            except (BodyTooLarge, BodyTooSlow) as err:
                 if not status["started"]:
-                    await RequestError(413, str(err.detail)).response()(scope, receive, send_wrapper)
+                    await RequestError(err.status_code, str(err.detail)).response()(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.observe(scope.get("method", ""), scope.get("path", ""), status["code"],
@@ -73,12 +80,20 @@ class ServeMiddleware:
 
     def _counting(self, receive):
         received = 0
+        deadline = time.monotonic() + self.body_timeout
+        complete = False
 
         async def receive_wrapper():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body: waiting for a disconnect is not the client's slowness
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_body:
                     raise BodyTooLarge(self.max_body)
             return message

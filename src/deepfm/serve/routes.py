@@ -3,7 +3,6 @@ the start of the request; client mistakes are ``RequestError`` (see ``deepfm.ser
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -12,8 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from deepfm.errors import DeepFMError
+from deepfm.serve.admin import require_admin, under_root
 from deepfm.serve.encode import frame_probs
 from deepfm.serve.errors import Problems, RequestError
+from deepfm.serve.limits import LimitedRoute
 from deepfm.serve.schemas import ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse, ReloadRequest
 from deepfm.serve.state import ServedModel, ServingState
 
@@ -25,7 +26,7 @@ def serving(request: Request) -> ServingState:
 State = Annotated[ServingState, Depends(serving)]
 ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                                            422: {"model": ErrorResponse}}
-router = APIRouter()
+router = APIRouter(route_class=LimitedRoute)
 
 
 async def probabilities(state: ServingState, served: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -71,17 +72,18 @@ async def model_info(state: State) -> JSONResponse:
     return JSONResponse(state.info())
 
 
-@router.post("/v1/reload", response_model=ModelInfo, responses={**ERRORS, 403: {"model": ErrorResponse}},
-             summary="Load a model directory fully, then swap it in without dropping requests")
+@router.post("/v1/reload", response_model=ModelInfo, dependencies=[Depends(require_admin)],
+             responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+             summary="Load a model directory (under the allowed root) fully, then swap it in without dropping "
+                     "requests; needs the admin token")
 async def reload(state: State, body: ReloadRequest | None = None) -> JSONResponse:
-    if not state.settings.reload_endpoint:
-        raise RequestError(403, "reload over HTTP is disabled on this server (send SIGHUP instead)")
-    path = Path(body.model_dir) if body is not None and body.model_dir else None
+    path = under_root(body.model_dir, state.root) if body is not None and body.model_dir else None
     try:
         served = await run_in_threadpool(state.reload, path)
     except (DeepFMError, OSError, ValueError, KeyError, TypeError) as err:
-        raise RequestError(400, f"could not load model directory {str(path or state.path)!r}; still serving "
-                                f"version {state.model.version}: {err}") from None
+        # the caller holds the admin token and the path is under the root: the reason is theirs to read
+        raise RequestError(400, f"could not load the model directory; still serving version "
+                                f"{state.model.version}: {err}") from None
     return JSONResponse(served.info(state.settings.max_rows))
 
 

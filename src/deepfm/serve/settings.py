@@ -10,6 +10,7 @@ with ``ServeSettings()`` (so the same validation runs on both sides). One worker
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr
@@ -40,9 +41,32 @@ class ServeSettings(BaseSettings):
     fast_path_max_rows: int = Field(8, ge=0, description="requests up to this many rows use the pure-Python "
                                                         "encoder (0: never)",
                                     json_schema_extra={"flag": "--fast-path-rows"})
-    # the model-changing endpoint
+    max_json_depth: int = Field(32, ge=4, description="deepest nesting of JSON arrays and objects in a body")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds a client has to send a request's whole body "
+                                                          "once its headers are in (a slow body: 408)",
+                                  json_schema_extra={"flag": "--body-timeout"})
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a connection has to send a request's "
+                                                            "headers (then it is closed)",
+                                    json_schema_extra={"flag": "--header-timeout"})
+    keep_alive_s: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open",
+                              json_schema_extra={"flag": "--keep-alive"})
+    limit_concurrency: int | None = Field(None, ge=1, description="most connections and requests at once per "
+                                                                  "worker; more are answered 503 (default: no "
+                                                                  "limit)")
+    # the model-changing endpoint: off unless a token is set
+    admin_token: SecretStr | None = Field(None, description="token for POST /v1/reload, sent as 'Authorization: "
+                                                            "Bearer TOKEN' (prefer the environment variable: a "
+                                                            "flag is visible in ps); without one the endpoint "
+                                                            "is off")
+    model_root: str | None = Field(None, description="a reload may load only directories under this folder "
+                                                     "(default: the parent folder of MODEL_DIR)")
     reload_endpoint: bool = Field(True, description="POST /v1/reload (SIGHUP still reloads the current "
                                                     "directory)")
+
+    def allowed_root(self, model_dir: str | Path) -> Path:
+        """The folder reloads may load from, resolved (symlinks, ``..``): ``model_root``, else the parent
+        folder of the model directory served at start."""
+        return Path(self.model_root if self.model_root is not None else Path(model_dir).resolve().parent).resolve()
 
     def environ(self) -> dict[str, str]:
         """The settings as ``DEEPFM_SERVE_*`` variables, for worker processes (``ServeSettings()`` reads them)."""
@@ -79,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS,
                                     help=f"{info.description} (env {env}=1)")
             continue
-        kind = int if info.annotation in (int, int | None) else str
+        kind = {int: int, int | None: int, float: float}.get(info.annotation, str)
         default = "" if info.default is None else f"; default {info.default}"
         parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
                             help=f"{info.description} (env {env}{default})")

@@ -84,6 +84,7 @@ class ServingState:
         self.openapi_doc: dict[str, Any] | None = None  # the document of the served model, built on demand
         self.model: ServedModel
         self.path: Path
+        self.root = settings.allowed_root(model_dir)  # where reloads may load from; fixed at start
         self._install(ServedModel.load(model_dir, settings.device), Path(model_dir))
 
     def _install(self, served: ServedModel, path: Path) -> None:

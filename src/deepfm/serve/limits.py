@@ -1,0 +1,80 @@
+"""What one client may take from the server, beyond rows and body size (``middleware``): JSON nesting depth,
+and time (headers, body, idle keep-alive).
+
+* Depth: Python's JSON reader and pydantic recurse once per level, and a value nested some hundreds deep
+  ends in a RecursionError (a 500) somewhere between parsing and writing the id back. ``LimitedRoute`` counts
+  the depth of the raw body (strings removed first, then a running sum of brackets, in numpy) before
+  anything parses it, and answers 400 past ``max_json_depth``.
+* Headers: uvicorn times out idle keep-alive connections but not a connection that never finishes its
+  headers. ``HeaderTimeoutProtocol`` closes a connection that has not completed a request's headers
+  within ``header_timeout_s`` of opening (or of its previous response). A slow client holds a socket, never a
+  worker thread (the server is asynchronous); ``limit_concurrency`` caps the sockets.
+* Body: ``ServeMiddleware`` gives a request ``body_timeout_s`` to send its whole body (408).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from deepfm.serve.errors import RequestError
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
+    bare = _STRING.sub(b"", body)
+    if not bare:
+        return 0
+    steps = _OPEN[np.frombuffer(bare, np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+
+
+class LimitedRoute(APIRoute):
+    """A route whose JSON body is refused (400) past the server's nesting depth, before it is parsed."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            if request.method == "POST":
+                limit = request.app.state.serving.settings.max_json_depth
+                body = await request.body()  # read once: the handler below gets the same bytes
+                if json_depth(body) > limit:
+                    raise RequestError(400, f"the JSON body is nested deeper than {limit} levels")
+            return await handler(request)
+
+        return route
+
+
+class HeaderTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a deadline for request headers,
+    ``config.deepfm_header_timeout`` seconds (set by ``deepfm serve``; none: no deadline)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def _arm(self) -> None:
+        seconds = getattr(self.config, "deepfm_header_timeout", None)
+        if seconds:
+            self.loop.call_later(seconds, self._expire, self.cycle)
+
+    def _expire(self, armed) -> None:
+        # no request's headers completed since the timer was armed: the connection is slow or idle
+        if self.cycle is armed and not self.transport.is_closing():
+            self.transport.close()
