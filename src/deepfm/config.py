@@ -21,6 +21,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
                       model_validator)
 
+from deepfm.data import sources
 from deepfm.errors import ConfigError
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -116,9 +117,12 @@ class DeriveConfig(_Frozen):
 
 class DataConfig(_Frozen):
     format: Literal["tsv", "csv", "parquet", "libffm", "libsvm"] = "csv"
-    train: str
-    valid: str | None = None
-    test: str | None = None
+    # a path, glob, directory, URL (s3://, gs://, hdfs://, file://) or a list of these: deepfm.data.sources
+    train: str | list[str]
+    valid: str | list[str] | None = None
+    test: str | list[str] | None = None
+    # the endpoint of an S3-compatible store (else AWS_ENDPOINT_URL); credentials never go in the config
+    s3_endpoint_url: str | None = None
     split: Split | None = None
     header: bool = True
     columns: list[str] | None = None
@@ -180,6 +184,7 @@ class DataConfig(_Frozen):
                 raise ValueError(f"data.weight_column '{self.weight_column}' is also in data.id_columns")
             if self.weight_column in [d.name for d in self.derive]:
                 raise ValueError(f"data.derive computes the weight column '{self.weight_column}'")
+        sources.check_no_credentials(self.train, self.valid, self.test, self.s3_endpoint_url)
         names = [d.name for d in self.derive]
         if len(set(names)) != len(names):
             raise ValueError(f"data.derive names a column twice: {names}")
@@ -423,8 +428,9 @@ class Config(_Frozen):
         if cols is not None:
             split_by = [self.data.split.by] if isinstance(self.data.split, TimeSplitConfig) else []
             weight = [self.data.weight_column] if self.data.weight_column is not None else []
+            specs = (self.data.train, self.data.valid, self.data.test)
             missing = [n for n in [self.data.label, *(f.name for f in self.fields), *split_by, *weight]
-                       if n not in cols]
+                       if n not in cols and not sources.names_partition(n, *specs)]
             if missing:
                 raise ValueError(f"data.columns lacks {missing}")
         return self
@@ -499,8 +505,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         base = path.resolve().parent
         data.setdefault("cache_dir", DataConfig.model_fields["cache_dir"].default)  # read from here too
         for key in ("train", "valid", "test", "cache_dir"):
-            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-                data[key] = str(base / data[key])
+            if key in data:
+                data[key] = sources.relative_to(data[key], base)
     return config_from_dict(raw, str(path), overrides)
 
 

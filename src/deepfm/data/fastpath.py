@@ -26,7 +26,6 @@ A file in another ``data.encoding`` is transcoded while it streams (``readers.te
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,6 +37,8 @@ import pyarrow.csv as pacsv
 from deepfm.config import Config
 from deepfm.data.codecs import MISSING
 from deepfm.data.encoder import EncodedChunk, Encoder, MultiValues
+from deepfm.data import sources
+from deepfm.data.inputs import SplitFiles, guarded, split_files
 from deepfm.data.readers import RawChunk, delimited_columns, text_source
 from deepfm.errors import DataError
 
@@ -59,6 +60,13 @@ def why_not(cfg: Config) -> str | None:
         return "data.split, data.group_column, data.skip_bad_rows or data.negative_sampling_rate is set"
     if d.derive:
         return "data.derive is set"
+    return None
+
+
+def why_not_files(files: SplitFiles) -> str | None:
+    """Why the fast path does not apply to these input files (None: it applies)."""
+    if any(f.partitions for fs in files.values() for f in fs):
+        return "the inputs have partition folders (columns the fast path does not add)"
     return None
 
 
@@ -148,7 +156,7 @@ def _tables(path: str, cfg: Config, encoder: Encoder) -> Iterator[pa.Table]:
     rows = yielded = 0
     source = text_source(path, data.encoding)
     try:
-        if os.path.getsize(path) <= WHOLE_FILE_BYTES:
+        if sources.size_of(path) * (1 if sources.compression_of(path) is None else 8) <= WHOLE_FILE_BYTES:
             # a transcoding stream is read through open_csv (see readers.text_source)
             table = pacsv.read_csv(source, **options) if isinstance(source, str) else \
                 pacsv.open_csv(source, **options).read_all()
@@ -296,12 +304,14 @@ def _fit_in_memory(encoder: Encoder, numbers: pl.DataFrame, columns: dict[str, _
     encoder.set_fitted(counters, acc)
 
 
-def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], Any]) -> None:
-    """Fit ``encoder`` on the training file and write every split through ``writer_for(split).append``.
+def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], Any],
+                   files: SplitFiles | None = None) -> None:
+    """Fit ``encoder`` on the training files and write every split through ``writer_for(split).append``.
 
     Raises ``Unsupported`` (possibly after writing part of the training split) when the general path must run.
     """
-    chunks = _tables(cfg.data.train, cfg, encoder)
+    files = split_files(cfg.data) if files is None else files
+    chunks = itertools.chain.from_iterable(guarded(f, _tables(f, cfg, encoder)) for f in files["train"])
     first = next(chunks)
     second = next(chunks, None)
     if second is None:  # the whole file in one table: fit, then encode from memory
@@ -315,9 +325,8 @@ def prepare_splits(cfg: Config, encoder: Encoder, writer_for: Callable[[str], An
         _fit_streamed(cfg, encoder, itertools.chain([first, second], chunks), writer_for("train"))
     del first, second
     for name in ("valid", "test"):
-        path = getattr(cfg.data, name)
-        if path is not None:
-            for table in _tables(path, cfg, encoder):
+        for path in files.get(name, []):
+            for table in guarded(path, _tables(path, cfg, encoder)):
                 numbers = _numbers(table, encoder)
                 writer_for(name).append(encode(encoder, table, numbers, _columns(table, encoder, numbers),
                                                _bags(table, encoder)), None)

@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from deepfm.config import DataConfig
+from deepfm.data import sources
 from deepfm.errors import DataError
 
 BLOCK_BYTES = 4 << 20  # streaming parse: 16 MB blocks parsed at half the rate of 4 MB ones on 2 cores
@@ -81,11 +82,14 @@ CONFIG_HINT = "check data.train / valid / test in the config, relative paths are
 
 def check_readable(path: str, hint: str = CONFIG_HINT) -> None:
     """``hint`` says where the path came from (the config by default), so the user knows what to fix."""
-    if not os.path.exists(path):
+    if sources.source(path).remote:
+        if not sources.exists(path):
+            raise DataError(f"object not found ({hint})", path=path)
+    elif not os.path.exists(path):
         raise DataError(f"file not found ({hint})", path=path)
-    if os.path.isdir(path):
+    elif os.path.isdir(path):
         raise DataError("is a folder, expected a file", path=path)
-    if os.path.getsize(path) == 0:
+    if sources.size_of(path) == 0:
         raise DataError("file is empty", path=path)
 
 
@@ -109,7 +113,7 @@ def read_chunks(path: str, data: DataConfig, bad: BadRows | None = None,
 def _read_parquet(path: str, data: DataConfig, bad: BadRows | None,
                   columns: list[str] | None) -> Iterator[RawChunk]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(sources.open_random_access(path))
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"not a readable Parquet file ({err})", path=path) from None
     present = set(pf.schema_arrow.names)
@@ -132,7 +136,7 @@ def _read_parquet(path: str, data: DataConfig, bad: BadRows | None,
 def first_lines(path: str, encoding: str, n: int) -> list[str]:
     """Up to ``n`` first lines of a text file, without line ends (undecodable bytes replaced)."""
     out: list[str] = []
-    with open(path, encoding=encoding, errors="replace", newline="") as fh:
+    with io.TextIOWrapper(sources.open_binary(path), encoding=encoding, errors="replace", newline="") as fh:
         for line in fh:
             out.append(line.rstrip("\r\n"))
             if len(out) == n:
@@ -155,7 +159,7 @@ class _Transcoded(io.RawIOBase):
     (``surrogateescape``), so the UTF-8 check of the cells reports them with their line and field."""
 
     def __init__(self, path: str, encoding: str) -> None:
-        self._fh = open(path, "rb")  # noqa: SIM115
+        self._fh = sources.open_native(path)
         self._decoder = codecs.getincrementaldecoder(encoding)(errors="surrogateescape")
         self._buf = bytearray()
         self._eof = False
@@ -178,17 +182,20 @@ class _Transcoded(io.RawIOBase):
         super().close()
 
 
-def text_source(path: str, encoding: str) -> str | io.RawIOBase:
-    """What arrow's CSV reader reads for ``path``: the path itself for UTF-8, else a transcoding stream.
+def text_source(path: str, encoding: str) -> str | io.RawIOBase | pa.NativeFile:
+    """What arrow's CSV reader reads for ``path``: the path itself for a local UTF-8 file, else a stream (of
+    a compressed or remote file: ``deepfm.data.sources``; of another encoding: transcoding).
     A stream must be read with ``open_csv``: arrow's multi-threaded ``read_csv`` on a Python file object
     aborts the process at exit now and then ("terminate called without an active exception", pyarrow 26)."""
-    return path if is_utf8(encoding) else _Transcoded(path, encoding)
+    if not is_utf8(encoding):
+        return _Transcoded(path, encoding)
+    return sources.open_native(path) if sources.needs_stream(path) else path
 
 
 def longest_line(path: str) -> tuple[int, int]:
     """(length in bytes, 1-based number) of the longest line of a file, read in blocks."""
     longest, number, carry, seen = 0, 1, 0, 0
-    with open(path, "rb") as fh:
+    with sources.open_binary(path) as fh:
         while block := fh.read(64 << 20):
             ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
             if len(ends):
@@ -417,7 +424,7 @@ def _parse_delimited(path: str, data: DataConfig, bad: BadRows | None, columns: 
 
 
 def _find_line(path: str, text: str, header_lines: int, encoding: str) -> int | None:
-    with open(path, encoding=encoding, errors="replace") as fh:
+    with io.TextIOWrapper(sources.open_binary(path), encoding=encoding, errors="replace") as fh:
         for number, line in enumerate(fh, start=1):
             if number > header_lines and line.rstrip("\r\n") == text:
                 return number
@@ -459,7 +466,7 @@ def _read_sparse_lines(path: str, data: DataConfig, bad: BadRows | None) -> Iter
     line_no = 0
     row_start = 0
     emitted = False
-    with open(path, "rb") as fh:
+    with sources.open_binary(path) as fh:
         while True:
             raw_lines = fh.readlines(BLOCK_BYTES)
             if not raw_lines:

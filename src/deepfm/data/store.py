@@ -38,7 +38,9 @@ from deepfm.data.batch import EncodedChunk, MultiValues, SplitArrays
 from deepfm.data.codecs import label_expr
 from deepfm.data.encoder import Encoder
 from deepfm.data.hashing import fnv1a64
-from deepfm.data.readers import BadRows, RawChunk, read_chunks
+from deepfm.data import inputs
+from deepfm.data.readers import BadRows, RawChunk
+from deepfm.data.sources import Source
 from deepfm.errors import DataError
 from deepfm.layout import TableLayout
 from deepfm.progress import progress_bar
@@ -61,25 +63,14 @@ class PreparedData:
     reused: bool = False
 
 
-def _file_stamp(path: str) -> dict:
-    st = os.stat(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if st.st_size > 2 << 20:
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read(1 << 20))
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "head_tail_sha256": h.hexdigest()}
-
-
-def fingerprint(cfg: Config, parent: Encoder | None = None) -> str:
-    data = cfg.data.model_dump(mode="json", exclude={"cache_dir", "chunk_rows", "id_columns"})
-    files = {k: _file_stamp(v) for k in SPLITS if (v := getattr(cfg.data, k))}
+def fingerprint(cfg: Config, parent: Encoder | None = None, files: inputs.SplitFiles | None = None) -> str:
+    data = cfg.data.model_dump(mode="json", exclude={"cache_dir", "chunk_rows", "id_columns", "s3_endpoint_url"})
+    files = inputs.split_files(cfg.data) if files is None else files
+    stamps = {k: inputs.stamp_of(getattr(cfg.data, k), v) for k, v in files.items()}
     grown_from = None if parent is None else \
         hashlib.sha256(json.dumps(parent.to_json(), sort_keys=True).encode()).hexdigest()
     payload = {"store_version": STORE_VERSION, "data": data, "grown_from": grown_from,
-               "fields": [f.model_dump(mode="json", exclude={"names"}) for f in cfg.fields], "files": files}
+               "fields": [f.model_dump(mode="json", exclude={"names"}) for f in cfg.fields], "files": stamps}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -294,11 +285,11 @@ def load_prepared(path: Path, cfg: Config, parent: Encoder | None = None) -> Pre
     return PreparedData(path, manifest, encoder, layout, splits, reused=True)
 
 
-def _train_chunks(cfg: Config, bad: BadRows | None) -> Iterator[RawChunk]:
+def _train_chunks(cfg: Config, bad: BadRows | None, files: list[Source]) -> Iterator[RawChunk]:
     """The training rows of ``data.train`` (after the split, before negative downsampling): what vocabularies
     and numeric statistics are fitted on. Downsampling saves training steps; the vocabularies still see every
     training row, so a value is not dropped below ``min_count`` because its negatives were sampled away."""
-    for chunk in read_chunks(cfg.data.train, cfg.data, bad):
+    for chunk in inputs.read_files(files, cfg.data, bad):
         chunk, assign, _ = route_rows(chunk, cfg.data, bad, sample=False)
         yield chunk if (assign == 0).all() else _subset(chunk, assign == 0)
 
@@ -306,12 +297,8 @@ def _train_chunks(cfg: Config, bad: BadRows | None) -> Iterator[RawChunk]:
 def prepare(cfg: Config, progress: bool = True, log=print, parent: Encoder | None = None) -> PreparedData:
     """Fit the encoder on the training split and write every split as typed arrays (or reuse the cache).
     With ``parent`` (a trained model's encoder) the vocabularies grow from the parent's (see ``deepfm.data.vocab``)."""
-    for name in SPLITS:
-        path = getattr(cfg.data, name)
-        if path is not None and not os.path.isfile(path):
-            raise DataError(f"{name} file not found (check data.{name}; relative paths are read from the "
-                            "config's folder)", path=path)
-    fp = fingerprint(cfg, parent)
+    files = inputs.split_files(cfg.data)
+    fp = fingerprint(cfg, parent, files)
     root = Path(cfg.data.cache_dir)
     final = root / fp
     if root.is_dir():
@@ -326,7 +313,7 @@ def prepare(cfg: Config, progress: bool = True, log=print, parent: Encoder | Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _prepare_into(tmp, cfg, fp, progress, log, parent)
+        _prepare_into(tmp, cfg, fp, progress, log, parent, files)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep theirs
@@ -374,10 +361,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _prepare_fast(folder: Path, cfg: Config, log,
-                  parent: Encoder | None) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
+def _prepare_fast(folder: Path, cfg: Config, log, parent: Encoder | None,
+                  files: inputs.SplitFiles) -> tuple[Encoder, dict[str, _SplitWriter]] | None:
     """The fast path (``deepfm.data.fastpath``) where it applies and the data is clean; else None."""
-    why = fastpath.why_not(cfg)
+    why = fastpath.why_not(cfg) or fastpath.why_not_files(files)
     if why is not None:
         if cfg.data.format in ("csv", "tsv"):
             log(f"Preparing with the general path ({why})")
@@ -392,7 +379,7 @@ def _prepare_fast(folder: Path, cfg: Config, log,
         return writers[name]
 
     try:
-        fastpath.prepare_splits(cfg, encoder, writer_for)
+        fastpath.prepare_splits(cfg, encoder, writer_for, files)
     except fastpath.Unsupported as err:
         log(f"Fast preparation stopped ({str(err)[:200]}); preparing with the general path, which reports "
             "bad rows by file, line and field")
@@ -407,9 +394,10 @@ def _id_dtype(layout: TableLayout) -> np.dtype:
     return np.dtype(np.int32 if layout.num_rows < 2**31 else np.int64)
 
 
-def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, parent: Encoder | None) -> None:
+def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, parent: Encoder | None,
+                  files: inputs.SplitFiles) -> None:
     t0 = time.perf_counter()
-    fast = _prepare_fast(folder, cfg, log, parent)
+    fast = _prepare_fast(folder, cfg, log, parent, files)
     if fast is not None:
         encoder, writers = fast
         _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0, fast_path=True)
@@ -419,7 +407,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
     # vocabularies see the training rows once; bad rows are reported by the encoding pass, not twice
     # The training file is read once when its parsed chunks fit in memory (kept for the encoding pass),
     # twice otherwise. Bad rows are reported by whichever pass is the last to see them.
-    small = os.path.getsize(cfg.data.train) <= KEEP_PARSED_BELOW_FILE_BYTES and cfg.data.split is None \
+    small = inputs.parsed_bytes(files["train"]) <= KEEP_PARSED_BELOW_FILE_BYTES and cfg.data.split is None \
         and cfg.data.negative_sampling_rate == 1.0
     kept_chunks: list[RawChunk] | None = [] if small else None
 
@@ -430,7 +418,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
             yield chunk
 
     fit_bad = BadRows() if bad is not None else None
-    encoder.fit(progress_bar(remember(_train_chunks(cfg, fit_bad)), desc="fit vocabularies", enabled=progress,
+    encoder.fit(progress_bar(remember(_train_chunks(cfg, fit_bad, files["train"])), desc="fit vocabularies", enabled=progress,
                              unit="chunk"), bad=fit_bad)
     layout = encoder.layout()
     id_dtype = _id_dtype(layout)
@@ -444,15 +432,13 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
             writers[name] = _SplitWriter(folder / name, id_dtype, n_multi, with_group, with_weights)
         return writers[name]
 
-    sources = [("train", cfg.data.train)] + [(s, getattr(cfg.data, s)) for s in ("valid", "test")
-                                              if getattr(cfg.data, s)]
     total_rows = dropped = 0
-    for split_name, path in sources:
+    for split_name, split_files in files.items():
         reuse = split_name == "train" and kept_chunks is not None
         if reuse and bad is not None and fit_bad is not None:  # report what the reading pass skipped
             for entry in fit_bad.entries:
                 bad.add(*entry)
-        chunks = progress_bar(iter(kept_chunks) if reuse else read_chunks(path, cfg.data, bad),  # type: ignore
+        chunks = progress_bar(iter(kept_chunks) if reuse else inputs.read_files(split_files, cfg.data, bad),  # type: ignore
                               desc=f"encode {split_name}", enabled=progress, unit="chunk")
         for chunk in chunks:
             total_rows += len(chunk)
@@ -486,7 +472,7 @@ def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[
     layout = encoder.layout()
     splits = {name: w.close() for name, w in writers.items()}
     if splits.get("train", {}).get("rows", 0) == 0:
-        raise DataError("no training rows left after preparation", path=cfg.data.train)
+        raise DataError("no training rows left after preparation", path=inputs.describe(cfg.data.train))
     manifest = {
         "store_version": STORE_VERSION, "fingerprint": fp, "id_dtype": _id_dtype(layout).name,
         "layout": layout.to_json(), "splits": splits, "rows_read": total_rows,
