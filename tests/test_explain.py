@@ -208,3 +208,41 @@ def test_linear_and_fm_attributions_equal_brute_force_pairs():
     with torch.no_grad():  # logits ~20 from the enlarged table: the float32 model agrees to its own rounding
         logit = loaded.model(*inp.tensors()).double().numpy()
     np.testing.assert_allclose(attr.logit, logit, rtol=2e-5, atol=1e-4)
+
+
+def test_predict_explain_writes_attributions_summing_to_the_logit(tmp_path):
+    """``deepfm predict --explain`` on a file with multi-valued and numeric fields, in several chunks."""
+    data = models.write_csv(tmp_path / "rows.csv", models.multi_rows(300, 11))
+    out = tmp_path / "pred.parquet"
+    proc = subprocess.run([sys.executable, "-m", "deepfm", "predict", str(models.multi_model()), str(data),
+                           "--output", str(out), "--explain"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = pl.read_parquet(out)
+    loaded = load_model(models.multi_model())
+    names = [f"attr_{f}" for f in loaded.layout.field_order]
+    assert got.columns == ["row", "probability", "attr_bias", *names]
+    p = got["probability"].to_numpy()
+    total = got.select(["attr_bias", *names]).to_numpy().sum(axis=1)
+    np.testing.assert_allclose(total, np.log(p) - np.log1p(-p), rtol=0, atol=1e-4)
+    frame = pl.read_csv(data, infer_schema_length=0)
+    expected = explain_rows(loaded, frame)
+    np.testing.assert_allclose(got.select(expected.columns).to_numpy(), expected.to_numpy(), rtol=0, atol=1e-9)
+    plain = tmp_path / "plain.csv"
+    subprocess.run([sys.executable, "-m", "deepfm", "predict", str(models.multi_model()), str(data), "--output",
+                    str(plain)], check=True, capture_output=True, timeout=300)
+    assert pl.read_csv(plain).columns == ["row", "probability"]  # off by default
+
+
+def test_classifier_explain_returns_a_frame_of_the_inputs_kind():
+    pd = pytest.importorskip("pandas")
+    from deepfm import DeepFMClassifier
+
+    clf = DeepFMClassifier.load(planted_model())
+    frame = planted_frame(200, 9)
+    got = clf.explain(frame.to_pandas())
+    assert isinstance(got, pd.DataFrame) and list(got.columns) == ["attr_bias"] + [f"attr_{f}" for f in PLANTED]
+    np.testing.assert_allclose(got.to_numpy().sum(axis=1), clf.decision_function(frame.to_pandas()),
+                               rtol=0, atol=1e-4)
+    as_polars = clf.explain(frame)
+    assert isinstance(as_polars, pl.DataFrame)
+    np.testing.assert_array_equal(as_polars.to_numpy(), got.to_numpy())

@@ -243,6 +243,15 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
         p = self.predictor_.predict_proba(frame)
         return np.stack([1.0 - p, p], axis=1)
 
+    def explain(self, X: Any) -> Any:
+        """Per-row attributions (``deepfm.explain.explain_rows``): ``attr_bias`` and ``attr_<field>`` per field,
+        summing to each row's logit (``decision_function``); a pandas DataFrame for pandas ``X``, else polars."""
+        from deepfm.explain import explain_rows
+
+        self._check_fitted()
+        out = explain_rows(self.predictor_, _to_polars(X))
+        return out if isinstance(X, pl.DataFrame) or not hasattr(X, "dtypes") else out.to_pandas()
+
     def decision_function(self, X: Any) -> np.ndarray:
         """The logit of a click (what ``roc_auc`` scoring uses)."""
         p = np.clip(self.predict_proba(X)[:, 1], 1e-15, 1 - 1e-15)

@@ -78,7 +78,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     output_format(args.output)  # an unknown extension fails before the model loads
     pred = Predictor(args.model_dir, device=args.device)
     rows = pred.predict_file(args.data, args.output, id_columns=args.id_column,
-                             skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+                             skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress, explain=args.explain)
     _log(f"Wrote {rows:,} predictions to {args.output}")
     return 0
 
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", required=True, help="output .csv or .parquet")
     r.add_argument("--id-column", action="append", metavar="NAME",
                    help="column to carry through unchanged (repeatable; default: data.id_columns)")
+    r.add_argument("--explain", action="store_true",
+                   help="add attr_bias and attr_<field> per field: each row's logit split by field (they sum to it)")
     _scoring_args(r)
     r.set_defaults(func=cmd_predict)
 

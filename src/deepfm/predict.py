@@ -20,7 +20,7 @@ import torch
 
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.config import DataConfig
-from deepfm.data.batch import input_from_chunk
+from deepfm.data.batch import ModelInput, input_from_chunk
 from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, header_names, read_chunks
 from deepfm.errors import DataError
 from deepfm.io import temp_file_beside
@@ -47,6 +47,7 @@ class Scored:
     probs: np.ndarray  # float64 [N]
     labels: np.ndarray | None
     weights: np.ndarray | None = None  # sample weights (data.weight_column) when asked for and in the file
+    inputs: ModelInput | None = None  # the encoded rows the model scored
 
 
 def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bool]:
@@ -118,7 +119,8 @@ class Predictor:
         if not enc.kept.all():
             chunk = RawChunk(chunk.path, chunk.frame.filter(pl.Series(enc.kept)), chunk.lines[enc.kept],
                              chunk.row_start)
-        return Scored(chunk, self.runtime.probabilities(input_from_chunk(enc)), enc.labels, enc.weights)
+        inputs = input_from_chunk(enc)
+        return Scored(chunk, self.runtime.probabilities(inputs), enc.labels, enc.weights, inputs)
 
     def score_chunks(self, path: str, *, need_labels: bool = False, skip_bad_rows: bool = False,
                      bad: BadRows | None = None, progress: bool = True, weights: bool = False) -> Iterator[Scored]:
@@ -169,8 +171,9 @@ class Predictor:
         return out
 
     def predict_file(self, path: str, output: str, *, id_columns: list[str] | None = None,
-                     skip_bad_rows: bool = False, progress: bool = True) -> int:
-        """Write ``id columns + probability`` for every row of ``path`` to ``output`` (.csv or .parquet)."""
+                     skip_bad_rows: bool = False, progress: bool = True, explain: bool = False) -> int:
+        """Write ``id columns + probability`` for every row of ``path`` to ``output`` (.csv or .parquet); ``explain``:
+        with the per-row attributions ``attr_bias`` + ``attr_<field>`` (``deepfm.explain``) too."""
         ids = list(id_columns if id_columns is not None else self.config.data.id_columns)
         out_path = Path(output)
         fmt = output_format(out_path)
@@ -188,6 +191,8 @@ class Predictor:
                     cols = {c: s.chunk.frame[c] for c in ids} if ids else \
                         {"row": pl.Series((s.chunk.lines - (1 if self._has_header(path) else 0) - 1))}
                     out = pl.DataFrame(cols).with_columns(pl.Series("probability", s.probs))
+                    if explain:
+                        out = out.with_columns(**self._attributions(s))
                     if fmt == "csv":
                         out.write_csv(fh, include_header=rows == 0)
                     else:
@@ -207,6 +212,12 @@ class Predictor:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return rows
+
+    def _attributions(self, s: Scored) -> dict[str, np.ndarray]:
+        from deepfm.explain import attribute_input, attribution_columns
+
+        assert s.inputs is not None
+        return attribution_columns(attribute_input(self.loaded, s.inputs))
 
     def _has_header(self, path: str) -> bool:
         data, _ = infer_data_config(self.config.data, path)
