@@ -17,13 +17,13 @@ import torch
 
 from deepfm.artifact import LoadedModel, load_model, save_model
 from deepfm.config import Config, auto_batch_size
-from deepfm.errors import ConfigError
 from deepfm.data.store import PreparedData, prepare
-from deepfm.model import DeepFM
+from deepfm.model import DeepFM, embedding_table
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
 from deepfm.data.vocab import growth
 from deepfm.train import sharding
+from deepfm.train.placement import TablePlacement, placement_for
 from deepfm.train.trainer import Trainer
 from deepfm.train.warm import carry_optimizer_state, check_compatible, table_source, warm_start
 
@@ -57,16 +57,13 @@ def run_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.run"
 
 
-def build_model(cfg: Config, data: PreparedData, dist: ddp.DistContext = ddp.SINGLE) -> DeepFM:
-    """The initial model; under row sharding (several ranks) with only this rank's rows of the table."""
+def build_model(cfg: Config, data: PreparedData, dist: ddp.DistContext = ddp.SINGLE,
+                placement: TablePlacement | None = None) -> DeepFM:
+    """The initial model, with the rows of the table this rank holds (all, or its shard under row sharding)."""
     torch.manual_seed(cfg.train.seed)
-    rows = ddp.shard_bounds(data.layout.num_rows, dist) if row_sharded(cfg, dist) else None
+    placement = placement or placement_for(cfg.train, dist)
     return DeepFM(data.layout, cfg.model, sparse=cfg.train.sparse, logit_shift=cfg.data.logit_shift,
-                  table_rows=rows)
-
-
-def row_sharded(cfg: Config, dist: ddp.DistContext) -> bool:
-    return dist.enabled and cfg.train.embedding_sharding == "row"
+                  table_rows=placement.table_rows(data.layout.num_rows))
 
 
 def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbacks=None,
@@ -74,10 +71,7 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
     """Run the whole job. Under ``torchrun`` every rank calls this; rank 0 returns the result, others None.
     ``init_from``: a model directory to train further on this config's data (``deepfm.train.warm``)."""
     dist = ddp.from_env()
-    if init_from is not None and row_sharded(cfg, dist):
-        raise ConfigError(f"--init-from {init_from}: training further with train.embedding_sharding: row is "
-                          "not supported yet (it would load the whole parent table on every rank); train further "
-                          "with embedding_sharding: replicated")
+    placement_for(cfg.train, dist).check_init_from(init_from)
     if dist.enabled:
         ddp.init(dist, ddp.device_for(dist, cfg.train.device), cfg.train.dist_timeout_s)
     try:
@@ -120,31 +114,74 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
 
 def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool, log, callbacks,
                   dist: ddp.DistContext, parent: LoadedModel | None, reset_optimizer: bool) -> TrainResult | None:
-    splits = data.splits
-    model = build_model(cfg, data, dist)
-    run_dir = run_dir_for(output)
+    """Build, train, score the held-out splits and write the model directory (rank 0 returns the result)."""
+    placement = placement_for(cfg.train, dist)
+    model = build_model(cfg, data, dist, placement)
+    run_dir = _fresh_run_dir(run_dir_for(output), resume, dist)
+    warm = _WarmStart(parent, data, model) if parent is not None else None
+    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist, placement=placement)
+    if warm is not None:
+        warm.carry_optimizer(trainer, reset_optimizer, log)
+    state = trainer.fit(data.splits["train"], data.splits.get("valid"), resume=resume)
+    metrics, preds = _held_out_metrics(trainer, data.splits)
+    metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
+                        "ranks": dist.world_size}
+    kept: list[str] = []
+
+    def write(**streamed: Any) -> None:  # rank 0
+        with tempfile.TemporaryDirectory() as tmp:
+            kept.extend(save_model(
+                output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model, metrics=metrics,
+                history=state.history, fingerprint=data.manifest["fingerprint"],
+                extra_files=_plots(state.history, data.splits, preds, Path(tmp)),
+                optimizers=trainer.optimizers if cfg.train.save_optimizer_state else None,
+                lineage=None if warm is None else warm.lineage, **streamed))
+
+    if not placement.write_model(trainer.model, trainer.optimizers if cfg.train.save_optimizer_state else None,
+                                 write):
+        return None
+    if kept:
+        log(f"Kept {', '.join(kept)} from the previous {output} (not written by training; an export there was "
+            f"made from the previous weights: run `deepfm export {output}` again)")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainResult(output, metrics, state.history, data, trainer)
+
+
+def _fresh_run_dir(run_dir: Path, resume: bool, dist: ddp.DistContext) -> Path:
+    """The checkpoint folder of this run: a previous run's removed unless resuming it (rank 0 removes)."""
     if not resume and run_dir.exists() and dist.is_main:
         shutil.rmtree(run_dir)
     dist.barrier()
-    lineage = None
-    if parent is not None:
-        source = table_source(parent.layout, data.layout, parent.encoder.fitted_state()[0],
-                              data.encoder.fitted_state()[0])
-        warm_start(model, parent.model.state_dict(), source)
-        lineage = _lineage(parent, data)
-    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist)
-    if parent is not None:
+    return run_dir
+
+
+class _WarmStart:
+    """Training further from a parent model (``--init-from``): its weights moved into the new model's rows,
+    then its optimiser state into the trainer's optimisers."""
+
+    def __init__(self, parent: LoadedModel, data: PreparedData, model: DeepFM) -> None:
+        self.parent = parent
+        self.source = table_source(parent.layout, data.layout, parent.encoder.fitted_state()[0],
+                                   data.encoder.fitted_state()[0])
+        warm_start(model, parent.model.state_dict(), self.source)
+        self.lineage = _lineage(parent, data)
+
+    def carry_optimizer(self, trainer: Trainer, reset_optimizer: bool, log) -> None:
+        parent, lineage = self.parent, self.lineage
         saved = parent.optimizer_state()
-        if saved is not None and not reset_optimizer:
-            carry_optimizer_state(trainer.optimizers, saved, trainer.model.embedding.weight, source,
+        carried = saved is not None and not reset_optimizer
+        if carried:
+            carry_optimizer_state(trainer.optimizers, saved, embedding_table(trainer.model), self.source,
                                   parent.layout.num_rows)
         log(f"Training further from {parent.path} (generation {lineage['generation']}): " + ", ".join(
             f"{name} +{g['added']:,}" + (f" -{g['evicted']:,}" if g["evicted"] else "")
             for name, g in lineage["vocabularies"].items() if g["added"] or g["evicted"])
-            + ("; optimiser state carried over" if saved is not None and not reset_optimizer
-               else "; optimiser state afresh"))
-    state = trainer.fit(splits["train"], splits.get("valid"), resume=resume)
+            + ("; optimiser state carried over" if carried else "; optimiser state afresh"))
 
+
+def _held_out_metrics(trainer: Trainer, splits: dict[str, Any]
+                      ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Metrics and predictions of the valid and test splits (every rank takes part)."""
     metrics: dict[str, dict[str, float]] = {}
     preds: dict[str, np.ndarray] = {}
     for name in ("valid", "test"):
@@ -152,43 +189,26 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
         if split is not None and len(split):
             preds[name] = trainer.predict(split)
             metrics[name] = trainer.evaluate(split, preds[name])
-    metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history), "steps": state.step,
-                        "ranks": dist.world_size}
-    # row sharding: the table and its optimiser state reach rank 0 block by block, as it writes them
-    blocks, streams = None, None
-    if row_sharded(cfg, dist):
-        blocks = sharding.table_blocks(trainer.model.embedding, dist)
-        if cfg.train.save_optimizer_state:
-            streams = sharding.optimizer_streams(trainer.optimizers, trainer.model.embedding, dist)
-    if not dist.is_main:
-        for stream in [blocks or ()] + [st.blocks for st in streams or []]:
-            for _ in stream:  # sends this rank's rows
-                pass
-        return None
+    return metrics, preds
 
-    with tempfile.TemporaryDirectory() as tmp:
-        plots: dict[str, Path] = {}
-        if state.history:
-            plot_history(state.history, Path(tmp) / "history.png")
-            plots["plots/history.png"] = Path(tmp) / "history.png"
-        final = "test" if "test" in preds else ("valid" if "valid" in preds else None)
-        if final is not None:
-            labels = np.asarray(splits[final].labels)
-            if 0 < labels.sum() < len(labels):
-                plot_roc(labels, preds[final], Path(tmp) / "roc.png", title=f"ROC ({final})")
-                plot_calibration(labels, preds[final], Path(tmp) / "calibration.png",
-                                 title=f"Calibration ({final})")
-                plots["plots/roc.png"] = Path(tmp) / "roc.png"
-                plots["plots/calibration.png"] = Path(tmp) / "calibration.png"
-        kept = save_model(output, config=cfg, layout=data.layout, encoder=data.encoder, model=trainer.model,
-                   metrics=metrics, history=state.history, fingerprint=data.manifest["fingerprint"],
-                   extra_files=plots, optimizers=trainer.optimizers if cfg.train.save_optimizer_state else None,
-                   lineage=lineage, table_blocks=blocks, optimizer_streams=streams)
-    if kept:
-        log(f"Kept {', '.join(kept)} from the previous {output} (not written by training; an export there was "
-            f"made from the previous weights: run `deepfm export {output}` again)")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return TrainResult(output, metrics, state.history, data, trainer)
+
+def _plots(history: list[dict[str, Any]], splits: dict[str, Any], preds: dict[str, np.ndarray], folder: Path
+           ) -> dict[str, Path]:
+    """The training history, and ROC and calibration of the last held-out split, drawn into ``folder``: their
+    names in the model directory -> where they are."""
+    plots: dict[str, Path] = {}
+    if history:
+        plot_history(history, folder / "history.png")
+        plots["plots/history.png"] = folder / "history.png"
+    final = "test" if "test" in preds else ("valid" if "valid" in preds else None)
+    if final is not None:
+        labels = np.asarray(splits[final].labels)
+        if 0 < labels.sum() < len(labels):
+            plot_roc(labels, preds[final], folder / "roc.png", title=f"ROC ({final})")
+            plot_calibration(labels, preds[final], folder / "calibration.png", title=f"Calibration ({final})")
+            plots["plots/roc.png"] = folder / "roc.png"
+            plots["plots/calibration.png"] = folder / "calibration.png"
+    return plots
 
 
 def _lineage(parent: LoadedModel, data: PreparedData) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from deepfm import native
 from deepfm.config import ModelConfig
 from deepfm.layout import TableLayout
 from deepfm.model.dnn import DNN
-from deepfm.model.embedding import FieldEmbedding
+from deepfm.model.embedding import FieldEmbedding, RowSource
 from deepfm.model.interaction import BiInteraction, _tracing, fused_head
 
 
@@ -48,22 +48,28 @@ class DeepFM(nn.Module):
                        batch_norm=cfg.batch_norm, init=cfg.dnn_init, init_std=cfg.dnn_init_std) if cfg.use_deep else None
 
     def forward_with_penalty(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
-                             multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked)."""
-        if self.fuse and not with_penalty and self._fusable():
+                             multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True,
+                             rows_from: RowSource | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked).
+        ``rows_from``: where the table's rows come from when this model holds only a shard of it."""
+        if self.fuse and not with_penalty and rows_from is None and self._fusable():
             scored = self._score_from_table(cat_ids, num_values)
             if scored is not None:
                 return scored, self.bias.new_zeros(())
         rows, square_excess, penalty = self.embedding.lookup(cat_ids, num_values, multi_ids, multi_weights,
-                                                             multi_bags, with_penalty)
+                                                             multi_bags, with_penalty, rows_from)
+        return self.head(rows, square_excess), penalty
+
+    def head(self, rows: torch.Tensor, square_excess: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[B]`` (without ``logit_shift``) from the looked-up ``rows [B, F, D + 1]``: everything after the
+        table, which the trainer hands to DDP while the table's rows and gradients travel their own way."""
         if self.fuse and self._fusable():
             device = rows.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
             x, first_second = fused_head(rows, dtype)
             if square_excess is not None:  # pooled multi-valued fields: their tags' own squares (FieldEmbedding)
                 first_second = first_second - 0.5 * square_excess.sum(dim=1)
-            return self.bias + first_second + self.dnn(x).float(), penalty  # type: ignore[misc]
+            return self.bias + first_second + self.dnn(x).float()  # type: ignore[misc]
         fields, linear = rows.split([self.cfg.embed_dim, 1], dim=-1)
         linear = linear.squeeze(-1)
         logit = self.bias.expand(fields.shape[0])
@@ -75,7 +81,7 @@ class DeepFM(nn.Module):
             logit = logit + (bi.sum(1) if self.fm_proj is None else self.fm_proj(bi).squeeze(-1))
         if self.dnn is not None:
             logit = logit + self.dnn(fields.flatten(1)).float()
-        return logit, penalty
+        return logit
 
     def _score_from_table(self, cat_ids: torch.Tensor, num_values: torch.Tensor) -> torch.Tensor | None:
         """Logits of a scoring pass (no gradient) on the CPU over single-valued fields, the fused head reading the
@@ -83,7 +89,7 @@ class DeepFM(nn.Module):
         needs, are never written. None where that does not apply; the caller then takes the training path,
         which computes the same."""
         emb = self.embedding
-        if torch.is_grad_enabled() or emb.num_multi or emb.row_source is not None:
+        if torch.is_grad_enabled() or emb.num_multi:
             return None  # (a table off the CPU: head_gather_forward declines it)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else emb.weight.dtype
         got = native.head_gather_forward(emb.weight, *emb.single_ids(cat_ids, num_values), dtype)
@@ -99,6 +105,8 @@ class DeepFM(nn.Module):
         return not _tracing() and cfg.head == "sum" and cfg.use_linear and cfg.use_fm and self.dnn is not None
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
-                multi_weights: torch.Tensor, multi_bags: torch.Tensor) -> torch.Tensor:
-        logit = self.forward_with_penalty(cat_ids, num_values, multi_ids, multi_weights, multi_bags, False)[0]
+                multi_weights: torch.Tensor, multi_bags: torch.Tensor, rows_from: RowSource | None = None
+                ) -> torch.Tensor:
+        logit = self.forward_with_penalty(cat_ids, num_values, multi_ids, multi_weights, multi_bags, False,
+                                          rows_from)[0]
         return logit + self.logit_shift if self.logit_shift else logit

@@ -6,8 +6,9 @@ one gather of a ``[B, F_single]`` index tensor (local id + per-field offset); mu
 gather over all their tags, pooled per (field, row) bag with the field's combiner.
 
 Under row sharding (``train.embedding_sharding: row``) a module holds only its rank's rows ``[lo, hi)`` of that
-table, and ``row_source`` (``deepfm.train.sharding.RowExchange``) fetches the rows a batch needs from their
-owners; the rest of the forward pass is the same.
+table, and a lookup is given ``rows_from`` (``deepfm.train.sharding.RowExchange``, handed over by the table's
+placement, ``deepfm.train.placement``), which fetches the rows a batch needs from their owners; the rest of the
+forward pass is the same.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class FieldEmbedding(nn.Module):
         self.sparse = sparse
         self.num_rows = layout.num_rows
         self.rows = rows or (0, layout.num_rows)  # the rows this module holds: all, or a rank's shard
-        self.row_source: RowSource | None = None  # set by the trainer under row sharding
         self.weight = nn.Parameter(torch.empty(self.rows[1] - self.rows[0], embed_dim + 1))
         self.register_buffer("cat_offsets", torch.tensor(layout.cat_offsets, dtype=torch.long))
         self.register_buffer("num_offsets", torch.tensor(layout.num_offsets, dtype=torch.long))
@@ -92,26 +92,29 @@ class FieldEmbedding(nn.Module):
                 start = end
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
-                multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False
+                multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False,
+                rows_from: RowSource | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, square_excess, penalty = self.lookup(cat_ids, num_values, multi_ids, multi_weights, multi_bags,
-                                                   with_penalty)
+                                                   with_penalty, rows_from)
         # split, not two slices: its backward is one concatenation instead of two zero-filled copies
         fields, linear = rows.split([self.embed_dim, 1], dim=-1)
         return fields, linear.squeeze(-1), square_excess, penalty
 
     def lookup(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
-               multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """As ``forward``, with each field's vector and first-order term still joined: ``rows [B, F, D + 1]``."""
+               multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = False,
+               rows_from: RowSource | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """As ``forward``, with each field's vector and first-order term still joined: ``rows [B, F, D + 1]``.
+        ``rows_from``: where the rows come from when this module holds only a shard of the table (else its
+        own ``weight``)."""
         d = self.embed_dim
         batch = cat_ids.shape[0]
         ids, values = self.single_ids(cat_ids, num_values)
         if self.num_multi:
             field_of_tag = torch.div(multi_bags, batch, rounding_mode="floor")
-            rows, multi_rows = self._gather([ids, multi_ids + self.multi_offsets[field_of_tag]])
+            rows, multi_rows = self._gather([ids, multi_ids + self.multi_offsets[field_of_tag]], rows_from)
         else:
-            (rows,) = self._gather([ids])  # [B, Fs, D+1]
+            (rows,) = self._gather([ids], rows_from)  # [B, Fs, D+1]
         penalty = rows[..., :d].pow(2).sum() / max(batch, 1) if with_penalty else rows.new_zeros(())
         if values is not None:
             rows = rows * values.unsqueeze(-1)
@@ -136,10 +139,10 @@ class FieldEmbedding(nn.Module):
                             torch.where(missing, torch.ones_like(num_values), num_values)], dim=1)
         return ids, values
 
-    def _gather(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The table rows of each id tensor: from this module's weight, or from their owners when sharded."""
-        if self.row_source is not None:
-            return self.row_source(ids)
+    def _gather(self, ids: list[torch.Tensor], rows_from: RowSource | None) -> list[torch.Tensor]:
+        """The table rows of each id tensor: from this module's weight, or from ``rows_from`` when sharded."""
+        if rows_from is not None:
+            return rows_from(ids)
         return [F.embedding(i, self.weight, sparse=self.sparse) for i in ids]
 
     def _pool_multi(self, batch: int, rows: torch.Tensor, weights: torch.Tensor, bags: torch.Tensor,

@@ -82,13 +82,6 @@ def device_for(ctx: DistContext, spec: str) -> torch.device:
     return device
 
 
-def broadcast_parameters(module: torch.nn.Module, names: list[str]) -> None:
-    """Rank 0's values of parameters that DDP does not manage."""
-    params = dict(module.named_parameters())
-    for name in names:
-        dist.broadcast(params[name].data, src=0)
-
-
 def allreduce_sparse_grad(param: torch.Tensor, world_size: int) -> int:
     """Average a sparse (row-wise) gradient over ranks, in place: all-gather indices and values, sum, divide.
     Returns the bytes this rank sent (its padded part, to each of the other ranks)."""

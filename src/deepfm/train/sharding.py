@@ -44,8 +44,8 @@ SAVE_BLOCK_BYTES = 64 << 20  # the most of the table rank 0 holds at once while 
 
 
 class RowExchange:
-    """The ``row_source`` of a sharded ``FieldEmbedding``: fetches a batch's rows from their owners and sends
-    their gradients back. Counts the bytes this rank sends to the others (``sent_bytes``)."""
+    """Where a row-sharded ``FieldEmbedding``'s lookups get their rows (``rows_from``, given by the
+    ``RowSharded`` placement): fetches a batch's rows from their owners and sends their gradients back. Counts the bytes this rank sends to the others (``sent_bytes``)."""
 
     def __init__(self, embedding: FieldEmbedding, ctx: ddp.DistContext) -> None:
         self.embedding = embedding

@@ -27,16 +27,16 @@ from torch import nn
 from deepfm.config import TrainConfig, auto_batch_size
 from deepfm.data.batch import ModelInput, SplitArrays
 from deepfm.data.loader import iterate_batches, num_batches
-from deepfm.io import (atomic_directory, atomic_save_tensors, atomic_write_text, load_state,
+from deepfm.io import (atomic_save_tensors, atomic_write_text, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.metrics import summarize
 from deepfm.model.embedding import embedding_table
 from deepfm.progress import progress_bar
 from deepfm.runtime import autocast, predict_logits, resolve_precision, sigmoid
 from deepfm.train import distributed as ddp
-from deepfm.train import sharding
 from deepfm import native
-from deepfm.train.optim import build_optimizers, clip_grad_norm
+from deepfm.train.optim import build_optimizers
+from deepfm.train.placement import TablePlacement, placement_for
 
 
 @dataclass
@@ -56,32 +56,34 @@ class TrainState:
     finished: bool = False
 
 
-class _WithPenalty(nn.Module):
-    """``forward`` = the model's ``forward_with_penalty``, so that DDP wraps the call training makes."""
+class _DenseLayers(nn.Module):
+    """Everything of the model after its table lookup, as one module for DDP to synchronise: its forward is the
+    model's ``head``. The table is not part of it (its gradient is sparse, or travels by the row exchange: see
+    ``deepfm.train.placement``), so DDP never sees it."""
 
-    def __init__(self, model: nn.Module, with_penalty: bool) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
-        self.with_penalty = with_penalty
+        table = embedding_table(model)
+        self.parts = nn.ModuleList([m for m in model.children() if all(p is not table for p in m.parameters())])
+        self.own = nn.ParameterList(list(model.parameters(recurse=False)))
+        self.head = model.head  # a bound method: not registered, so the model (and its table) stay outside
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_penalty(*inputs, with_penalty=self.with_penalty)
+    def forward(self, rows: torch.Tensor, square_excess: torch.Tensor | None) -> torch.Tensor:
+        return self.head(rows, square_excess)
 
 
 class Trainer:
     """Trains a model on prepared splits. ``callbacks`` get ``(trainer, state)`` after every step.
 
-    Under ``torchrun`` (``dist`` with several ranks) each rank trains on its part of every global batch;
-    the dense layers are synchronised by DDP and the sparse embedding gradient by ``allreduce_sparse_grad``,
-    or, with ``embedding_sharding: row``, the model holds only this rank's rows of the table and a
-    ``sharding.RowExchange`` moves rows and gradients (see ``deepfm.train.sharding``). Rank 0 writes metrics
-    and checkpoints (under row sharding every rank writes its shard's part); every rank evaluates its part of
-    a split and all see the exact AUC.
+    Under ``torchrun`` (``dist`` with several ranks) each rank trains on its part of every global batch; the
+    dense layers are synchronised by DDP and the embedding table by its placement (``deepfm.train.placement``:
+    replicated, or row-sharded over the ranks). Rank 0 writes metrics and checkpoints (under row sharding every
+    rank writes its shard's part); every rank evaluates its part of a split and all see the exact AUC.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
                  callbacks: list[Callable[[Trainer, TrainState], None]] | None = None,
-                 dist: ddp.DistContext = ddp.SINGLE) -> None:
+                 dist: ddp.DistContext = ddp.SINGLE, placement: TablePlacement | None = None) -> None:
         self.cfg = cfg
         self.dist = dist
         self.device = ddp.device_for(dist, cfg.device)
@@ -95,58 +97,38 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, cfg)
         self.state = TrainState()
         self._batch_l2 = cfg.embedding_l2 if cfg.embedding_l2_scope == "batch" else 0.0  # "table": in the optimiser
-        self._step_module: nn.Module = _WithPenalty(self.model, self._batch_l2 > 0)
         self._table = embedding_table(self.model)
         self._sparse_table = cfg.sparse and self._table is not None
-        self.exchange: sharding.RowExchange | None = None
-        if dist.enabled and self._sparse_table and cfg.embedding_sharding == "row":
-            self.exchange = sharding.RowExchange(self.model.embedding, dist)
-            self.model.embedding.row_source = self.exchange
-        self.sent_bytes = 0  # what this rank sent to the others for the embedding table (see _comm_record)
+        self.placement = placement or placement_for(cfg, dist)
+        self.placement.attach(self.model)
         self._comm_from_step, self._comm_from_bytes = 0, 0  # where this epoch's count started
+        self._dense: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = self.model.head
         if dist.enabled:
-            table = ["model.embedding.weight"] if self._sparse_table else []
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self._step_module, table)
-            if table and self.exchange is None:
-                ddp.broadcast_parameters(self._step_module, table)
-            self._step_module = torch.nn.parallel.DistributedDataParallel(
-                self._step_module, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self._dense = torch.nn.parallel.DistributedDataParallel(
+                _DenseLayers(self.model), device_ids=[self.device] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
-        """``last/``: weights, optimiser and RNG state, and ``state.json``. Under row sharding each rank's
-        weights (its shard) and optimiser state go to ``last/rank-R/``, and the directory is swapped in once
-        every rank has written."""
+        """``last/``: weights, optimiser and RNG state (each rank's part, as the placement decides), and rank 0's
+        ``state.json``, swapped in as one directory."""
 
-        def fill_weights(tmp: Path) -> None:
-            atomic_save_tensors(self.model.state_dict(), tmp / "model.safetensors")
+        def fill_weights(folder: Path) -> None:
+            atomic_save_tensors(self.model.state_dict(), folder / "model.safetensors")
             rng = {"rng": torch.get_rng_state()}
             if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
                 rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-            save_state(tmp / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers], **rng})
+            save_state(folder / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers], **rng})
 
-        def fill(tmp: Path) -> None:
-            if self.exchange is not None:
-                sharding.rank_dir(tmp, self.dist).mkdir()
-            fill_weights(sharding.rank_dir(tmp, self.dist) if self.exchange is not None else tmp)
-            if self.dist.is_main:
-                atomic_write_text(tmp / "state.json", json.dumps(self.state.__dict__.copy()))
+        def fill_main(folder: Path) -> None:
+            atomic_write_text(folder / "state.json", json.dumps(self.state.__dict__.copy()))
 
-        if self.exchange is not None:
-            sharding.write_directory(self.run_dir / "last", fill, self.dist)
-        elif self.dist.is_main:
-            atomic_directory(self.run_dir / "last", fill)
-
-    def _weights_dir(self, directory: Path) -> Path:
-        """Where this rank's weights of a checkpoint directory are (its own part under row sharding)."""
-        return sharding.checkpoint_part(directory, self.dist, sharded=self.exchange is not None)
+        self.placement.write_checkpoint(self.run_dir / "last", fill_weights, fill_main)
 
     def _load_checkpoint(self) -> bool:
         last = self.run_dir / "last"
         if not (last / "state.json").is_file():
             return False
-        weights = self._weights_dir(last)
+        weights = self.placement.weights_dir(last)
         self.model.load_state_dict(load_file(str(weights / "model.safetensors"), device=str(self.device)))
         saved = load_state(weights / "optimizers")
         for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
@@ -159,18 +141,6 @@ class Trainer:
         saved_state.setdefault("loss_weight", float(saved_state.get("loss_count", 0)))  # before weight_column
         self.state = TrainState(**saved_state)
         return True
-
-    def _best_weights(self) -> Path:
-        if self.exchange is None:
-            return self.run_dir / "best.safetensors"
-        return sharding.rank_dir(self.run_dir / "best", self.dist) / "model.safetensors"
-
-    def _save_best(self) -> None:
-        if self.exchange is not None:
-            sharding.write_directory(self.run_dir / "best", lambda tmp: atomic_save_tensors(
-                self.model.state_dict(), sharding.rank_dir(tmp, self.dist) / "model.safetensors"), self.dist)
-        elif self.dist.is_main:
-            atomic_save_tensors(self.model.state_dict(), self._best_weights())
 
     # ------------------------------------------------------------------ loop
     def fit(self, train: SplitArrays, valid: SplitArrays | None = None, *, resume: bool = False) -> TrainState:
@@ -193,10 +163,9 @@ class Trainer:
         self.log(f"Training on {self.device}{ranks} ({self.precision}), {len(train):,} rows, "
                  f"batch {self.batch_size}{auto}, optimiser {cfg.optimizer}"
                  f"{' (sparse embeddings)' if cfg.sparse else ''}{kernels}")
-        if self.exchange is not None:
-            emb = self.model.embedding
-            self.log(f"Embedding table row-sharded over {self.dist.world_size} ranks: rank 0 holds rows "
-                     f"{emb.rows[0]:,}-{emb.rows[1]:,} of {emb.num_rows:,}")
+        placed = self.placement.describe(self.model)
+        if placed:
+            self.log(placed)
         per_epoch = num_batches(len(train), self.batch_size)
         st = self.state
         while st.epoch < cfg.epochs and not st.finished:
@@ -207,7 +176,7 @@ class Trainer:
         st.finished = True
         self._save_checkpoint()
         self.dist.barrier()  # rank 0 has written best.safetensors
-        best = self._best_weights()
+        best = self.placement.best_weights(self.run_dir)
         if best.is_file():
             self.model.load_state_dict(load_file(str(best), device=str(self.device)))
         return st
@@ -216,7 +185,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.model.train()
         self._comm_from_step = st.step
-        self._comm_from_bytes = self.exchange.sent_bytes if self.exchange is not None else self.sent_bytes
+        self._comm_from_bytes = self.placement.sent_bytes
         t0 = time.perf_counter()
         batches = iterate_batches(train, self.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
                                   block_rows=cfg.shuffle_block_rows, start_batch=st.batch,
@@ -260,7 +229,9 @@ class Trainer:
         """One optimiser step on a batch (this rank's part of it). Returns, for the epoch's training log loss,
         this part's sum of losses (weighted by ``batch.weights`` when given) and its total weight."""
         with autocast(self.device, self.precision):
-            logits, penalty = self._step_module(*batch.tensors())
+            rows, square_excess, penalty = self.model.embedding.lookup(
+                *batch.tensors(), self._batch_l2 > 0, self.placement.rows_from)
+            logits = self._dense(rows, square_excess)
         assert batch.labels is not None
         loss_sum, loss = self._loss(logits.float(), batch.labels, batch.weights)
         total = loss + self._batch_l2 * penalty if self._batch_l2 else loss
@@ -268,15 +239,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         total.backward()
         weight = float(len(batch)) if batch.weights is None else batch.weights.detach().double().sum()
-        if self.exchange is not None:
-            self._step_sharded(self.exchange.push_gradients())
-            return loss_sum.detach().double(), weight
-        if self.dist.enabled and self._sparse_table:
-            self.sent_bytes += ddp.allreduce_sparse_grad(self.model.embedding.weight, self.dist.world_size)
-        if self.cfg.grad_clip_norm is not None:
-            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm)
-        for opt in self.optimizers:
-            opt.step()
+        self.placement.step(self.model, self.optimizers, self.cfg.grad_clip_norm)
         return loss_sum.detach().double(), weight
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None
@@ -300,23 +263,6 @@ class Trainer:
         batch_weight = ddp.sum_over_ranks(weights.detach().sum(), self.dist) / self.dist.world_size
         # a batch whose weights are all 0 has a loss of 0: no gradient, not 0 / 0
         return loss_sum, loss_sum / batch_weight.clamp_min(torch.finfo(torch.float32).tiny)
-
-    def _step_sharded(self, finish_gradients: Callable[[], None]) -> None:
-        """Row sharding: the dense layers' optimiser steps while the table's gradients travel to their owners
-        (unless clipping needs every gradient first), then the table's."""
-        table = self.model.embedding.weight
-        holds_table = [any(p is table for g in o.param_groups for p in g["params"]) for o in self.optimizers]
-        if self.cfg.grad_clip_norm is not None:
-            finish_gradients()
-            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip_norm, sharded=[table])
-        else:
-            for opt, has_table in zip(self.optimizers, holds_table, strict=True):
-                if not has_table:
-                    opt.step()
-            finish_gradients()
-        for opt, has_table in zip(self.optimizers, holds_table, strict=True):
-            if has_table or self.cfg.grad_clip_norm is not None:
-                opt.step()
 
     def _end_epoch(self, valid: SplitArrays | None) -> None:
         cfg, st = self.cfg, self.state
@@ -342,7 +288,7 @@ class Trainer:
             st.best_score = score if score is not None else st.best_score
             st.best_epoch = st.epoch + 1
             st.bad_epochs = 0
-            self._save_best()
+            self.placement.save_best(self.run_dir, self.model.state_dict)
         else:
             st.bad_epochs += 1
             if st.bad_epochs > cfg.lr_plateau_patience:
@@ -365,7 +311,7 @@ class Trainer:
         traffic is not observable). Empty for one process."""
         if not self.dist.enabled:
             return {}
-        sent = self.exchange.sent_bytes if self.exchange is not None else self.sent_bytes
+        sent = self.placement.sent_bytes
         steps = max(self.state.step - self._comm_from_step, 1)
         per_rank = ddp.gather_rows(np.array([(sent - self._comm_from_bytes) / steps]), self.dist)
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters()
@@ -391,12 +337,9 @@ class Trainer:
         shard = ddp.shard_bounds(len(split), self.dist)
         batches = iterate_batches(split, self.cfg.eval_batch_size, prefetch=self.cfg.prefetch_batches,
                                   rows=shard)
-        local = sigmoid(predict_logits(self.model, batches, self.device, self.precision))
-        if self.exchange is not None:  # every rank joins as many lookups as rank 0 (which has the most rows)
-            longest = ddp.shard_bounds(len(split), ddp.DistContext(0, self.dist.world_size))[1]
-            mine = shard[1] - shard[0]
-            for _ in range(num_batches(longest, self.cfg.eval_batch_size) - num_batches(mine, self.cfg.eval_batch_size)):
-                self.exchange.join_empty()
+        local = sigmoid(predict_logits(self.placement.scoring_model(self.model), batches, self.device,
+                                       self.precision))
+        self.placement.join_evaluation(len(split), self.cfg.eval_batch_size)
         return ddp.gather_rows(local, self.dist)
 
     def evaluate(self, split: SplitArrays, probs: np.ndarray | None = None) -> dict[str, float]:

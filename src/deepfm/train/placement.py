@@ -1,0 +1,276 @@
+"""How the embedding table is held across ranks: one object per way, behind one interface.
+
+``Replicated`` (``train.embedding_sharding: replicated``, and every one-process run): each rank holds the whole
+table; after backward its gradient is averaged over ranks (the sparse rows a batch touched, gathered by
+``distributed.allreduce_sparse_grad``, or the dense gradient all-reduced) and every rank steps it alike.
+
+``RowSharded`` (``embedding_sharding: row`` over several ranks): each rank holds a contiguous shard of the rows
+and their optimiser state; a ``sharding.RowExchange`` fetches a batch's rows from their owners and sends their
+gradients back; checkpoints are written per rank, and the model directory gets the whole table streamed to rank
+0 block by block.
+
+Everything that differs between the two lives here: which rows this rank builds, where a lookup's rows come
+from (``rows_from``), the optimiser step after backward, checkpoint parts, the best weights, evaluation's extra
+lookups, writing the model directory, what a warm start (``--init-from``) may do. The trainer and the pipeline
+call a placement and never ask which one it is; ``placement_for`` is the one place that chooses. In both, the
+table stays out of the module DDP wraps (``Trainer``): its gradient is sparse, or travels by the row exchange.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepfm.config import TrainConfig
+from deepfm.data.loader import num_batches
+from deepfm.errors import ConfigError
+from deepfm.io import StreamedTensor, atomic_directory, atomic_save_tensors
+from deepfm.model.embedding import RowSource, embedding_table
+from deepfm.train import distributed as ddp
+from deepfm.train import sharding
+from deepfm.train.optim import clip_grad_norm
+
+# what ``write_model`` hands to its writer: nothing, or the streamed table and optimiser state (see save_model)
+ModelWriter = Callable[..., None]
+
+
+class TablePlacement:
+    """The interface; see the module docstring. ``rows_from`` is None where the model reads its own table."""
+
+    rows_from: RowSource | None = None
+
+    def __init__(self, ctx: ddp.DistContext) -> None:
+        self.ctx = ctx
+        self._sent = 0
+
+    @property
+    def sent_bytes(self) -> int:
+        """What this rank has sent to the others for the table (see ``Trainer._comm_record``)."""
+        return self._sent
+
+    def table_rows(self, num_rows: int) -> tuple[int, int] | None:
+        """The rows of the table this rank builds; None: all of them."""
+        return None
+
+    def check_init_from(self, init_from: str | Path | None) -> None:
+        """Refuse a warm start this placement cannot do, before any rank joins the others."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Make the model's table ready for training on this rank (called once the model is on its device)."""
+
+    def describe(self, model: nn.Module) -> str | None:
+        """A line for the training log, or None."""
+        return None
+
+    def step(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], clip_norm: float | None) -> None:
+        """After backward: move the table's gradient where it belongs, clip, and step every optimiser."""
+        raise NotImplementedError
+
+    def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
+                         fill_main: Callable[[Path], None]) -> None:
+        """Swap in ``final``: ``fill_weights(folder)`` writes this rank's weights and optimiser state,
+        ``fill_main(folder)`` what only rank 0 writes (``state.json``)."""
+        raise NotImplementedError
+
+    def weights_dir(self, directory: Path) -> Path:
+        """Where this rank's weights of a checkpoint directory are; a clear error for another placement's."""
+        raise NotImplementedError
+
+    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def best_weights(self, run_dir: Path) -> Path:
+        """This rank's weights of the best epoch (``save_best``)."""
+        raise NotImplementedError
+
+    def scoring_model(self, model: nn.Module) -> nn.Module:
+        """What evaluation runs on this rank's rows of a split."""
+        return model
+
+    def join_evaluation(self, split_rows: int, batch_size: int) -> None:
+        """After this rank scored its share of a split (``ddp.shard_bounds``) in batches of ``batch_size``."""
+
+    def write_model(self, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None,
+                    write: ModelWriter) -> bool:
+        """Rank 0 calls ``write(**streamed)`` (``streamed``: keyword arguments of ``save_model`` for a table it
+        does not hold whole); the other ranks do their part. Returns whether ``write`` ran here."""
+        raise NotImplementedError
+
+
+class Replicated(TablePlacement):
+    def __init__(self, ctx: ddp.DistContext, sparse: bool) -> None:
+        super().__init__(ctx)
+        self.sparse = sparse
+
+    def attach(self, model: nn.Module) -> None:
+        table = embedding_table(model)
+        if self.ctx.enabled and table is not None:  # rank 0's initial values (DDP syncs the dense layers)
+            dist.broadcast(table.data, src=0)
+
+    def step(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], clip_norm: float | None) -> None:
+        table = embedding_table(model)
+        if self.ctx.enabled and table is not None:
+            if self.sparse:
+                self._sent += ddp.allreduce_sparse_grad(table, self.ctx.world_size)
+            elif table.grad is not None:
+                table.grad = ddp.sum_over_ranks(table.grad, self.ctx) / self.ctx.world_size
+        if clip_norm is not None:
+            clip_grad_norm(list(model.parameters()), clip_norm)
+        for opt in optimizers:
+            opt.step()
+
+    def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
+                         fill_main: Callable[[Path], None]) -> None:
+        def fill(tmp: Path) -> None:
+            fill_weights(tmp)
+            fill_main(tmp)
+
+        if self.ctx.is_main:
+            atomic_directory(final, fill)
+
+    def weights_dir(self, directory: Path) -> Path:
+        return sharding.checkpoint_part(directory, self.ctx, sharded=False)
+
+    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        if self.ctx.is_main:
+            atomic_save_tensors(state(), self.best_weights(run_dir))
+
+    def best_weights(self, run_dir: Path) -> Path:
+        return run_dir / "best.safetensors"
+
+    def write_model(self, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None,
+                    write: ModelWriter) -> bool:
+        if self.ctx.is_main:
+            write()
+        return self.ctx.is_main
+
+
+class RowSharded(TablePlacement):
+    def __init__(self, ctx: ddp.DistContext) -> None:
+        super().__init__(ctx)
+        self.exchange: sharding.RowExchange | None = None
+
+    def table_rows(self, num_rows: int) -> tuple[int, int] | None:
+        return ddp.shard_bounds(num_rows, self.ctx)
+
+    def check_init_from(self, init_from: str | Path | None) -> None:
+        if init_from is not None:
+            raise ConfigError(f"--init-from {init_from}: training further with train.embedding_sharding: row is "
+                              "not supported yet (it would load the whole parent table on every rank); train "
+                              "further with embedding_sharding: replicated")
+
+    def attach(self, model: nn.Module) -> None:
+        self.exchange = sharding.RowExchange(model.embedding, self.ctx)
+        self.rows_from = self.exchange
+
+    def _exchange(self) -> sharding.RowExchange:
+        if self.exchange is None:
+            raise RuntimeError("RowSharded placement used before attach(model)")
+        return self.exchange
+
+    @property
+    def sent_bytes(self) -> int:
+        return 0 if self.exchange is None else self.exchange.sent_bytes
+
+    def describe(self, model: nn.Module) -> str | None:
+        emb = model.embedding
+        return (f"Embedding table row-sharded over {self.ctx.world_size} ranks: rank 0 holds rows "
+                f"{emb.rows[0]:,}-{emb.rows[1]:,} of {emb.num_rows:,}")
+
+    def step(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], clip_norm: float | None) -> None:
+        """The dense layers' optimiser steps while the table's gradients travel to their owners (unless clipping
+        needs every gradient first), then the table's."""
+        finish_gradients = self._exchange().push_gradients()
+        table = embedding_table(model)
+        holds_table = [any(p is table for g in o.param_groups for p in g["params"]) for o in optimizers]
+        if clip_norm is not None:
+            finish_gradients()
+            clip_grad_norm(list(model.parameters()), clip_norm, sharded=[table])
+        else:
+            for opt, has_table in zip(optimizers, holds_table, strict=True):
+                if not has_table:
+                    opt.step()
+            finish_gradients()
+        for opt, has_table in zip(optimizers, holds_table, strict=True):
+            if has_table or clip_norm is not None:
+                opt.step()
+
+    def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
+                         fill_main: Callable[[Path], None]) -> None:
+        """Each rank's weights (its shard) and optimiser state go to ``final/rank-R/``; the directory is swapped in
+        once every rank has written."""
+        def fill(tmp: Path) -> None:
+            own = sharding.rank_dir(tmp, self.ctx)
+            own.mkdir()
+            fill_weights(own)
+            if self.ctx.is_main:
+                fill_main(tmp)
+
+        sharding.write_directory(final, fill, self.ctx)
+
+    def weights_dir(self, directory: Path) -> Path:
+        return sharding.checkpoint_part(directory, self.ctx)
+
+    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        sharding.write_directory(run_dir / "best", lambda tmp: atomic_save_tensors(
+            state(), sharding.rank_dir(tmp, self.ctx) / "model.safetensors"), self.ctx)
+
+    def best_weights(self, run_dir: Path) -> Path:
+        return sharding.rank_dir(run_dir / "best", self.ctx) / "model.safetensors"
+
+    def scoring_model(self, model: nn.Module) -> nn.Module:
+        return _FetchingRows(model, self._exchange())
+
+    def join_evaluation(self, split_rows: int, batch_size: int) -> None:
+        """Every rank joins as many lookups as rank 0, which has the most rows."""
+        longest = ddp.shard_bounds(split_rows, ddp.DistContext(0, self.ctx.world_size))[1]
+        lo, hi = ddp.shard_bounds(split_rows, self.ctx)
+        for _ in range(num_batches(longest, batch_size) - num_batches(hi - lo, batch_size)):
+            self._exchange().join_empty()
+
+    def write_model(self, model: nn.Module, optimizers: list[torch.optim.Optimizer] | None,
+                    write: ModelWriter) -> bool:
+        """The table and its optimiser state reach rank 0 block by block, as it writes them; meanwhile the other
+        ranks send their rows."""
+        streamed: dict[str, Any] = {"table_blocks": sharding.table_blocks(model.embedding, self.ctx)}
+        if optimizers is not None:
+            streamed["optimizer_streams"] = sharding.optimizer_streams(optimizers, model.embedding, self.ctx)
+        if self.ctx.is_main:
+            write(**streamed)
+            return True
+        for blocks in _every_block(streamed):
+            for _ in blocks:  # sends this rank's rows
+                pass
+        return False
+
+
+def _every_block(streamed: dict[str, Any]) -> Iterator[Iterator[torch.Tensor]]:
+    """The block iterators of ``write_model``'s streams, in the order rank 0 consumes them."""
+    yield streamed["table_blocks"]
+    for stream in streamed.get("optimizer_streams", []):
+        assert isinstance(stream, StreamedTensor)
+        yield iter(stream.blocks)
+
+
+class _FetchingRows(nn.Module):
+    """A row-sharded model for scoring: its forward fetches the batch's rows from their owners."""
+
+    def __init__(self, model: nn.Module, exchange: RowSource) -> None:
+        super().__init__()
+        self.model = model
+        self.exchange = exchange
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs, rows_from=self.exchange)
+
+
+def placement_for(cfg: TrainConfig, ctx: ddp.DistContext) -> TablePlacement:
+    """The placement this config asks for on these ranks: the one place that chooses."""
+    if ctx.enabled and cfg.embedding_sharding == "row":
+        return RowSharded(ctx)
+    return Replicated(ctx, sparse=cfg.sparse)
