@@ -8,7 +8,6 @@ import io
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,11 +16,11 @@ import yaml
 import _serve_models as models
 from conftest import criteo_config_dict
 from deepfm.cli import build_parser, main
-from deepfm.config import config_from_dict
+from deepfm.config import TrainConfig, config_from_dict
 from deepfm.errors import ConfigError
 from deepfm.pipeline import default_output, train
 from deepfm.progress import progress_bar
-from deepfm.train.trainer import Trainer
+from deepfm.train.optim import LearningRateOnPlateau
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TSV = models.CRITEO / "data" / "test.tsv"
@@ -96,9 +95,9 @@ def test_default_output_is_named_after_the_config_or_its_folder(tmp_path, capsys
 def _reduce(factor: float, lr: float, min_lr: float = 1e-6) -> tuple[float, list[str]]:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     messages: list[str] = []
-    fake = SimpleNamespace(optimizers=[opt], cfg=SimpleNamespace(lr_plateau_factor=factor, min_lr=min_lr,
-                                                                 monitor="auc"), log=messages.append)
-    Trainer._reduce_lr(fake)  # type: ignore[arg-type]
+    plateau = LearningRateOnPlateau([opt], TrainConfig(lr_plateau_factor=factor, min_lr=min_lr), messages.append)
+    plateau.step(0.7)  # the first epoch's score: the best so far
+    plateau.step(0.7)  # no gain
     return opt.param_groups[0]["lr"], messages
 
 

@@ -86,6 +86,30 @@ def test_resume_after_a_kill_mid_epoch_gives_the_same_model(tmp_path):
                                for r, r2 in zip(full.history, resumed.history)]
 
 
+def test_resume_restores_the_learning_rate_schedule(tmp_path):
+    """No epoch beats the first by min_delta 0.5: with lr_plateau_patience 1 the rate halves after the second
+    epoch without gain (epoch 3), and a run killed in epoch 3 must resume knowing epoch 2 was one of them."""
+    raw = _small(tmp_path, checkpoint_every_steps=5, epochs=4, patience=10, min_delta=0.5, lr_plateau_patience=1,
+                 lr_plateau_factor=0.5, lr=0.002)
+    messages: list[str] = []
+    full = train(config_from_dict(raw), tmp_path / "full", log=messages.append)
+    assert [r["lr"] for r in full.history] == [0.002, 0.002, 0.002, 0.001]
+    assert messages.count("Validation AUC did not improve: learning rate 2.00e-03 -> 1.00e-03") == 1
+
+    def kill_in_epoch_3(trainer, state):
+        if state.step == 33:  # 15 batches per epoch; the last checkpoint is the end of epoch 2
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(raw), out, callbacks=[kill_in_epoch_3], **QUIET)
+    resumed = train(config_from_dict(raw), out, resume=True, **QUIET)
+    assert [r["lr"] for r in resumed.history] == [0.002, 0.002, 0.002, 0.001]
+    wa = load_file(str(full.model_dir / "model.safetensors"))
+    wb = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_predict_keeps_ids_aligned_with_rows(tmp_path):
     res = train(config_from_dict(_small(tmp_path, epochs=1)), tmp_path / "m", **QUIET)
     frame = pl.read_csv(CRITEO / "data" / "test.tsv", separator="\t", has_header=False,

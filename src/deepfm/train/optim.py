@@ -7,6 +7,9 @@ rows in the batch (``RowwiseAdam``: SparseAdam's lazy Adam, fused; Adagrad's spa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -195,3 +198,38 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     else:
         opts.append(ProximalAdagrad(table + dense, lr=cfg.lr, l1=cfg.l1, l2=cfg.l2))
     return opts
+
+
+class LearningRateOnPlateau:
+    """The learning rate times ``lr_plateau_factor`` (not below ``min_lr``) when the monitored validation score
+    has not improved by more than ``min_delta`` for more than ``lr_plateau_patience`` epochs: torch's
+    ``ReduceLROnPlateau``, one per optimiser (each scheduler drives one), all given the same score. ``say`` gets
+    a line only when the rate changed (a factor of 1.0, or a rate already at ``min_lr``, changes nothing)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, say: Callable[[str], None],
+                 monitor: str = "AUC") -> None:
+        self.optimizers = optimizers
+        self.say = say
+        self.monitor = monitor
+        # torch refuses a factor of 1.0, which here means "never reduce"
+        self.schedulers = [] if cfg.lr_plateau_factor >= 1.0 else [
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max", factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience,
+                threshold=cfg.min_delta, threshold_mode="abs", min_lr=cfg.min_lr, eps=0.0)
+            for opt in optimizers]
+
+    def step(self, score: float) -> None:
+        """After an epoch's validation, with its monitored score."""
+        before = self.optimizers[0].param_groups[0]["lr"]
+        for scheduler in self.schedulers:
+            scheduler.step(score)
+        after = self.optimizers[0].param_groups[0]["lr"]
+        if after != before:
+            self.say(f"Validation {self.monitor} did not improve: learning rate {before:.2e} -> {after:.2e}")
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [s.state_dict() for s in self.schedulers]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        for scheduler, state in zip(self.schedulers, states, strict=True):
+            scheduler.load_state_dict(state)

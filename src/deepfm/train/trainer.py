@@ -35,7 +35,7 @@ from deepfm.progress import progress_bar
 from deepfm.runtime import autocast, predict_logits, resolve_precision, sigmoid
 from deepfm.train import distributed as ddp
 from deepfm import native
-from deepfm.train.optim import build_optimizers
+from deepfm.train.optim import LearningRateOnPlateau, build_optimizers
 from deepfm.train.placement import TablePlacement, placement_for
 
 
@@ -95,6 +95,7 @@ class Trainer:
         self.log = log if dist.is_main else (lambda _msg: None)
         self.callbacks = callbacks or []
         self.optimizers = build_optimizers(self.model, cfg)
+        self.plateau = LearningRateOnPlateau(self.optimizers, cfg, self.log, _MONITOR[cfg.monitor])
         self.state = TrainState()
         self._batch_l2 = cfg.embedding_l2 if cfg.embedding_l2_scope == "batch" else 0.0  # "table": in the optimiser
         self._table = embedding_table(self.model)
@@ -117,7 +118,8 @@ class Trainer:
             rng = {"rng": torch.get_rng_state()}
             if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
                 rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-            save_state(folder / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers], **rng})
+            save_state(folder / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers],
+                                               "plateau": self.plateau.state_dict(), **rng})
 
         def fill_main(folder: Path) -> None:
             atomic_write_text(folder / "state.json", json.dumps(self.state.__dict__.copy()))
@@ -133,6 +135,8 @@ class Trainer:
         saved = load_state(weights / "optimizers")
         for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(optimizer_state_from_json(st))
+        if "plateau" in saved:  # (checkpoints written before the scheduler start it afresh)
+            self.plateau.load_state_dict(saved["plateau"])
         torch.set_rng_state(saved["rng"])
         if self.device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
@@ -283,6 +287,8 @@ class Trainer:
             score = m["auc"] - m["logloss"] if cfg.monitor == "auc-logloss" else m["auc"]
             improved = score > st.best_score + cfg.min_delta
         self.log(_format_record(record))
+        if score is not None:
+            self.plateau.step(score)
         if improved:
             st.best_auc = record.get("valid_auc", st.best_auc)
             st.best_score = score if score is not None else st.best_score
@@ -291,8 +297,6 @@ class Trainer:
             self.placement.save_best(self.run_dir, self.model.state_dict)
         else:
             st.bad_epochs += 1
-            if st.bad_epochs > cfg.lr_plateau_patience:
-                self._reduce_lr()
             if st.bad_epochs >= cfg.patience:  # as Keras / FuxiCTR: stop after `patience` epochs without gain
                 self.log(f"Early stopping: no validation {_MONITOR[cfg.monitor]} gain for {st.bad_epochs} epoch(s); "
                          f"best was epoch {st.best_epoch} (AUC {st.best_auc:.5f})")
@@ -319,18 +323,6 @@ class Trainer:
         world = self.dist.world_size
         return {"table_sent_bytes_per_step": [round(float(b)) for b in per_rank],
                 "dense_allreduce_bytes_per_step": round(2 * (world - 1) / world * dense)}
-
-    def _reduce_lr(self) -> None:
-        """Multiply the learning rate by ``lr_plateau_factor`` (not below ``min_lr``); say so only when it
-        changed (a factor of 1.0, or a rate already at ``min_lr``, changes nothing)."""
-        before = self.optimizers[0].param_groups[0]["lr"]
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = max(group["lr"] * self.cfg.lr_plateau_factor, self.cfg.min_lr)
-        after = self.optimizers[0].param_groups[0]["lr"]
-        if after != before:
-            self.log(f"Validation {_MONITOR[self.cfg.monitor]} did not improve: learning rate {before:.2e} -> "
-                     f"{after:.2e}")
 
     def predict(self, split: SplitArrays) -> np.ndarray:
         """Probabilities for every row of a prepared split, in row order (every rank gets all of them)."""
