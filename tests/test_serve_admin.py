@@ -80,7 +80,7 @@ def test_reload_loads_only_under_the_root_and_names_no_path(client, root):
         assert str(root.parent) not in resp.text and "outside" not in resp.text
     assert len(bodies) == 1  # one answer whether the path exists or not
     inside_missing = client.post("/v1/reload", json={"model_dir": "nope"}, headers=ADMIN)
-    assert inside_missing.status_code == 400 and "still serving" in inside_missing.json()["detail"]
+    assert inside_missing.status_code == 404 and "still serving" in inside_missing.json()["detail"]
     assert client.get("/v1/model").json()["path"] == str((root / "served").resolve())
 
 

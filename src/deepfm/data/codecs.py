@@ -70,6 +70,14 @@ def number_problem(v: int | float) -> str | None:
     return None
 
 
+# The JSON schemas of request values say exactly what ``request_value`` accepts (the per-model OpenAPI
+# document is built from them): numbers within float32, and numeric text of a form that cannot leave it
+# (at most 29 digits before the point and a positive exponent of one digit: under 1e38).
+NUMBER_SCHEMA = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+NUMERIC_TEXT = r"^ *([+-]?([0-9]{1,29}(\.[0-9]*)?|\.[0-9]+)([eE](\+?[0-9]|-[0-9]+))?)? *$"
+_NUMERIC_TEXT = re.compile(NUMERIC_TEXT)
+
+
 def float_token(v: float) -> str:
     """The category text of a float: integral values as their integer text (as a Parquet float id column is
     read), others as polars writes the float."""
@@ -243,7 +251,7 @@ class CategoricalCodec(IdCodec):
         if isinstance(v, str):
             return v, None
         if _is_number(v):
-            problem = number_problem(v) if isinstance(v, float) else None
+            problem = number_problem(v)
             if problem:
                 return None, problem
             try:
@@ -256,7 +264,7 @@ class CategoricalCodec(IdCodec):
         return pl.Series(self.name, values, dtype=pl.Utf8), []
 
     def request_schema(self) -> dict[str, Any]:
-        return {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}],
+        return {"anyOf": [{"type": "string"}, NUMBER_SCHEMA, {"type": "null"}],
                 "description": "a category: text, or a number (an integral one is its integer text)"}
 
 
@@ -278,8 +286,12 @@ class _Numeric:
         return [Check(self.name, _bad_number_expr(pl.col(self.name), dtype), "is not a finite number")]
 
     def request_value(self, v: Any) -> tuple[Any, str | None]:
-        if isinstance(v, str):
-            return v, None  # numeric text: parsed and checked by the columnar engine, as in a CSV file
+        if isinstance(v, str):  # numeric text: parsed by the columnar engine, as in a CSV file
+            if _NUMERIC_TEXT.fullmatch(v) is None:
+                return None, (f"numeric text {v[:40]!r} is not a decimal number within float32 (like '17', "
+                              "'-0.5' or '2.5e-3': at most 29 digits before the point, exponent at most 9); "
+                              "send larger values as JSON numbers")
+            return v, None
         if _is_number(v):
             problem = number_problem(v)
             return (None, problem) if problem else (float(v), None)
@@ -289,7 +301,8 @@ class _Numeric:
         return not isinstance(v, str)
 
     def request_schema(self) -> dict[str, Any]:
-        return {"anyOf": [{"type": "number"}, {"type": "string", "description": "numeric text, as in a CSV file"},
+        return {"anyOf": [NUMBER_SCHEMA, {"type": "string", "pattern": NUMERIC_TEXT,
+                                          "description": "numeric text, as in a CSV file ('' is missing)"},
                           {"type": "null"}]}
 
     def request_column(self, values: list[Any], sep: str, wsep: str) -> tuple[pl.Series, list[tuple[int, str]]]:
@@ -519,7 +532,7 @@ class MultiCodec(Codec):
 
     def request_schema(self) -> dict[str, Any]:
         tag = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
-        pair = {"type": "array", "prefixItems": [tag, {"type": "number"}], "minItems": 2, "maxItems": 2}
+        pair = {"type": "array", "prefixItems": [tag, NUMBER_SCHEMA], "minItems": 2, "maxItems": 2}
         return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [*tag["anyOf"], pair]}},
                           {"type": "null"}],
                 "description": "tags: a list of tags or [tag, weight] pairs, or the text form 'a:1.0^b'"}

@@ -24,8 +24,11 @@ def serving(request: Request) -> ServingState:
 
 
 State = Annotated[ServingState, Depends(serving)]
-ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                                           422: {"model": ErrorResponse}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in (
+        (400, "malformed JSON, a body that is not a JSON object, or JSON nested too deep"),
+        (408, "the body did not arrive in time"), (413, "too many rows or too large a body"),
+        (422, "a value that is wrong for its field (the message names the row and the field)"))}
 router = APIRouter(route_class=LimitedRoute)
 
 
@@ -73,7 +76,10 @@ async def model_info(state: State) -> JSONResponse:
 
 
 @router.post("/v1/reload", response_model=ModelInfo, dependencies=[Depends(require_admin)],
-             responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+             responses={**ERRORS, **{code: {"model": ErrorResponse, "description": text} for code, text in (
+                 (401, "no admin token"), (403, "a wrong token, the endpoint off, or a path outside the root"),
+                 (404, "no such directory under the root"), (409, "the directory holds no model this server "
+                                                                  "can load; the current one keeps serving"))}},
              summary="Load a model directory (under the allowed root) fully, then swap it in without dropping "
                      "requests; needs the admin token")
 async def reload(state: State, body: ReloadRequest | None = None) -> JSONResponse:
@@ -82,8 +88,9 @@ async def reload(state: State, body: ReloadRequest | None = None) -> JSONRespons
         served = await run_in_threadpool(state.reload, path)
     except (DeepFMError, OSError, ValueError, KeyError, TypeError) as err:
         # the caller holds the admin token and the path is under the root: the reason is theirs to read
-        raise RequestError(400, f"could not load the model directory; still serving version "
-                                f"{state.model.version}: {err}") from None
+        status = 409 if (path or state.path).is_dir() else 404
+        raise RequestError(status, f"could not load the model directory; still serving version "
+                                   f"{state.model.version}: {err}") from None
     return JSONResponse(served.info(state.settings.max_rows))
 
 
