@@ -111,6 +111,8 @@ class Store:
 
 
 _FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 
 
 def filesystem(url: str, store: Store = Store()) -> tuple[pafs.FileSystem, str, str]:
@@ -121,7 +123,9 @@ def filesystem(url: str, store: Store = Store()) -> tuple[pafs.FileSystem, str, 
     name = f"{scheme}://{bucket}{parts.path}"  # userinfo (a key pasted into a URL) never reaches a name
     if scheme == "s3":
         endpoint = store.endpoint()
-        key = ("s3", endpoint, parts.username, parts.password)
+        # the SDK reads the environment's credentials when the filesystem is made: a changed key is a new one
+        env = hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CREDENTIAL_VARS).encode()).hexdigest()
+        key = ("s3", endpoint, parts.username, parts.password, env)
         if key not in _FILESYSTEMS:
             _FILESYSTEMS[key] = _s3(endpoint, parts.username, parts.password)
         return _FILESYSTEMS[key], f"{bucket}{parts.path}", name
@@ -251,6 +255,7 @@ def _resolve_remote(entry: str, store: Store) -> list[Source]:
         if info.type == pafs.FileType.File and not wild:
             return [Source(name, fs, inner, info.size, info.mtime_ns)]
         if info.type == pafs.FileType.NotFound:
+            _check_bucket(fs, inner, entry)
             return []
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except OSError as err:
@@ -258,6 +263,13 @@ def _resolve_remote(entry: str, store: Store) -> list[Source]:
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     files = [i for i in files if not _hidden_below(i.path, base) and (not wild or matches(inner, i.path))]
     return [Source(prefix + i.path, fs, i.path, i.size, i.mtime_ns, partitions_of(i.path, base)) for i in files]
+
+
+def _check_bucket(fs: pafs.FileSystem, inner: str, entry: str) -> None:
+    """A spec that matches nothing in an object store: say so plainly when its bucket is what is missing."""
+    bucket = inner.split("/", 1)[0]
+    if isinstance(fs, pafs.S3FileSystem) and bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise DataError("the bucket does not exist", path=display(entry))
 
 
 def store_error(err: BaseException) -> str:
