@@ -51,7 +51,7 @@ def plot_pairs(report: dict[str, Any], path: Path) -> None:
     fig, (ax, ax_top) = plt.subplots(1, 2, figsize=(size + 4.5, size), gridspec_kw={"width_ratios": [size, 3.2]})
     image = ax.imshow(shown, cmap="viridis", interpolation="nearest")
     ticks = np.arange(n)
-    label_size = 8 if n <= 24 else 6
+    label_size = 8 if n <= 24 else 7
     ax.set_xticks(ticks, fields, rotation=90, fontsize=label_size)
     ax.set_yticks(ticks, fields, fontsize=label_size)
     ax.set_title("Field-pair FM interaction: mean |<e_i, e_j>|")
@@ -82,12 +82,12 @@ def format_tables(report: dict[str, Any], top_pairs: int = TOP_PAIRS) -> str:
     metrics = [m for m in ("auc", "gauc") if m in report["base"]]
     base = ", ".join(f"{k} {v:.4f}" for k, v in report["base"].items())
     lines = [f"{report['rows']:,} rows ({base}); {report['seeds']} shuffles per field", "",
-             f"{'field':16s} " + " ".join(f"{m + ' drop':>22s}" for m in metrics)
+             f"{'field':16s} " + " ".join(f"{m + ' drop [95% interval]':>26s}" for m in metrics)
              + f" {'logloss rise':>13s} {'missing: auc drop':>18s}"]
     for r in report["importance"]:
         cells = [f"{r[m + '_drop']:+.4f} [{r[m + '_drop_interval'][0]:+.4f},{r[m + '_drop_interval'][1]:+.4f}]"
                  for m in metrics]
-        lines.append(f"{r['field']:16s} " + " ".join(f"{c:>22s}" for c in cells)
+        lines.append(f"{r['field']:16s} " + " ".join(f"{c:>26s}" for c in cells)
                      + f" {r['logloss_increase']:+13.5f} {r['auc_drop_missing']:+18.4f}")
     lines += ["", f"{'strongest field pairs':33s} {'mean |FM|':>10s} {'mean FM':>10s}"]
     for p in report["pairs"][:top_pairs]:
