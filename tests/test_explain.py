@@ -246,3 +246,35 @@ def test_classifier_explain_returns_a_frame_of_the_inputs_kind():
     as_polars = clf.explain(frame)
     assert isinstance(as_polars, pl.DataFrame)
     np.testing.assert_array_equal(as_polars.to_numpy(), got.to_numpy())
+
+
+def test_server_explanation_equals_predict_explain(tmp_path):
+    """``"explain": true`` gives each row the attributions ``deepfm predict --explain`` writes for it; off by
+    default, and over its own row limit a 413."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from deepfm.serve.app import create_app
+    from deepfm.serve.settings import ServeSettings
+
+    rows = models.multi_rows(40, 13)
+    data = models.write_csv(tmp_path / "rows.csv", rows)
+    out = tmp_path / "pred.csv"
+    subprocess.run([sys.executable, "-m", "deepfm", "predict", str(models.multi_model()), str(data), "--output",
+                    str(out), "--explain"], check=True, capture_output=True, timeout=300)
+    expected = pl.read_csv(out)
+    client = TestClient(create_app(models.multi_model(), ServeSettings(max_explain_rows=40)))
+    body = [{"id": i, "features": {c: v for c, v in zip(models.MULTI_COLUMNS[1:], r[1:]) if v != ""}}
+            for i, r in enumerate(rows)]
+    resp = client.post("/v1/predict", json={"rows": body, "explain": True})
+    assert resp.status_code == 200, resp.text
+    preds = resp.json()["predictions"]
+    names = [c for c in expected.columns if c.startswith("attr_")]
+    assert list(preds[0]["attributions"]) == names
+    got = np.array([[p["attributions"][c] for c in names] for p in preds])
+    np.testing.assert_allclose(got, expected.select(names).to_numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose([p["probability"] for p in preds], expected["probability"].to_numpy(), rtol=1e-12)
+    plain = client.post("/v1/predict", json={"rows": body[:3]}).json()["predictions"]
+    assert all("attributions" not in p or p["attributions"] is None for p in plain)
+    too_many = client.post("/v1/predict", json={"rows": body + body[:1], "explain": True})
+    assert too_many.status_code == 413 and "explain" in too_many.text

@@ -15,6 +15,7 @@ A value's encoding never depends on the other rows of the request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,11 +82,24 @@ def request_codecs(codecs: list[Codec], data: DataConfig) -> list[Codec]:
 
 def frame_probs(predictor: Predictor, rows: list[dict[str, Any]]) -> np.ndarray:
     """Probabilities of validated rows through ``Predictor.predict_proba`` (the ``deepfm predict`` path)."""
+    return _on_frame(predictor, rows, predictor.predict_proba)
+
+
+def frame_attributions(predictor: Predictor, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-row attributions of validated rows (``attr_bias``, ``attr_<field>``): the encoder and
+    ``deepfm.explain.explain_rows`` that ``deepfm predict --explain`` uses."""
+    from deepfm.explain import explain_rows
+
+    return _on_frame(predictor, rows, lambda frame: explain_rows(predictor, frame).to_dict(as_series=False))
+
+
+def _on_frame(predictor: Predictor, rows: list[dict[str, Any]], score: Callable[[pl.DataFrame], Any]) -> Any:
+    """``score`` of the request frame of validated rows; an encoder error becomes a 422 naming row and field."""
     cfg = predictor.config
     codecs = request_codecs(predictor.loaded.encoder.codecs, cfg.data)
     frame = build_frame(rows, codecs, cfg.data.multi_value_separator, cfg.data.weight_separator)
     try:
-        return predictor.predict_proba(frame)
+        return score(frame)
     except DataError as err:
         row = None if err.line is None else err.line - 1
         raise RequestError(422, [ErrorItem(row, err.field, err.reason)]) from None

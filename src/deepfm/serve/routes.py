@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from deepfm.errors import DeepFMError
 from deepfm.serve.admin import require_admin, under_root
-from deepfm.serve.encode import frame_probs
+from deepfm.serve.encode import frame_attributions, frame_probs
 from deepfm.serve.errors import Problems, RequestError
 from deepfm.serve.limits import LimitedRoute
 from deepfm.serve.schemas import ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse, ReloadRequest
@@ -63,11 +63,18 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
     n = len(body.rows)
     if n > state.settings.max_rows:
         raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_rows:,} rows per request")
+    if body.explain and n > state.settings.max_explain_rows:
+        raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_explain_rows:,} rows per "
+                                "request with \"explain\": true")
     rows = served.validate([r.features for r in body.rows])
     probs = await probabilities(state, served, rows)
     check_finite(probs)
-    return JSONResponse({"model_version": served.version,
-                         "predictions": [{"id": r.id, "probability": p} for r, p in zip(body.rows, probs.tolist())]})
+    predictions = [{"id": r.id, "probability": p} for r, p in zip(body.rows, probs.tolist())]
+    if body.explain and n:
+        columns = await run_in_threadpool(frame_attributions, served.predictor, rows)
+        for i, pred in enumerate(predictions):
+            pred["attributions"] = {name: values[i] for name, values in columns.items()}
+    return JSONResponse({"model_version": served.version, "predictions": predictions})
 
 
 @router.get("/v1/model", response_model=ModelInfo, summary="The model being served")

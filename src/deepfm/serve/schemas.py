@@ -63,11 +63,15 @@ class PredictRequest(BaseModel):
         "example": {"rows": [{"id": "r1", "features": {"I1": 3, "C1": "68fd1e64"}}]}})
 
     rows: list[Row] = Field(description="rows to score, at most the server's max rows per request")
+    explain: bool = Field(False, description="also return each row's attributions: attr_bias and attr_<field> per "
+                                             "field, summing to the row's logit (as deepfm predict --explain); at "
+                                             "most the server's max explain rows per request")
 
 
 class Prediction(BaseModel):
     id: Any = None
     probability: float
+    attributions: dict[str, float] | None = Field(None, description="with \"explain\": true only")
 
 
 class PredictResponse(BaseModel):

@@ -37,6 +37,9 @@ class ServeSettings(BaseSettings):
     access_log: bool = Field(False, description="log every request (costs latency)")
     # what one request may ask for
     max_rows: int = Field(10_000, ge=1, description="most rows per predict request")
+    max_explain_rows: int = Field(100, ge=1, description="most rows per predict request that asks for "
+                                                        "\"explain\": true (per-row attributions cost a DNN "
+                                                        "backward pass)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body")
     fast_path_max_rows: int = Field(8, ge=0, description="requests up to this many rows use the pure-Python "
                                                         "encoder (0: never)",
