@@ -9,6 +9,8 @@ run_deepfm.py's configuration, batch 4096, after 3 training steps):
 - ``bias+relu``: as ``torch``, each float32 hidden layer's bias and ReLU in one native pass after its GEMM;
 - ``table``: as ``bias+relu``, the head reading the embedding table itself (``native.head_gather_forward``).
 
+The variants are chosen by replacing ``deepfm.model.paths``' choices for the DNN layers and the table path.
+
 The machine's speed drifts minute to minute (other tenants), so separate runs of two settings compare noise;
 here the variants take turns within each round, and the figures are the median over rounds of each variant's
 samples/s and of its time ratio to ``torch`` within the round. Writes one JSON line, and ``--out`` a markdown
@@ -32,7 +34,7 @@ import deepfm  # noqa: E402,F401  (first: sets deepfm's OpenMP defaults before t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import deepfm.model.dnn as dnn_module  # noqa: E402
+from deepfm.model import paths  # noqa: E402
 from deepfm import native  # noqa: E402
 from deepfm.data.store import prepare  # noqa: E402
 from deepfm.pipeline import build_model  # noqa: E402
@@ -60,15 +62,15 @@ def main() -> None:
                       log=lambda _m: None)
     trainer.fit(data.splits["train"])
     test = data.splits["test"]
-    fusable, gather = dnn_module._fusable, native.head_gather_forward
+    layers_path, gather = paths.layers_path, paths.head_gather_kernel
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     reference = None
     try:
         for _ in range(args.rounds):
             for name, (bias_relu, table) in VARIANTS.items():
                 # bias+relu off: the DNN's torch layers (under bf16 autocast that also turns oneDNN's fusion off)
-                dnn_module._fusable = fusable if bias_relu else (lambda _x: False)
-                native.head_gather_forward = gather if table else (lambda *_a: None)
+                paths.layers_path = layers_path if bias_relu else (lambda _x: paths.Layers.MODULES)
+                paths.head_gather_kernel = gather if table else (lambda *_a: False)
                 t0 = time.perf_counter()
                 probs = trainer.predict(test)
                 times[name].append(time.perf_counter() - t0)
@@ -78,7 +80,7 @@ def main() -> None:
                     raise SystemExit(f"variant {name} scores differently: max |diff| "
                                      f"{np.abs(probs - reference).max():.2e}")
     finally:
-        dnn_module._fusable, native.head_gather_forward = fusable, gather
+        paths.layers_path, paths.head_gather_kernel = layers_path, gather
     n = len(test)
     base = np.array(times["torch"])
     result = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

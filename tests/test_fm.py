@@ -250,15 +250,16 @@ def test_native_head_casts_to_bfloat16_as_torch_does():
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_dnn_fused_linear_relu_equals_the_plain_layers_under_bf16_autocast(dropout, monkeypatch):
     import deepfm.model.dnn as dnn_module
+    from deepfm.model import paths
 
-    if not dnn_module._HAS_LINEAR_POINTWISE:
+    if not paths._HAS_LINEAR_POINTWISE:
         pytest.skip("this torch build has no oneDNN linear_pointwise")
     torch.manual_seed(0)
     dnn = dnn_module.DNN(24, [16, 8], dropout=dropout)
     x = torch.randn(64, 24)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(dnn_module, "_HAS_LINEAR_POINTWISE", fused)
+        monkeypatch.setattr(paths, "_HAS_LINEAR_POINTWISE", fused)
         dnn.zero_grad()
         torch.manual_seed(1)  # the same dropout masks
         xi = x.clone().requires_grad_(True)
@@ -278,6 +279,7 @@ def test_dnn_fused_linear_relu_equals_the_plain_layers_under_bf16_autocast(dropo
 def test_dnn_scoring_pass_adds_bias_and_relu_natively_with_the_plain_layers_result(monkeypatch):
     import deepfm.model.dnn as dnn_module
     from deepfm import native
+    from deepfm.model import paths
 
     if native.load() is None:
         pytest.skip("no C compiler: the torch path is used")
@@ -289,11 +291,10 @@ def test_dnn_scoring_pass_adds_bias_and_relu_natively_with_the_plain_layers_resu
     monkeypatch.setattr(native, "bias_relu_", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fused = dnn(x)
-        monkeypatch.setattr(dnn_module, "_fusable", lambda _x: False)
-        plain = dnn(x)
+        with paths.plain_graph():
+            plain = dnn(x)
     assert len(calls) == 2  # both hidden layers, the output layer plain
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)  # the bias is added after the GEMM, not before
-    monkeypatch.setattr(dnn_module, "_fusable", lambda _x: True)
     dnn(x.requires_grad_(True)).sum().backward()  # a training pass keeps torch's layers and their gradients
     assert len(calls) == 2 and x.grad is not None
 

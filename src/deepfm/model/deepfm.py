@@ -19,7 +19,8 @@ from deepfm.config import ModelConfig
 from deepfm.layout import TableLayout
 from deepfm.model.dnn import DNN
 from deepfm.model.embedding import FieldEmbedding, RowSource
-from deepfm.model.interaction import BiInteraction, _tracing, fused_head
+from deepfm.model import paths
+from deepfm.model.interaction import BiInteraction, fused_head
 
 
 class DeepFM(nn.Module):
@@ -41,7 +42,7 @@ class DeepFM(nn.Module):
                                         rows=table_rows)
         self.fm = BiInteraction()
         self.bias = nn.Parameter(torch.zeros(1))
-        self.fuse = True  # the fused training head where it applies (see ``_fusable``); False: the plain graph
+        self.fuse = True  # the fused head where it applies (``paths.head_path``); False: the plain graph
         self.linear_proj = nn.Linear(num_fields, 1, bias=False) if cfg.head == "project" else None
         self.fm_proj = nn.Linear(cfg.embed_dim, 1, bias=False) if cfg.head == "project" else None
         self.dnn = DNN(num_fields * cfg.embed_dim, list(cfg.hidden_units), dropout=cfg.dropout,
@@ -51,22 +52,22 @@ class DeepFM(nn.Module):
                              multi_weights: torch.Tensor, multi_bags: torch.Tensor, with_penalty: bool = True,
                              rows_from: RowSource | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B]`` and the embedding L2 penalty of the rows this batch looked up (0 unless asked).
-        ``rows_from``: where the table's rows come from when this model holds only a shard of it."""
-        if self.fuse and not with_penalty and rows_from is None and self._fusable():
-            scored = self._score_from_table(cat_ids, num_values)
-            if scored is not None:
-                return scored, self.bias.new_zeros(())
+        ``rows_from``: where the table's rows come from when this model holds only a shard of it. Which path
+        computes them: ``deepfm.model.paths``."""
+        path = paths.head_path(self, num_values, with_penalty=with_penalty, sharded=rows_from is not None)
+        if path is paths.Head.TABLE:
+            return self._score_from_table(cat_ids, num_values), self.bias.new_zeros(())
         rows, square_excess, penalty = self.embedding.lookup(cat_ids, num_values, multi_ids, multi_weights,
                                                              multi_bags, with_penalty, rows_from)
-        return self.head(rows, square_excess), penalty
+        return self.head(rows, square_excess, path), penalty
 
-    def head(self, rows: torch.Tensor, square_excess: torch.Tensor | None) -> torch.Tensor:
+    def head(self, rows: torch.Tensor, square_excess: torch.Tensor | None, path: paths.Head | None = None
+             ) -> torch.Tensor:
         """Logits ``[B]`` (without ``logit_shift``) from the looked-up ``rows [B, F, D + 1]``: everything after the
-        table, which the trainer hands to DDP while the table's rows and gradients travel their own way."""
-        if self.fuse and self._fusable():
-            device = rows.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-            x, first_second = fused_head(rows, dtype)
+        table, which the trainer hands to DDP while the table's rows and gradients travel their own way.
+        ``path``: ``paths.head_path``'s choice when the caller has made it."""
+        if (path or paths.head_path(self)) is paths.Head.FUSED:
+            x, first_second = fused_head(rows, paths.compute_dtype(rows))
             if square_excess is not None:  # pooled multi-valued fields: their tags' own squares (FieldEmbedding)
                 first_second = first_second - 0.5 * square_excess.sum(dim=1)
             return self.bias + first_second + self.dnn(x).float()  # type: ignore[misc]
@@ -83,26 +84,14 @@ class DeepFM(nn.Module):
             logit = logit + self.dnn(fields.flatten(1)).float()
         return logit
 
-    def _score_from_table(self, cat_ids: torch.Tensor, num_values: torch.Tensor) -> torch.Tensor | None:
-        """Logits of a scoring pass (no gradient) on the CPU over single-valued fields, the fused head reading the
-        embedding table directly (``native.head_gather_forward``): the looked-up rows, which only a backward
-        needs, are never written. None where that does not apply; the caller then takes the training path,
-        which computes the same."""
+    def _score_from_table(self, cat_ids: torch.Tensor, num_values: torch.Tensor) -> torch.Tensor:
+        """Logits of a scoring pass over single-valued fields, the fused head reading the embedding table
+        directly (``native.head_gather_forward``): the looked-up rows, which only a backward needs, are never
+        written."""
         emb = self.embedding
-        if torch.is_grad_enabled() or emb.num_multi:
-            return None  # (a table off the CPU: head_gather_forward declines it)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else emb.weight.dtype
-        got = native.head_gather_forward(emb.weight, *emb.single_ids(cat_ids, num_values), dtype)
-        if got is None:
-            return None
-        x, first_second = got
+        x, first_second = native.head_gather_forward(emb.weight, *emb.single_ids(cat_ids, num_values),
+                                                     paths.compute_dtype(emb.weight))
         return self.bias + first_second + self.dnn(x).float()  # type: ignore[misc]
-
-    def _fusable(self) -> bool:
-        """The paper's sum head with all three parts, outside export: the fused head gives the same result
-        faster, in training and inference alike."""
-        cfg = self.cfg
-        return not _tracing() and cfg.head == "sum" and cfg.use_linear and cfg.use_fm and self.dnn is not None
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor,
                 multi_weights: torch.Tensor, multi_bags: torch.Tensor, rows_from: RowSource | None = None

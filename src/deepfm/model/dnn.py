@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfm import native as kernels
-from deepfm.model.interaction import _tracing
+from deepfm.model import paths
 
 
 class DNN(nn.Module):
@@ -41,14 +41,15 @@ class DNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fusable(x):
+        path = paths.layers_path(x)
+        if path is paths.Layers.MODULES:
             return self.net(x).squeeze(-1)
         layers = list(self.net)
         i = 0
         while i < len(layers):
             layer = layers[i]
             if isinstance(layer, nn.Linear) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
-                x = linear_relu(x, layer.weight, layer.bias)
+                x = linear_relu(x, layer.weight, layer.bias, path)
                 i += 2
             else:
                 x = layer(x)
@@ -57,10 +58,10 @@ class DNN(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU training pass is ~10x faster (``dropout_cpu``); elsewhere the same."""
+    """``nn.Dropout`` whose CPU training pass draws fewer random bits (``dropout_cpu``); elsewhere the same."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or _tracing():
+        if paths.dropout_path(x, self.training, self.p) is paths.Drop.TORCH:
             return super().forward(x)
         return dropout_cpu(x, self.p)
 
@@ -74,13 +75,12 @@ def dropout_cpu(x: torch.Tensor, p: float, generator: torch.Generator | None = N
     to within 2^-17.  The native kernel (``native/dropout.c``) draws and applies the mask in one pass and masks
     the gradient in one more, from a seed taken from torch's generator (seeded runs repeat); without it the
     draws are 16-bit slices of torch's random int64 words, four elements a word, where ``bernoulli_`` spends a
-    float draw on each.  Forward + backward of a 4096 x 400 bf16 activation on one core: ``F.dropout`` 10.7 ms,
-    the torch path here 5.8 ms, the kernel 1.1 ms."""
+    float draw on each (timings: bench/KERNELS.md)."""
     drop = round(p * _LEVELS)
     if drop >= _LEVELS:
         return x * 0.0
     scale = _LEVELS / (_LEVELS - drop)
-    if kernels.dropout_applies(x):
+    if paths.dropout_kernel(x):
         seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, generator=generator))
         return _NativeDropoutFn.apply(x, drop, scale, seed)
     n = x.numel()
@@ -92,9 +92,7 @@ def dropout_cpu(x: torch.Tensor, p: float, generator: torch.Generator | None = N
 class _NativeDropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: int, scale: float, seed: int) -> torch.Tensor:  # type: ignore[override]
-        got = kernels.dropout_forward(x, drop, scale, seed)
-        assert got is not None  # dropout_cpu checked that the kernel applies
-        out, keep = got
+        out, keep = kernels.dropout_forward(x, drop, scale, seed)  # dropout_cpu asked paths.dropout_kernel
         ctx.save_for_backward(keep)
         ctx.scale = scale
         return out
@@ -102,28 +100,10 @@ class _NativeDropoutFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        g = kernels.dropout_backward(grad, keep, ctx.scale)
-        return (grad * keep * ctx.scale if g is None else g), None, None, None
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    """True where ``linear_relu`` fuses Linear + ReLU pairs: a CPU pass outside export, under bf16 autocast or
-    scoring in float32 (no gradient). Elsewhere the modules run as they are (their hooks included)."""
-    return x.device.type == "cpu" and not _tracing() and (_onednn_bf16() or _float32_scoring(x))
-
-
-def _float32_scoring(x: torch.Tensor) -> bool:
-    """A float32 pass without gradient or autocast (evaluation, prediction, serving)."""
-    return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32
-
-
-def _onednn_bf16() -> bool:
-    """Under CPU bf16 autocast with oneDNN's fused linear + pointwise op available."""
-    return (_HAS_LINEAR_POINTWISE and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-
-
-_HAS_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        grad = grad.contiguous()
+        if grad.shape == keep.shape and paths.dropout_kernel(grad):
+            return kernels.dropout_backward(grad, keep, ctx.scale), None, None, None
+        return grad * keep * ctx.scale, None, None, None
 
 
 class _LinearReLUFn(torch.autograd.Function):
@@ -143,7 +123,7 @@ class _LinearReLUFn(torch.autograd.Function):
         return g.mm(weight), g.t().mm(x), g.sum(0)
 
 
-def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, path: paths.Layers) -> torch.Tensor:
     """``relu(linear(x, weight, bias))`` on the CPU, fused where it pays:
     - under bf16 autocast, one oneDNN call, computed as autocast would (bf16 operands, gradients cast back to
       the float32 parameters);
@@ -153,9 +133,9 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     - elsewhere, torch's two modules (in a float32 training step the native pass, with a one-pass backward,
       measured no faster).
     """
-    if _onednn_bf16():
+    if path is paths.Layers.ONEDNN_BF16:
         dtype = torch.bfloat16
         return _LinearReLUFn.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
-    if _float32_scoring(x) and kernels.linear_relu_applies(x, weight, bias):
+    if path is paths.Layers.FLOAT32_SCORING and paths.bias_relu_kernel(x, weight, bias):
         return kernels.bias_relu_(torch.mm(x, weight.t()), bias)
     return torch.relu_(F.linear(x, weight, bias))

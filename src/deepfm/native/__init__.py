@@ -3,8 +3,8 @@
 Plain C with no Python or torch headers, so compiling takes well under a second and needs no build step at
 install time. The shared library is cached under ``$DEEPFM_CACHE_DIR`` (default ``~/.cache/deepfm``),
 named by a hash of the source, the compiler and the CPU, and written atomically (several ranks may build at
-once). Without a C compiler, or with ``DEEPFM_NATIVE=0``, ``rowwise_adam`` returns False and callers use
-their torch path, which computes the same update.
+once). Without a C compiler, or with ``DEEPFM_NATIVE=0``, every kernel has a torch path that computes the same:
+``deepfm.model.paths`` sends the forward pass there, and ``rowwise_adam`` returns False to its optimiser.
 """
 
 from __future__ import annotations
@@ -129,9 +129,17 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
+def _kernels() -> ctypes.CDLL:
+    """The loaded kernels, for wrappers whose caller checked (``deepfm.model.paths``) that they are built."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("deepfm native kernels called without being built (ask deepfm.model.paths first)")
+    return lib
+
+
 class Scratch:
     """Working memory of ``rowwise_adam`` for one table, kept between steps: a row -> slot map (int32, all -1
-    between calls) and buffers for the summed rows. Allocating ~10 MB afresh each step costs more in page
+    between calls) and buffers for the summed rows. Allocating them afresh each step costs more in page
     faults than the kernel's own work."""
 
     def __init__(self) -> None:
@@ -176,52 +184,34 @@ def rowwise_adam(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     return True
 
 
-HEAD_MAX_DIM = 1024  # MAX_DIM in fused_head.c
-
-
-def head_forward(rows: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def head_forward(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rows [B, F, D + 1]`` -> (DNN input ``[B, F * D]`` in ``dtype``, sum of the field vectors ``[B, D]``,
-    first + second order logit part ``[B]``), in one pass (``fused_head.c``); None where the kernel does not
-    apply (not built, not CPU, not float32 contiguous rows, ``dtype`` neither float32 nor bfloat16)."""
-    if (rows.device.type != "cpu" or rows.dtype != torch.float32 or not rows.is_contiguous() or rows.dim() != 3
-            or dtype not in (torch.float32, torch.bfloat16) or rows.shape[2] - 1 > HEAD_MAX_DIM):
-        return None
-    lib = load()
-    if lib is None:
-        return None
+    first + second order logit part ``[B]``), in one pass (``fused_head.c``); the caller checked
+    ``deepfm.model.paths.head_kernel``."""
     batch, fields, dim = rows.shape[0], rows.shape[1], rows.shape[2] - 1
     x = torch.empty((batch, fields * dim), dtype=dtype)
     total = torch.empty((batch, dim), dtype=torch.float32)
     first_second = torch.empty(batch, dtype=torch.float32)
-    lib.deepfm_head_forward(rows.data_ptr(), batch, fields, dim, x.data_ptr(), int(dtype == torch.bfloat16),
-                            total.data_ptr(), first_second.data_ptr(), torch.get_num_threads())
+    _kernels().deepfm_head_forward(rows.data_ptr(), batch, fields, dim, x.data_ptr(), int(dtype == torch.bfloat16),
+                                   total.data_ptr(), first_second.data_ptr(), torch.get_num_threads())
     return x, total, first_second
 
 
 def head_gather_forward(table: torch.Tensor, ids: torch.Tensor, values: torch.Tensor | None, dtype: torch.dtype
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``head_forward``'s DNN input and first + second order part for the rows ``table[ids] * values[..., None]``
-    (``ids`` and ``values`` ``[B, F]``; ``values`` None: all 1), read straight from the table: the scoring pass,
-    which keeps no rows for a backward. None where the kernel does not apply (as ``head_forward``, or ids not
-    int64); an id outside the table raises IndexError."""
-    if (table.device.type != "cpu" or table.dtype != torch.float32 or not table.is_contiguous()
-            or table.dim() != 2 or ids.dim() != 2 or ids.dtype != torch.int64 or ids.device.type != "cpu"
-            or dtype not in (torch.float32, torch.bfloat16) or table.shape[1] - 1 > HEAD_MAX_DIM
-            or (values is not None and (values.dtype != torch.float32 or values.shape != ids.shape))):
-        return None
-    lib = load()
-    if lib is None:
-        return None
+    (``ids`` int64 and ``values`` float32 ``[B, F]``; ``values`` None: all 1), read straight from the table: the
+    scoring pass, which keeps no rows for a backward. The caller checked ``paths.head_gather_kernel``; an id
+    outside the table raises IndexError."""
     ids = ids.contiguous()
     values = None if values is None else values.contiguous()
     (batch, fields), dim = ids.shape, table.shape[1] - 1
     x = torch.empty((batch, fields * dim), dtype=dtype)
     first_second = torch.empty(batch, dtype=torch.float32)
-    got = lib.deepfm_head_gather_forward(table.data_ptr(), table.shape[0], ids.data_ptr(),
-                                         None if values is None else values.data_ptr(), batch, fields, dim,
-                                         x.data_ptr(), int(dtype == torch.bfloat16), first_second.data_ptr(),
-                                         torch.get_num_threads())
+    got = _kernels().deepfm_head_gather_forward(table.data_ptr(), table.shape[0], ids.data_ptr(),
+                                                None if values is None else values.data_ptr(), batch, fields, dim,
+                                                x.data_ptr(), int(dtype == torch.bfloat16), first_second.data_ptr(),
+                                                torch.get_num_threads())
     if got < 0:
         raise IndexError(f"row id {int(ids.view(-1)[-got - 1])} is outside the embedding table's {table.shape[0]} "
                          f"rows")
@@ -229,74 +219,43 @@ def head_gather_forward(table: torch.Tensor, ids: torch.Tensor, values: torch.Te
 
 
 def head_backward(rows: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor | None,
-                  grad_logit: torch.Tensor) -> torch.Tensor | None:
-    """The gradient of ``rows`` for ``head_forward``'s outputs, in one pass; None where the kernel does not
-    apply (then nothing was computed)."""
-    if rows.device.type != "cpu" or rows.dtype != torch.float32 or not rows.is_contiguous() or rows.dim() != 3:
-        return None
-    if grad_x is not None and (grad_x.dtype not in (torch.float32, torch.bfloat16) or grad_x.device.type != "cpu"):
-        return None
-    if grad_logit.dtype != torch.float32 or grad_logit.device.type != "cpu":
-        return None
-    lib = load()
-    if lib is None:
-        return None
+                  grad_logit: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``rows`` for ``head_forward``'s outputs, in one pass; the caller checked
+    ``paths.head_backward_kernel``."""
     batch, fields, dim = rows.shape[0], rows.shape[1], rows.shape[2] - 1
     g = grad_logit.contiguous()
     dx = grad_x.contiguous() if grad_x is not None else None
     out = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    lib.deepfm_head_backward(rows.data_ptr(), total.data_ptr(), None if dx is None else dx.data_ptr(),
-                             int(dx is not None and dx.dtype == torch.bfloat16), g.data_ptr(), batch, fields, dim,
-                             out.data_ptr(), torch.get_num_threads())
+    _kernels().deepfm_head_backward(rows.data_ptr(), total.data_ptr(), None if dx is None else dx.data_ptr(),
+                                    int(dx is not None and dx.dtype == torch.bfloat16), g.data_ptr(), batch, fields,
+                                    dim, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def dropout_applies(x: torch.Tensor) -> bool:
-    """Whether ``dropout_forward`` takes ``x``: the kernels are built and ``x`` is a contiguous float32 or
-    bfloat16 CPU tensor."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
-            and load() is not None)
-
-
-def dropout_forward(x: torch.Tensor, drop: int, scale: float, seed: int
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def dropout_forward(x: torch.Tensor, drop: int, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverted dropout of ``x`` (``dropout.c``): (output, keep mask as bool), the mask drawn from ``seed`` with
-    each element dropped when its 16-bit draw is below ``drop``; None where the kernel does not apply
-    (``dropout_applies``)."""
-    if not dropout_applies(x):
-        return None
-    lib = load()
+    each element dropped when its 16-bit draw is below ``drop``; the caller checked ``paths.dropout_kernel``."""
     out = torch.empty_like(x)
     keep = torch.empty(x.shape, dtype=torch.bool)
-    lib.deepfm_dropout_forward(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(),
-                               int(x.dtype == torch.bfloat16), drop, scale, seed & ((1 << 64) - 1),
-                               torch.get_num_threads())
+    _kernels().deepfm_dropout_forward(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(),
+                                      int(x.dtype == torch.bfloat16), drop, scale, seed & ((1 << 64) - 1),
+                                      torch.get_num_threads())
     return out, keep
 
 
-def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """``grad * keep * scale`` in one pass; None where the kernel does not apply."""
-    grad = grad.contiguous()
-    if grad.shape != keep.shape or not dropout_applies(grad):
-        return None
-    lib = load()
+def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``grad * keep * scale`` in one pass (``grad`` contiguous, the shape of ``keep``); the caller checked
+    ``paths.dropout_kernel``."""
     out = torch.empty_like(grad)
-    lib.deepfm_dropout_backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(),
-                                int(grad.dtype == torch.bfloat16), scale, torch.get_num_threads())
+    _kernels().deepfm_dropout_backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(),
+                                       int(grad.dtype == torch.bfloat16), scale, torch.get_num_threads())
     return out
-
-
-def linear_relu_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether ``bias_relu_`` takes a float32 Linear + ReLU on these CPU tensors (2-D input,
-    contiguous float32 parameters) and the kernels are built."""
-    return (x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == bias.dtype == torch.float32
-            and weight.is_contiguous() and bias.is_contiguous() and load() is not None)
 
 
 def bias_relu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``y = relu(y + bias)`` in place on a contiguous float32 ``[B, N]`` GEMM output (``linear_relu.c``); the
-    caller checked ``linear_relu_applies``."""
-    load().deepfm_bias_relu(y.data_ptr(), bias.data_ptr(), y.shape[0], y.shape[1], torch.get_num_threads())
+    caller checked ``paths.bias_relu_kernel``."""
+    _kernels().deepfm_bias_relu(y.data_ptr(), bias.data_ptr(), y.shape[0], y.shape[1], torch.get_num_threads())
     return y
 
 

@@ -2,7 +2,8 @@
 
 With ``sparse: true`` the embedding table gets sparse gradients and its own optimiser that touches only the
 rows in the batch (``RowwiseAdam``: SparseAdam's lazy Adam, fused; Adagrad's sparse path; or
-``ProximalAdagrad``); the dense layers use the dense variant. Dense Adam over a whole table costs ~30% of a step on this hardware.
+``ProximalAdagrad``); the dense layers use the dense variant. Dense Adam would read and write every row of
+the table each step, however few a batch touched (bench/KERNELS.md).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class RowwiseAdam(torch.optim.Optimizer):
     """Adam for embedding tables with sparse gradients: only the rows in the batch are read and written.
 
     Same update as ``torch.optim.SparseAdam`` ("lazy Adam": moments of untouched rows are not decayed), but
-    fused into a few gathers and scatters of the touched rows; SparseAdam's sparse-tensor arithmetic cost
-    ~60% of a DeepFM step here. Bias correction uses one step count for the table, as SparseAdam does.
+    fused into a few gathers and scatters of the touched rows, where SparseAdam builds and coalesces several
+    sparse tensors per step (bench/KERNELS.md). Bias correction uses one step count for the table, as SparseAdam does.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -169,7 +170,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, *, sharded: list
 
 def _adam(params, **kwargs) -> torch.optim.Adam:
     """``torch.optim.Adam``, fused into one kernel per tensor where torch has that for the device (CPU from torch
-    2.4, CUDA): the same update, ~3x faster than the per-operation loop for the DNN's weights."""
+    2.4, CUDA): the same update in one pass over each tensor instead of one per operation (bench/KERNELS.md)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
