@@ -278,3 +278,56 @@ def test_server_explanation_equals_predict_explain(tmp_path):
     assert all("attributions" not in p or p["attributions"] is None for p in plain)
     too_many = client.post("/v1/predict", json={"rows": body + body[:1], "explain": True})
     assert too_many.status_code == 413 and "explain" in too_many.text
+
+
+def test_shuffling_or_blanking_a_multi_valued_field_moves_each_rows_bag_whole():
+    from deepfm.data.batch import EncodedChunk, MultiValues
+    from deepfm.explain.importance import replace_field
+
+    lengths = np.array([2, 0, 3, 1], dtype=np.int64)
+    ids, weights = np.arange(1, 7, dtype=np.int64) * 10, np.linspace(0.5, 3.0, 6).astype(np.float32)
+    cat, num = np.array([[1], [2], [3], [4]]), np.array([[0.5], [np.nan], [1.5], [2.5]], dtype=np.float32)
+    enc = EncodedChunk(None, cat, num, [MultiValues(ids, weights, lengths)], np.ones(4, dtype=bool))
+    bags = np.split(np.stack([ids, weights]), np.cumsum(lengths)[:-1], axis=1)
+    perm = np.array([2, 0, 3, 1])
+    got = replace_field(enc, 2, perm, None)
+    got_bags = np.split(np.stack([got.multi[0].ids, got.multi[0].weights]), np.cumsum(got.multi[0].lengths)[:-1],
+                        axis=1)
+    for r in range(4):
+        np.testing.assert_array_equal(got_bags[r], bags[perm[r]])
+    assert got.cat_ids is cat and got.num_values is num  # the other fields untouched
+    shuffled_num = replace_field(enc, 1, perm, None).num_values[:, 0]
+    np.testing.assert_array_equal(shuffled_num, num[perm, 0])
+    empty = EncodedChunk(None, np.array([[0]]), np.array([[np.nan]], dtype=np.float32),
+                         [MultiValues(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(1, np.int64))],
+                         np.ones(1, dtype=bool))
+    blank = replace_field(enc, 2, None, empty)
+    assert blank.multi[0].lengths.tolist() == [0, 0, 0, 0] and len(blank.multi[0].ids) == 0
+    assert replace_field(enc, 0, None, empty).cat_ids[:, 0].tolist() == [0, 0, 0, 0]
+
+
+def test_gauc_drop_when_the_model_has_a_group_column():
+    from deepfm.metrics import group_auc
+
+    loaded = load_model(planted_model())
+    data = loaded.config.data.model_copy(update={"group_column": "n1"})
+    loaded.config = loaded.config.model_copy(update={"data": data})
+    valid = pl.read_csv(planted_data()[1])
+    report = explain_data(loaded, str(planted_data()[1]), seeds=2)
+    probs = Predictor(loaded, device="cpu").predict_proba(valid)
+    assert report["base"]["gauc"] == pytest.approx(group_auc(valid["label"].to_numpy(), probs,
+                                                             valid["n1"].to_numpy()), abs=1e-12)
+    by_field = {r["field"]: r for r in report["importance"]}
+    assert by_field["a"]["gauc_drop"] > 0.02 and len(by_field["a"]["gauc_drop_interval"]) == 2
+    assert by_field["const"]["gauc_drop"] == 0.0 and "gauc_drop_missing" in by_field["const"]
+
+
+def test_cli_explain_rejects_bad_counts_and_unlabelled_data(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "deepfm", "explain", str(planted_model()), str(planted_data()[1]),
+                          "--seeds", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--seeds: must be at least 1, got 0" in bad.stderr
+    unlabelled = tmp_path / "unlabelled.csv"
+    planted_frame(50, 4).drop("label").write_csv(unlabelled)
+    proc = subprocess.run([sys.executable, "-m", "deepfm", "explain", str(planted_model()), str(unlabelled)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "has no label column 'label'" in proc.stderr and "Traceback" not in proc.stderr

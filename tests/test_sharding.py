@@ -126,6 +126,29 @@ def test_row_sharded_model_directory_matches_and_predicts(runs):
     assert (clip - no_clip).abs().max() > 1e-3  # clipping changed the result: row4's match above is not vacuous
 
 
+def test_a_row_sharded_model_is_explained_like_its_one_process_twin(runs):
+    """Per-row attributions of the model the row-sharded ranks wrote sum to its logit and equal (to the training
+    tolerance) those of the one-process model; deepfm explain reads it like any model directory."""
+    import polars as pl
+
+    from deepfm.artifact import load_model
+    from deepfm.explain import explain_data, explain_rows
+    from deepfm.predict import Predictor
+
+    pytest.importorskip("captum")
+    valid = runs["folder"][0] / "valid.csv"
+    frame = pl.read_csv(valid)
+    got = {}
+    for name in ("row4", "one_clip"):
+        attr = explain_rows(load_model(runs[name][0]), frame)
+        p = Predictor(runs[name][0]).predict_proba(frame)
+        np.testing.assert_allclose(attr.to_numpy().sum(axis=1), np.log(p) - np.log1p(-p), rtol=0, atol=1e-4)
+        got[name] = attr.to_numpy()
+    np.testing.assert_allclose(got["row4"], got["one_clip"], rtol=0, atol=1e-3)
+    report = explain_data(load_model(runs["row4"][0]), str(valid), seeds=2)
+    assert report["rows"] == 320 and len(report["importance"]) == len(report["fields"])
+
+
 def test_each_rank_holds_a_1_over_n_share_of_the_table_and_its_adam_state(runs):
     (whole,) = runs["one"][2]
     rows = load_file(str(runs["one"][0] / "model.safetensors"))["embedding.weight"].shape[0]

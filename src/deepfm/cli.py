@@ -130,6 +130,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _scoring_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that score a data file with a model (evaluate, predict)."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -204,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("data", help="labelled file (the format follows its extension, as for evaluate)")
     x.add_argument("--output", "-o", metavar="DIR", help="write importance.png, pairs.png and explain.json here")
     x.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
-    x.add_argument("--seeds", type=int, help="shuffles of each field (default: 5)")
-    x.add_argument("--max-rows", type=int, help="rows of DATA to read, its first ones (default: 100,000)")
+    x.add_argument("--seeds", type=_positive_int, help="shuffles of each field (default: 5)")
+    x.add_argument("--max-rows", type=_positive_int, help="rows of DATA to read, its first ones (default: 100,000)")
     x.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     x.set_defaults(func=cmd_explain)
 
