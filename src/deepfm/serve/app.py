@@ -64,6 +64,7 @@ def _sighup_reloads(state: ServingState):
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            await state.batcher.close()
             state.metrics.close()
 
     return lifespan

@@ -16,6 +16,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 KNOWN_PATHS = frozenset({"/v1/predict", "/v1/model", "/v1/reload", "/healthz", "/metrics", "/openapi.json",
                          "/docs"})
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -46,6 +47,10 @@ class Metrics:
         self.rows = Counter("deepfm_predicted_rows", "Rows scored.", registry=reg)
         self.batches = Counter("deepfm_predict_batches", "Forward passes by encoding path (fast: small requests "
                                "of plain values; frame: the batch predict path).", ("path",), registry=reg)
+        self.batch_rows = Histogram("deepfm_batch_rows", "Rows per forward pass (coalesced requests together).",
+                                    buckets=SIZE_BUCKETS, registry=reg)
+        self.batch_requests = Histogram("deepfm_batch_requests", "Requests coalesced into one forward pass.",
+                                        buckets=SIZE_BUCKETS, registry=reg)
         self.reloads = Counter("deepfm_model_reloads", "Model reloads by result.", ("result",), registry=reg)
         self.in_flight = Gauge("deepfm_requests_in_flight", "Requests being handled now.", registry=reg,
                                multiprocess_mode="livesum")
@@ -67,10 +72,12 @@ class Metrics:
             self.errors.labels(p, "client" if status < 500 else "server").inc()
         self.duration.labels(p).observe(seconds)
 
-    def scored(self, path: str, rows: int) -> None:
-        """One forward pass over ``rows`` rows through the ``path`` encoder (fast / frame)."""
+    def scored(self, path: str, rows: int, requests: int = 1) -> None:
+        """One forward pass over ``rows`` rows of ``requests`` requests through the ``path`` encoder."""
         self.batches.labels(path).inc()
         self.rows.inc(rows)
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "failed").inc()

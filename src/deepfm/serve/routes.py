@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse, Response
 
 from deepfm.errors import DeepFMError
 from deepfm.serve.admin import require_admin, under_root
-from deepfm.serve.encode import frame_attributions, frame_probs
+from deepfm.serve.encode import frame_attributions
 from deepfm.serve.errors import Problems, RequestError
 from deepfm.serve.limits import LimitedRoute
 from deepfm.serve.schemas import ErrorResponse, Health, ModelInfo, PredictRequest, PredictResponse, ReloadRequest
-from deepfm.serve.state import ServedModel, ServingState
+from deepfm.serve.state import ServingState
 
 
 def serving(request: Request) -> ServingState:
@@ -30,20 +30,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (408, "the body did not arrive in time"), (413, "too many rows or too large a body"),
         (422, "a value that is wrong for its field (the message names the row and the field)"))}
 router = APIRouter(route_class=LimitedRoute)
-
-
-async def probabilities(state: ServingState, served: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
-    """Validated rows -> probabilities, off the event loop (the forward never blocks other requests)."""
-    n = len(rows)
-    if n == 0:
-        return np.zeros(0)
-    if n <= state.settings.fast_path_max_rows and served.fast.eligible(rows):
-        probs = await run_in_threadpool(served.fast.probs, rows)
-        state.metrics.scored("fast", n)
-    else:
-        probs = await run_in_threadpool(frame_probs, served.predictor, rows)
-        state.metrics.scored("frame", n)
-    return probs
 
 
 def check_finite(probs: np.ndarray) -> None:
@@ -67,7 +53,7 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
         raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_explain_rows:,} rows per "
                                 "request with \"explain\": true")
     rows = served.validate([r.features for r in body.rows])
-    probs = await probabilities(state, served, rows)
+    probs = await state.batcher.score(served, rows)
     check_finite(probs)
     predictions = [{"id": r.id, "probability": p} for r, p in zip(body.rows, probs.tolist())]
     if body.explain and n:

@@ -44,6 +44,11 @@ class ServeSettings(BaseSettings):
     fast_path_max_rows: int = Field(8, ge=0, description="requests up to this many rows use the pure-Python "
                                                         "encoder (0: never)",
                                     json_schema_extra={"flag": "--fast-path-rows"})
+    max_batch_rows: int = Field(128, ge=1, description="concurrent predict requests are coalesced into one "
+                                                       "forward pass of up to this many rows; larger requests go "
+                                                       "straight through (1: no coalescing)")
+    max_batch_delay_ms: float = Field(0.0, ge=0, description="how long a pass may wait for more requests once "
+                                                             "one is queued (0: take what is queued, no wait)")
     max_json_depth: int = Field(32, ge=4, description="deepest nesting of JSON arrays and objects in a body")
     body_timeout_s: float = Field(30.0, gt=0, description="seconds a client has to send a request's whole body "
                                                           "once its headers are in (a slow body: 408)",

@@ -85,6 +85,10 @@ class ServingState:
         self.model: ServedModel
         self.path: Path
         self.root = settings.allowed_root(model_dir)  # where reloads may load from; fixed at start
+        from deepfm.serve.batcher import Batcher
+
+        self.batcher = Batcher(settings.max_batch_rows, settings.max_batch_delay_ms / 1000,
+                               settings.fast_path_max_rows, self.metrics)
         self._install(ServedModel.load(model_dir, settings.device), Path(model_dir))
 
     def _install(self, served: ServedModel, path: Path) -> None:

@@ -1,0 +1,145 @@
+"""Concurrent predict requests coalesced into one forward pass (dynamic batching, as Triton's dynamic batcher,
+TorchServe's ``max_batch_delay`` and Ray Serve's ``@serve.batch`` do).
+
+A request of fewer than ``max_rows`` validated rows waits in a queue; one task per worker takes what is
+queued (and, with ``delay`` > 0, waits that long for more) up to ``max_rows`` rows, scores them in one
+forward pass off the event loop, and hands each request its own slice, in order. While a pass runs, new
+requests queue, so under load each pass takes many requests and at low load a request waits for nothing.
+
+* Each request keeps the model it took at its start: a batch holds requests of one model only, so a reload
+  during a burst answers every request, each by the model it started with.
+* A request's failure never fails its neighbours: if a coalesced pass raises a client error (a value only
+  the batch encoder rejects, a row another request's text form conflicts with), every request of the batch
+  is scored again on its own and only the bad one gets the error.
+* Requests of ``max_rows`` rows or more go straight through (``score_rows``), like every request when
+  ``max_rows`` is 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+
+from deepfm.serve.encode import frame_probs
+from deepfm.serve.errors import RequestError
+from deepfm.serve.metrics import Metrics
+from deepfm.serve.state import ServedModel
+
+
+def score_rows(served: ServedModel, rows: list[dict[str, Any]], fast_max: int) -> tuple[np.ndarray, str]:
+    """Validated rows -> (probabilities, encoder used): the per-record encoder for up to ``fast_max`` rows of
+    plain values (exactly the batch encoder's arrays, without its fixed cost), else the batch encoder."""
+    if not rows:
+        return np.zeros(0), "none"
+    if len(rows) <= fast_max and served.fast.eligible(rows):
+        return served.fast.probs(rows), "fast"
+    return frame_probs(served.predictor, rows), "frame"
+
+
+@dataclass
+class _Job:
+    served: ServedModel
+    rows: list[dict[str, Any]]
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """One per app; its task starts with the first queued request, on the server's event loop."""
+
+    def __init__(self, max_rows: int, delay_s: float, fast_max: int, metrics: Metrics) -> None:
+        self.max_rows, self.delay_s, self.fast_max, self.metrics = max_rows, delay_s, fast_max, metrics
+        # a coalesced pass of plain values takes the per-record encoder whole (unless it is turned off)
+        self.fast_max_batch = max(fast_max, max_rows) if fast_max > 0 else 0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._carry: _Job | None = None  # taken from the queue but belongs to the next batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_rows > 1
+
+    async def score(self, served: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
+        """This request's probabilities, coalesced with its concurrent neighbours' when it is small."""
+        if not self.enabled or len(rows) >= self.max_rows or not rows:
+            probs, path = await run_in_threadpool(score_rows, served, rows, self.fast_max)
+            self.metrics.scored(path, len(rows), requests=1)
+            return probs
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:  # (a test client's new loop)
+            self._queue, self._carry, self._loop = asyncio.Queue(), None, loop
+            self._task = loop.create_task(self._run())
+        job = _Job(served, rows, loop.create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            await self._score(batch)
+
+    async def _collect(self) -> list[_Job]:
+        """The next batch: the first waiting request, then what else is queued (and arrives within the
+        delay) for the same model, up to ``max_rows`` rows."""
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, n = [first], len(first.rows)
+        deadline = asyncio.get_running_loop().time() + self.delay_s
+        while n < self.max_rows:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if job.served is not first.served or n + len(job.rows) > self.max_rows:
+                self._carry = job
+                break
+            batch.append(job)
+            n += len(job.rows)
+        return batch
+
+    async def _score(self, batch: list[_Job]) -> None:
+        live = [j for j in batch if not j.future.done()]  # a client that went away needs no answer
+        if not live:
+            return
+        rows = [r for j in live for r in j.rows]
+        try:
+            probs, path = await run_in_threadpool(score_rows, live[0].served, rows, self.fast_max_batch)
+        except RequestError as err:
+            if len(live) == 1:
+                _fail(live[0], err)
+            else:
+                for job in live:  # someone's row: find whose, each request on its own
+                    await self._score([job])
+            return
+        except Exception as err:  # not a client's mistake: every request of the pass learns of it
+            for job in live:
+                _fail(job, err)
+            return
+        self.metrics.scored(path, len(rows), requests=len(live))
+        start = 0
+        for job in live:
+            if not job.future.done():
+                job.future.set_result(probs[start:start + len(job.rows)])
+            start += len(job.rows)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+def _fail(job: _Job, err: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(err)
