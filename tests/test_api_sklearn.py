@@ -3,6 +3,7 @@ checks that apply to a binary classifier on DataFrames, and an opt-in progress o
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -151,3 +152,22 @@ def test_fit_and_score_take_sample_weight():
         DeepFMClassifier(**cfg).fit(X, y, sample_weight=np.ones(5))
     with pytest.raises(ValueError, match="finite and >= 0"):
         DeepFMClassifier(**cfg).fit(X, y, sample_weight=np.r_[-1.0, np.ones(599)])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_fifty_fits_in_one_process_leave_no_descriptors_open(monkeypatch):
+    """The descriptors a split's reads open (the pread path, forced here for a tiny split) die with the split:
+    fifty fits in one process (a notebook, ``deepfm tune``) end with the descriptors they started with."""
+    from deepfm.data import loader
+
+    monkeypatch.setattr(loader, "MAP_BELOW_BYTES", 0)
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"a": rng.integers(0, 5, 64).astype(str), "b": rng.normal(size=64)})
+    y = rng.integers(0, 2, 64)
+    DeepFMClassifier(train={"epochs": 1, "batch_size": 16}).fit(X, y)  # what the first fit loads stays loaded
+    counts = []
+    for _ in range(50):
+        clf = DeepFMClassifier(train={"epochs": 1, "batch_size": 16}).fit(X, y)
+        counts.append(len(os.listdir("/proc/self/fd")))
+    assert clf.predict_proba(X).shape == (64, 2)
+    assert max(counts) == counts[0], counts

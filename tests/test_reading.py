@@ -24,7 +24,8 @@ from deepfm.cli import main
 from deepfm.config import DataConfig, config_from_dict, load_config
 from deepfm.data import fastpath, readers
 from deepfm.data.readers import BadRows, read_chunks
-from deepfm.data.store import prepare, remove_dead_temporaries
+from deepfm.data.store import prepare
+from deepfm.io import remove_dead_temporaries
 from deepfm.errors import DataError
 
 ROWS = 300  # data lines of each training file built here
@@ -226,10 +227,10 @@ def test_a_10mb_cell_is_read_on_train_and_predict(tmp_path, capsys, model_dir):
 def test_a_long_line_after_yielded_chunks_with_bad_rows_reads_each_row_once(tmp_path, monkeypatch):
     """The parse that meets a long line starts again with a bigger block: rows and bad rows handed over
     before it are not handed over twice."""
-    monkeypatch.setattr(readers, "BLOCK_BYTES", 1 << 20)  # arrow fails on a line over about two blocks
+    monkeypatch.setattr(readers.delimited, "BLOCK_BYTES", 1 << 20)  # arrow fails on a line over about two blocks
     sized = []
-    monkeypatch.setattr(readers, "block_for_lines", lambda *a, f=readers.block_for_lines: sized.append(f(*a)) or
-                        sized[-1])
+    real = readers.delimited.block_for_lines
+    monkeypatch.setattr(readers.delimited, "block_for_lines", lambda *a: sized.append(real(*a)) or sized[-1])
     lines = with_cell(sample_lines(), 150, b"h" * (3 << 20))
     lines[40] = b"1\t2"  # line 41: too few columns
     lines = with_cell(lines, 260, b"\xff")
@@ -247,8 +248,8 @@ def test_a_long_line_after_yielded_chunks_with_bad_rows_reads_each_row_once(tmp_
 
 def test_a_line_too_long_to_read_is_rejected_by_number(tmp_path, capsys, monkeypatch):
     """(The streamed general path; a limit lowered from 256 MB keeps the test fast.)"""
-    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1 << 20)
-    monkeypatch.setattr(readers, "BLOCK_BYTES", 1 << 18)
+    monkeypatch.setattr(readers.delimited, "MAX_LINE_BYTES", 1 << 20)
+    monkeypatch.setattr(readers.delimited, "BLOCK_BYTES", 1 << 18)
     path = write(tmp_path / "train.tsv", with_cell(sample_lines(), 77, b"h" * (3 << 20)))
     assert train(config_file(tmp_path, path), tmp_path / "m", "--skip-bad-rows") == 2
     err = capsys.readouterr().err
@@ -262,7 +263,7 @@ def test_longest_line_counts_bytes_and_numbers():
     with tempfile.NamedTemporaryFile(delete=False) as fh:
         fh.write(b"ab\n" + b"x" * 100 + b"\nc\n" + b"y" * 150)  # the last line has no newline
     try:
-        assert readers.longest_line(fh.name) == (150, 4)
+        assert readers.delimited.longest_line(fh.name) == (150, 4)
     finally:
         os.unlink(fh.name)
 

@@ -213,6 +213,7 @@ class DeepFMClassifier(*_BASES):  # type: ignore[misc]
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.verbose else (lambda _msg: None)
         result = train(cfg, out, log=log)
         assert result is not None
+        result.data.close()  # the model directory is written: the prepared splits' descriptors are not needed
         self.fields_ = [f.model_dump(exclude_none=True) for f in cfg.fields]
         self.classes_ = classes
         self.n_features_in_ = features.width

@@ -31,6 +31,7 @@ from torch import nn
 
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.errors import DeepFMError
+from deepfm.io import atomic_path, atomic_write_text
 from deepfm.model import DeepFM
 
 FORMATS = ("onnx", "torchscript")
@@ -132,19 +133,18 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", output: str | Path | 
                        "probabilities": {0: "batch"}}
             for n in names[2:]:
                 dynamic[n] = {0: "nnz"}
-            tmp = out.with_name(out.name + ".tmp")
-            torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
-                              output_names=["logits", "probabilities"], dynamic_axes=dynamic)
-            tmp.replace(out)
+            with atomic_path(out) as tmp:
+                torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
+                                  output_names=["logits", "probabilities"], dynamic_axes=dynamic)
         else:
             with torch.no_grad():
                 traced = torch.jit.trace(wrapper, args, check_trace=False)
-            tmp = out.with_name(out.name + ".tmp")
-            torch.jit.save(traced, str(tmp))
-            tmp.replace(out)
+            with atomic_path(out) as tmp:
+                torch.jit.save(traced, str(tmp))
     for name in SIDE_FILES:
         src = Path(model_dir) / name
         if src.is_file() and src.resolve() != (out.parent / name).resolve():
-            shutil.copyfile(src, out.parent / name)
-    (out.parent / "export.json").write_text(json.dumps(manifest(loaded, fmt, out.name), indent=1))
+            with atomic_path(out.parent / name) as tmp:
+                shutil.copyfile(src, tmp)
+    atomic_write_text(out.parent / "export.json", json.dumps(manifest(loaded, fmt, out.name), indent=1))
     return out

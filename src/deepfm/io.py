@@ -13,10 +13,13 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,24 +47,81 @@ def apply_umask(path: Path | str, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def _temporary_prefix(final: Path, kind: str = "tmp") -> str:
+    """``.NAME.tmp-PID@HOST@`` (a random tail follows): who wrote a leftover, so that only a dead writer's is
+    removed (``remove_dead_temporaries``) and a live one's, or another host's on a shared folder, is kept."""
+    return f".{final.name}.{kind}-{os.getpid()}@{socket.gethostname()}@"
+
+
 def temp_file_beside(path: Path) -> str:
+    """An empty file beside ``path`` under a temporary name, with the umask's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
     os.close(fd)
     apply_umask(tmp)
     return tmp
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = temp_file_beside(path)
+def _fsync(path: Path | str, *, directory: bool = False) -> None:
+    """Flush a file (or a folder's entries) to disk; a folder that cannot be opened (Windows) is skipped."""
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                _fsync(os.path.join(folder, name))
+        _fsync(folder, directory=True)
+
+
+@contextmanager
+def atomic_path(final: Path | str, *, directory: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``final`` to write: a file, or (``directory``) a folder to fill.
+
+    When the block ends without an error the file (every file of the folder) and the folder are synced to disk
+    and renamed to ``final``, so a crash leaves the old version or the new one, never half of one; on an error
+    the temporary is removed. A folder replaces an existing ``final`` in one step where Linux allows
+    (``replace_directory``); with ``keep_existing`` an existing ``final`` wins instead (a cache another process
+    filled first). After the rename, leftovers of earlier writes of ``final`` by processes that are gone are
+    removed. Modes follow the umask, as ``open``/``mkdir`` would give::
+
+        with atomic_path(out) as tmp:
+            tmp.write_text("done")
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temporary_prefix(final))) if directory \
+        else Path(temp_file_beside(final))
+    try:
+        yield tmp
+        if directory:
+            replace_directory(tmp, final, keep_existing=keep_existing)  # syncs, renames and cleans up
+            return
+        _fsync(tmp)
+        os.replace(tmp, final)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+    _fsync(final.parent, directory=True)
+    remove_dead_temporaries(final.parent, name=final.name)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -81,20 +141,14 @@ class StreamedTensor:
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
                         streamed: StreamedTensor | list[StreamedTensor] | None = None) -> None:
     """``tensors`` (and ``streamed`` ones, written block by block in list order) -> a safetensors file, atomically."""
-    tmp = temp_file_beside(path)
-    try:
-        plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        streams = [streamed] if isinstance(streamed, StreamedTensor) else list(streamed or [])
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    streams = [streamed] if isinstance(streamed, StreamedTensor) else list(streamed or [])
+    with atomic_path(path) as tmp:
         if not streams:
-            save_file(plain, tmp, metadata=metadata)
+            save_file(plain, str(tmp), metadata=metadata)
             apply_umask(tmp)  # safetensors writes the file anew (0600)
         else:
-            _write_safetensors(plain, streams, Path(tmp), metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            _write_safetensors(plain, streams, tmp, metadata)
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], streams: list[StreamedTensor], path: Path,
@@ -131,8 +185,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], streams: list[StreamedT
                 written += len(data)
             if written != total:
                 raise ValueError(f"{st.name}: blocks hold {written} bytes, the shape {st.shape} needs {total}")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
@@ -176,7 +228,7 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 
 def leftover_siblings(final: Path) -> list[Path]:
-    """Temporary folders of earlier writes of ``final`` that a kill left behind (``.NAME.tmp-*``, ``.NAME.old-*``)."""
+    """Temporaries of earlier writes of ``final`` still beside it (``.NAME.tmp-*``, ``.NAME.old-*``)."""
     final = Path(final)
     if not final.parent.is_dir():
         return []
@@ -184,36 +236,75 @@ def leftover_siblings(final: Path) -> list[Path]:
     return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefixes))
 
 
+# ``_temporary_prefix``'s names; also the cache's older ``.FINGERPRINT.tmp-PID@HOST`` and ``.NAME.tmp-PID``
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<tail>.+)")
+_OWNER = re.compile(r"(?P<pid>\d+)(?:@(?P<host>[^@]+))?(?:@[0-9a-z_]+)?")
+
+
+def remove_dead_temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries under ``folder`` that writers killed on this host left (their process is gone);
+    a live writer's, or another host's on a shared folder, is kept. With ``name`` (after a write of
+    ``folder/name`` succeeded) only that name's, and those whose writer cannot be told are removed too.
+    Returns those removed."""
+    removed = []
+    host = socket.gethostname()
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
+        m = _TEMPORARY.fullmatch(entry.name)
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        owner = _OWNER.fullmatch(m["tail"])
+        if owner is None:
+            if name is None:
+                continue
+        elif (owner["host"] is not None and owner["host"] != host) or _alive(int(owner["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or a number too large to be a process
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with ``fill(tmp)`` and swap it in for ``final`` (an existing one is replaced).
+    """Build a directory with ``fill(tmp)`` and swap it in for ``final`` (``atomic_path``)."""
+    with atomic_path(final, directory=True) as tmp:
+        fill(tmp)
+
+
+def replace_directory(tmp: Path, final: Path, *, keep_existing: bool = False) -> None:
+    """Sync the complete directory ``tmp`` (beside ``final``) to disk and swap it in for ``final``; also for a
+    directory several processes filled (``deepfm.train.sharding.write_directory``).
 
     At every moment ``final`` is the complete old directory or the complete new one: on Linux the swap is
     one ``renameat2(RENAME_EXCHANGE)``, after which the old tree (now under the temporary name) is removed.
     Elsewhere (or on a filesystem without the exchange) the old directory is renamed aside and the new one
-    in, which leaves a moment without ``final``. After a successful swap, leftovers of earlier killed writes
-    of ``final`` are removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_directory(tmp, final)
-
-
-def replace_directory(tmp: Path, final: Path) -> None:
-    """Swap the complete directory ``tmp`` (beside ``final``) in for ``final``, as ``atomic_directory`` does;
-    for a directory several processes filled (``deepfm.train.sharding.write_directory``)."""
+    in, which leaves a moment without ``final``. ``keep_existing``: a ``final`` that appeared meanwhile wins."""
     try:
         apply_umask(tmp, directory=True)
+        _fsync_tree(tmp)
         if not final.exists():
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (keep_existing and final.exists()):
+                    raise
+        elif keep_existing:
+            pass  # tmp is removed below
         elif exchange_paths(tmp, final):
             pass  # tmp now holds the old tree, removed below
         else:
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temporary_prefix(final, "old")))
             os.rmdir(old)
             os.rename(final, old)
             os.rename(tmp, final)
@@ -221,9 +312,9 @@ def replace_directory(tmp: Path, final: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(final.parent, directory=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    for stale in leftover_siblings(final):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_dead_temporaries(final.parent, name=final.name)
 
 
 def state_key(*path: Any) -> str:

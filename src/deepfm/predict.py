@@ -7,7 +7,6 @@ through unchanged next to a ``probability`` column; the output file appears only
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,10 @@ import pyarrow.parquet as pq
 import torch
 
 from deepfm.artifact import LoadedModel, load_model
-from deepfm.config import DataConfig
 from deepfm.data.batch import ModelInput, input_from_chunk
-from deepfm.data.readers import BadRows, RawChunk, check_readable, first_lines, header_names, read_chunks
+from deepfm.data.readers import BadRows, RawChunk, check_readable, has_header, infer_data_config, read_chunks
 from deepfm.errors import DataError
-from deepfm.io import temp_file_beside
+from deepfm.io import atomic_path
 from deepfm.metrics import group_auc, summarize
 from deepfm.progress import progress_bar
 from deepfm.runtime import Runtime, resolve_device
@@ -48,49 +46,6 @@ class Scored:
     labels: np.ndarray | None
     weights: np.ndarray | None = None  # sample weights (data.weight_column) when asked for and in the file
     inputs: ModelInput | None = None  # the encoded rows the model scored
-
-
-def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bool]:
-    """The training data config adapted to a new file: format by extension, and whether it has labels. A
-    headerless file narrower than ``data.columns`` lacks the sample-weight column first (a file to score need
-    not carry it), then the label."""
-    ext = Path(path).suffix.lower()
-    fmt = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".csv": "csv"}.get(ext, train_data.format)
-    update: dict = {"format": fmt, "train": path, "valid": None, "test": None, "split": None}
-    if fmt == "parquet":
-        update.update(header=True, columns=None, preset=None)
-        cols = pq.ParquetFile(path).schema_arrow.names
-        return train_data.model_copy(update=update), train_data.label in cols
-    if fmt in ("csv", "tsv"):
-        if fmt != train_data.format:
-            update.update(header=True, columns=None, preset=None)
-        cfg = train_data.model_copy(update=update)
-        sep = "\t" if fmt == "tsv" else ","
-        if cfg.header:
-            return cfg, train_data.label in header_names(path, sep, cfg.encoding)
-        names = list(cfg.column_names or [])
-        width = _usual_width(path, sep, cfg.encoding)
-        if train_data.weight_column in names and width < len(names):  # training-time only: a file may lack it
-            names.remove(train_data.weight_column)
-            cfg = cfg.model_copy(update={"preset": None, "columns": names})
-        if width == len(names) - 1 and train_data.label in names:  # no labels
-            return cfg.model_copy(update={"preset": None, "columns": [c for c in names
-                                                                      if c != train_data.label]}), False
-        return cfg, True
-    return train_data.model_copy(update=update), True
-
-
-WIDTH_SAMPLE_LINES = 100
-
-
-def _usual_width(path: str, sep: str, encoding: str) -> int:
-    """The most common number of columns among the first lines of a headerless file (ties: the wider), so
-    that one short or long row decides nothing: the reader then reports it by its line."""
-    widths = [line.count(sep) + 1 for line in first_lines(path, encoding, WIDTH_SAMPLE_LINES) if line]
-    if not widths:
-        return 0
-    counts = Counter(widths)
-    return max(counts, key=lambda w: (counts[w], w))
 
 
 class Predictor:
@@ -177,19 +132,20 @@ class Predictor:
         ids = list(id_columns if id_columns is not None else self.config.data.id_columns)
         out_path = Path(output)
         fmt = output_format(out_path)
-        tmp = temp_file_beside(out_path)  # the umask's mode, as a plain open() would give
         rows = 0
         writer = None
         bad = BadRows(out_path.with_name(out_path.name + ".bad_rows.txt")) if skip_bad_rows else None
         try:
-            with open(tmp, "wb") as fh:
+            with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
                 for s in self.score_chunks(path, skip_bad_rows=skip_bad_rows, bad=bad, progress=progress):
                     missing = [c for c in ids if c not in s.chunk.frame.columns]
                     if missing:
                         raise DataError(f"id column(s) {missing} not found; columns are "
                                         f"{s.chunk.frame.columns}", path=path)
+                    if not ids and rows == 0:  # the file was found readable: its first data row's line
+                        first_row_line = 2 if has_header(infer_data_config(self.config.data, path)[0]) else 1
                     cols = {c: s.chunk.frame[c] for c in ids} if ids else \
-                        {"row": pl.Series((s.chunk.lines - (1 if self._has_header(path) else 0) - 1))}
+                        {"row": pl.Series(s.chunk.lines - first_row_line)}
                     out = pl.DataFrame(cols).with_columns(pl.Series("probability", s.probs))
                     if explain:
                         out = out.with_columns(**self._attributions(s))
@@ -205,12 +161,9 @@ class Predictor:
                     writer.close()
                 elif fmt == "parquet":
                     pq.write_table(pa.table({"probability": pa.array([], pa.float64())}), fh)
-            os.replace(tmp, out_path)
         finally:
             if bad is not None:
                 bad.close()
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return rows
 
     def _attributions(self, s: Scored) -> dict[str, np.ndarray]:
@@ -218,7 +171,3 @@ class Predictor:
 
         assert s.inputs is not None
         return attribution_columns(attribute_input(self.loaded, s.inputs))
-
-    def _has_header(self, path: str) -> bool:
-        data, _ = infer_data_config(self.config.data, path)
-        return data.format in ("csv", "tsv") and data.header

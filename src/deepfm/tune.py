@@ -117,6 +117,7 @@ def tune(config_path: str, trials: int, *, space: dict[str, dict[str, Any]] | No
             # each trial's epochs are reported as they end: a long trial is never silent
             result = train(cfg, Path(tmp) / "model", log=lambda m: log(f"  trial {trial.number}: {m}"))
         assert result is not None
+        result.data.close()
         valid = result.metrics["valid"]
         row = {"trial": trial.number, "valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
                "best_epoch": result.metrics["train"]["best_epoch"],

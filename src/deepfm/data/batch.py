@@ -5,7 +5,10 @@ Importing this module pulls in numpy and torch only, so the model, the runtime a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,9 +34,42 @@ class EncodedChunk:
         return int(self.cat_ids.shape[0])
 
 
+class OpenFiles:
+    """Read-only descriptors of one split's files, opened on first use (the loader's ``pread`` of a large
+    split) and closed with the split that owns them: by ``close``, or when it is garbage-collected. Nothing is
+    kept per process, so repeated fits in one process (``deepfm tune``, a notebook) do not accumulate them."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, OpenFiles._close_all, self._fds, self._lock)
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if not self._finalizer.alive:
+                raise ValueError(f"{path}: the split was closed")
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @staticmethod
+    def _close_all(fds: dict[str, int], lock: threading.Lock) -> None:
+        with lock:
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+
+
 @dataclass
 class SplitArrays:
-    """Memory-mapped arrays of one prepared split (``deepfm.data.store`` writes them).
+    """Memory-mapped arrays of one prepared split (``deepfm.data.store`` writes them), and the descriptors
+    its reads opened (``files``): closed by ``close`` or a ``with`` block, else when the split is collected.
 
     labels float32 [N]; cat_ids int32/int64 [N, Fc]; num_values float32 [N, Fn]; per multi-valued field
     (ids [nnz], weights float32 [nnz], offsets int64 [N+1]); group int64 [N] or None; sample weights float32
@@ -45,9 +81,20 @@ class SplitArrays:
     multi: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (ids, weights, offsets)
     group: np.ndarray | None = None
     weights: np.ndarray | None = None
+    files: OpenFiles = field(default_factory=OpenFiles, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def close(self) -> None:
+        """Close the descriptors reads opened (the memory maps go with the arrays, when they are collected)."""
+        self.files.close()
+
+    def __enter__(self) -> SplitArrays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def nbytes(self) -> int:

@@ -17,19 +17,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from deepfm.data.batch import ModelInput, SplitArrays, input_from_chunk, make_input  # noqa: F401 (re-exported)
+from deepfm.data.batch import (ModelInput, OpenFiles, SplitArrays, input_from_chunk,  # noqa: F401 (re-exported)
+                               make_input)
 from deepfm.layout import rank_share
-
-
-_FILES: dict[str, int] = {}
-_FILES_LOCK = threading.Lock()
-
-
-def _fd(path: str) -> int:
-    with _FILES_LOCK:
-        if path not in _FILES:
-            _FILES[path] = os.open(path, os.O_RDONLY)
-        return _FILES[path]
 
 
 def runs_of(rows: np.ndarray | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -43,23 +33,24 @@ def runs_of(rows: np.ndarray | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]
     return rows[np.r_[0, breaks]], rows[np.r_[breaks - 1, rows.size - 1]] + 1
 
 
-def take_runs(arr: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+def take_runs(arr: np.ndarray, starts: np.ndarray, stops: np.ndarray, files: OpenFiles | None = None) -> np.ndarray:
     """Rows ``[start, stop)`` of every run, concatenated, as a new array.
 
-    For a memory-mapped array the rows are read with ``pread`` into the new array rather than touched
-    through the mapping: mapped pages count in the process's resident memory (with large page-cache folios
-    one touched row can map 2 MB), pread's do not, so a file larger than RAM trains in bounded memory.
+    For a memory-mapped array the rows are read with ``pread`` (through a descriptor of ``files``, the
+    split's) into the new array rather than touched through the mapping: mapped pages count in the process's
+    resident memory (with large page-cache folios one touched row can map 2 MB), pread's do not, so a file
+    larger than RAM trains in bounded memory.
     """
     count = int((stops - starts).sum())
     out = np.empty((count, *arr.shape[1:]), dtype=arr.dtype)
     path = getattr(arr, "filename", None)
     if count == 0:
         return out
-    if path is None:
+    if path is None or files is None:
         np.concatenate([arr[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)], out=out)
         return out
     row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
-    fd, base = _fd(path), int(arr.offset)
+    fd, base = files.fd(path), int(arr.offset)
     buf = memoryview(out.reshape(-1)).cast("B")
     pos = 0
     for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
@@ -71,16 +62,17 @@ def take_runs(arr: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndar
 
 
 def _take_csr(ids: np.ndarray, weights: np.ndarray, offsets: np.ndarray, starts: np.ndarray,
-              stops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              stops: np.ndarray, files: OpenFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The tags of the rows in the runs: (ids, weights, lengths per row)."""
-    offs = take_runs(offsets, starts, stops + 1)  # each run's offsets, one more than its rows
+    offs = take_runs(offsets, starts, stops + 1, files)  # each run's offsets, one more than its rows
     run_len = stops - starts + 1
     first = np.concatenate(([0], np.cumsum(run_len)[:-1]))
     lengths = np.diff(offs)
     keep = np.ones(lengths.size, dtype=bool)
     keep[first[1:] - 1] = False  # the differences that straddle two runs
     tag_starts, tag_stops = offs[first], offs[first + run_len - 1]
-    return take_runs(ids, tag_starts, tag_stops), take_runs(weights, tag_starts, tag_stops), lengths[keep]
+    return (take_runs(ids, tag_starts, tag_stops, files), take_runs(weights, tag_starts, tag_stops, files),
+            lengths[keep])
 
 
 def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, block_rows: int,
@@ -147,11 +139,13 @@ def load_batch(split: SplitArrays, rows: np.ndarray | tuple[int, int]) -> ModelI
         weights = None if split.weights is None else split.weights[rows]
         return make_input(split.cat_ids[rows], split.num_values[rows], multi, split.labels[rows], group, weights)
     starts, stops = runs_of(rows)
-    multi = [_take_csr(i, w, o, starts, stops) for i, w, o in split.multi]
-    group = None if split.group is None else take_runs(split.group, starts, stops)
-    weights = None if split.weights is None else take_runs(split.weights, starts, stops)
-    return make_input(take_runs(split.cat_ids, starts, stops), take_runs(split.num_values, starts, stops), multi,
-                      take_runs(split.labels, starts, stops), group, weights)
+
+    def take(arr: np.ndarray | None) -> np.ndarray | None:
+        return None if arr is None else take_runs(arr, starts, stops, split.files)
+
+    multi = [_take_csr(i, w, o, starts, stops, split.files) for i, w, o in split.multi]
+    return make_input(take(split.cat_ids), take(split.num_values), multi, take(split.labels), take(split.group),
+                      take(split.weights))
 
 
 def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,

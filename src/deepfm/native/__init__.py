@@ -15,12 +15,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
+
+from deepfm.io import atomic_path
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 _HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the cache key
@@ -66,22 +67,15 @@ def _flag_sets(openmp: bool) -> list[list[str]]:
 
 
 def _compile(cc: str, out: Path, openmp: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        base = [cc, "-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-std=c99"]
+    base = [cc, "-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-std=c99"]
+    with atomic_path(out) as tmp:  # several ranks may build at once: each renames a complete library in
         for flags in _flag_sets(openmp):
-            res = subprocess.run(base + flags + [*map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
+            res = subprocess.run(base + flags + [*map(str, _SOURCES), "-o", str(tmp), "-lm"], capture_output=True,
                                  text=True, timeout=120, check=False)
             if res.returncode == 0:
                 break
         if res.returncode != 0:
             raise RuntimeError(res.stderr.strip()[-2000:])
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load() -> ctypes.CDLL | None:
