@@ -331,3 +331,33 @@ def test_cli_explain_rejects_bad_counts_and_unlabelled_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deepfm", "explain", str(planted_model()), str(unlabelled)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "has no label column 'label'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("model_cfg", [{"head": "project"}, {"use_deep": False}, {"use_fm": False},
+                                       {"batch_norm": True, "dropout": 0.3}, {"use_linear": False, "head": "project"}])
+def test_attributions_sum_to_the_logit_for_every_head_and_part(model_cfg):
+    from deepfm.config import ModelConfig
+    from deepfm.model import DeepFM
+
+    loaded = load_model(models.multi_model())
+    torch.manual_seed(0)
+    model = DeepFM(loaded.layout, ModelConfig(embed_dim=8, hidden_units=[16, 16], init_std=0.1, **model_cfg))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.5)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+        model.bias.fill_(0.25)
+        model.embedding.weight[:, -1].normal_(0, 0.1)  # first-order weights (zero at init)
+    model.eval()
+    inp = _inputs(loaded, _multi_frame(120))
+    loaded.model = model
+    attr = attribute_input(loaded, inp, batch=50)
+    with torch.no_grad():
+        logit = model(*inp.tensors()).double().numpy()
+    assert np.abs(logit).max() > 0.5  # weights large enough that every part matters
+    np.testing.assert_allclose(attr.logit, logit, rtol=0, atol=1e-4)
+    for part, used in (("fm", model_cfg.get("use_fm", True)), ("dnn", model_cfg.get("use_deep", True)),
+                       ("linear", model_cfg.get("use_linear", True))):
+        assert (np.abs(getattr(attr, part)).max() > 0) == used, part
