@@ -40,14 +40,16 @@ want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
 if want tests; then
 echo "== CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fm.py 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fm.py tests/test_explain.py 2>&1 | tail -15 | tee -a "$OUT/log.txt"
 
 fi
 if want example; then
 echo "== the example on the GPU"
 { "$PY" -m deepfm train examples/criteo/config.yaml --output /tmp/gpu-run --set train.device=$DEVICE --no-progress &&
   "$PY" -m deepfm predict /tmp/gpu-run examples/criteo/data/test.tsv --output /tmp/gpu-pred.csv --device $DEVICE \
-      --no-progress && head -3 /tmp/gpu-pred.csv; } 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+      --no-progress && head -3 /tmp/gpu-pred.csv &&
+  "$PY" -m deepfm explain /tmp/gpu-run examples/criteo/data/test.tsv --device $DEVICE --output /tmp/gpu-explain |
+      head -8; } 2>&1 | tail -20 | tee -a "$OUT/log.txt"
 
 fi
 if want bench; then

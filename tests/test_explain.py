@@ -361,3 +361,17 @@ def test_attributions_sum_to_the_logit_for_every_head_and_part(model_cfg):
     for part, used in (("fm", model_cfg.get("use_fm", True)), ("dnn", model_cfg.get("use_deep", True)),
                        ("linear", model_cfg.get("use_linear", True))):
         assert (np.abs(getattr(attr, part)).max() > 0) == used, part
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_attributions_and_importance_on_cuda_match_the_cpu():
+    cpu, gpu = load_model(planted_model()), load_model(planted_model(), "cuda")
+    inp = _inputs(cpu, planted_frame(300, 6))
+    a_cpu, a_gpu = attribute_input(cpu, inp), attribute_input(gpu, inp)
+    np.testing.assert_allclose(a_gpu.per_field, a_cpu.per_field, rtol=0, atol=1e-4)
+    logit = Predictor(gpu, device="cuda").runtime.logits(inp)
+    np.testing.assert_allclose(a_gpu.logit, logit, rtol=0, atol=1e-4)
+    r_cpu = explain_data(cpu, str(planted_data()[1]), seeds=2)
+    r_gpu = explain_data(gpu, str(planted_data()[1]), seeds=2, device="cuda")
+    assert [r["field"] for r in r_gpu["importance"]][:2] == [r["field"] for r in r_cpu["importance"]][:2]
+    assert r_gpu["pairs"][0]["fields"] == r_cpu["pairs"][0]["fields"]
