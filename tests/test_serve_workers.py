@@ -1,12 +1,15 @@
-"""``deepfm serve --workers 2``: the settings reach both workers, and /metrics (answered by either worker)
-reports the sum of both workers' requests (prometheus_client's multiprocess mode)."""
+"""``deepfm serve --workers 2``: the settings reach both workers, /metrics (answered by either worker) reports
+the sum of both workers' requests (prometheus_client's multiprocess mode), and the workers share one table
+(a memory map of model.safetensors; Linux /proc)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +37,24 @@ def _start(args: list[str], log) -> tuple[subprocess.Popen, str]:
     pytest.fail("server did not start")
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _table_mapping(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in kB of the process's mappings of model.safetensors."""
+    rss = pss = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith("model.safetensors")
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+        elif inside and line.startswith("Pss:"):
+            pss += int(line.split()[1])
+    return rss, pss
+
+
 def _predicts(text: str) -> float:
     return models.metric(text, "deepfm_requests_total", path="/v1/predict", method="POST", code="200") or 0.0
 
@@ -59,6 +80,10 @@ def test_two_workers_metrics_are_the_sum_of_both(tmp_path):
         for _ in range(6):
             text = httpx.get(base + "/metrics", headers={"connection": "close"}, timeout=10).text
             assert _predicts(text) == sent
+        # both workers map the one table of model.safetensors: its pages count half in each (PSS)
+        table = [m for m in map(_table_mapping, _children(proc.pid)) if m[0]]  # (not the resource tracker)
+        assert len(table) == 2 and all(rss >= 600 for rss, _ in table), table  # the 721 KB table is resident
+        assert all(pss <= rss * 0.6 for rss, pss in table), table  # ...and shared, not copied
         # the limits reached both workers (settings through the environment, validated again there)
         for _ in range(6):
             big = httpx.post(base + "/v1/predict", json={"rows": row["rows"] * 4}, headers={"connection": "close"},

@@ -184,8 +184,45 @@ def read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model directory (no pickle anywhere) for prediction, in eval mode."""
+def mapped_table(weights: Path) -> torch.Tensor:
+    """The embedding table of ``model.safetensors`` as a memory map of the file, not a copy: every process
+    that maps it shares the same page-cache pages, so N server workers hold one table between them. The
+    mapping is private (copy-on-write): nothing writes it, and a write could never reach the file."""
+    import numpy as np
+    from safetensors import safe_open
+
+    with open(weights, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    entry = header.get(TABLE_KEY)
+    if entry is None or entry.get("dtype") != "F32":
+        with safe_open(str(weights), framework="pt") as f:  # not a float32 table: an ordinary copy
+            return f.get_tensor(TABLE_KEY)
+    start, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    mapped = np.memmap(weights, dtype=np.float32, mode="c", offset=8 + header_len + start, shape=shape)
+    assert mapped.nbytes == end - start
+    return torch.from_numpy(mapped)
+
+
+def _shared_weights(model: DeepFM, weights: Path) -> dict[str, torch.Tensor]:
+    """Put the memory-mapped table into ``model`` (freeing the one its constructor made) and return the
+    other weights, read as usual."""
+    from safetensors import safe_open
+
+    table = mapped_table(weights)
+    if table.shape != model.embedding.weight.shape:
+        raise ValueError(f"its table is {tuple(table.shape)}, the layout says {tuple(model.embedding.weight.shape)}")
+    model.embedding.weight = torch.nn.Parameter(table, requires_grad=False)
+    with safe_open(str(weights), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k != TABLE_KEY}
+    return state  # without the table: loading it would write every page of the map (copy_ onto itself)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu", shared_table: bool = False) -> LoadedModel:
+    """Load a model directory (no pickle anywhere) for prediction, in eval mode. ``shared_table`` (CPU only):
+    the embedding table is a read-only memory map of ``model.safetensors`` shared by every process that loads
+    it that way (``deepfm serve --workers N``), not a copy of its own."""
     path = Path(path)
     info = read_info(path)
     try:
@@ -203,11 +240,16 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
         raise ArtifactError(f"{path / 'layout.json'}: does not describe a model this config can build ({err})"
                             ) from None
     try:
-        state = load_file(str(path / "model.safetensors"), device=str(device))
-    except (SafetensorError, OSError) as err:
+        if shared_table and torch.device(device).type == "cpu":
+            state = _shared_weights(model, path / "model.safetensors")
+        else:
+            state = load_file(str(path / "model.safetensors"), device=str(device))
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise ArtifactError(f"{path / 'model.safetensors'}: unreadable weights ({err})") from None
     try:
-        model.load_state_dict(state)
+        result = model.load_state_dict(state, strict=TABLE_KEY in state)
+        if result.missing_keys not in ([], [TABLE_KEY]) or result.unexpected_keys:
+            raise RuntimeError(f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     except RuntimeError as err:
         raise ArtifactError(f"{path}: weights do not match its layout/config ({err})") from None
     model.to(device).eval()

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from deepfm.artifact import LoadedModel
+from deepfm.artifact import LoadedModel, load_model
 from deepfm.errors import DeepFMError
+from deepfm.model.embedding import embedding_table
 from deepfm.predict import Predictor
+from deepfm.runtime import resolve_device
 from deepfm.serve.encode import FastEncoder, frame_probs, request_codecs, validate_rows
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.settings import ServeSettings
@@ -41,7 +43,11 @@ class ServedModel:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> ServedModel:
         path = Path(model_dir)
-        predictor = Predictor(path, device=device, precision="fp32")
+        loaded = load_model(path, resolve_device(device), shared_table=True)  # workers share one table (mmap)
+        predictor = Predictor(loaded, device=device, precision="fp32")
+        table = embedding_table(loaded.model)
+        if table is not None and table.device.type == "cpu":
+            float(table.sum())  # read every page once now, so that no request waits for the disk
         digest = hashlib.sha256()
         for name in ("model.safetensors", "encoder.json"):
             with open(path / name, "rb") as fh:
