@@ -6,9 +6,12 @@ Starts ``deepfm serve MODEL_DIR`` on 127.0.0.1 (a free port) in a second process
 drives it from this process with a minimal asyncio HTTP/1.1 keep-alive client (low client overhead, so the
 latencies are the server's plus loopback). Scenarios, each bounded by a request count and by --seconds:
 
-    single-c1     1-row requests, concurrency 1
-    single-c16    1-row requests, concurrency 16
-    batch100-c4   100-row requests, concurrency 4
+    unbatched/single-c20   20 clients x 1-row requests, --max-batch-rows 1 (no coalescing: the old server)
+    batched/single-c20     the same with the default batching
+    batched/rank100-c2     ranking requests: 100 candidate rows each, 2 clients
+    batched/rank1000-c2    1,000 candidate rows each, 2 clients
+
+and ``deepfm predict``'s rows/s on a file of the same rows (--predict-rows), for the ranking comparison.
 
 Loopback only: the server is bound to 127.0.0.1 and the client refuses any other host.
 """
@@ -90,7 +93,7 @@ async def scenario(port: int, bodies: list[bytes], concurrency: int, count: int,
                    rows_per_request: int) -> dict:
     lat: list[float] = []
     errors = {"http": 0, "transport": 0}
-    deadline = time.perf_counter() + seconds
+    deadline = 0.0  # set after the warm-up
     issued = 0
 
     async def worker() -> None:
@@ -119,10 +122,11 @@ async def scenario(port: int, bodies: list[bytes], concurrency: int, count: int,
     # warm-up, not measured
     conn = Conn(port)
     await conn.open()
-    for b in bodies[:50]:
+    for b in bodies[:max(2, 50 // rows_per_request)]:
         await conn.post("/v1/predict", b)
     conn.close()
     start = time.perf_counter()
+    deadline = start + seconds
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     arr = sorted(lat)
@@ -137,6 +141,79 @@ async def scenario(port: int, bodies: list[bytes], concurrency: int, count: int,
             "errors": errors["http"] + errors["transport"]}
 
 
+class Server:
+    """``deepfm serve MODEL_DIR`` on 127.0.0.1 and a free port, in a second process."""
+
+    def __init__(self, model_dir: Path, extra: list[str]) -> None:
+        self.port = free_port()
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, "-m", "deepfm", "serve", str(model_dir), "--host", HOST, "--port", str(self.port),
+               *extra]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait(self) -> None:
+        for _ in range(1200):
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5) as s:
+                    s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+                    if b" 200 " in s.recv(1024):
+                        return
+            except OSError:
+                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                raise SystemExit(self.proc.stderr.read().decode())
+        raise SystemExit("server did not come up")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def predict_rows_per_s(model_dir: Path, rows: list[dict], n: int) -> float:
+    """``deepfm predict``'s rows/s on a file of ``n`` rows (the model loaded, the file read and written)."""
+    import tempfile
+
+    import polars as pl
+
+    from deepfm.predict import Predictor
+
+    cols = sorted({k for r in rows for k in r})
+    frame = pl.DataFrame({c: [None if rows[i % len(rows)].get(c) is None else str(rows[i % len(rows)][c])
+                              for i in range(n)] for c in cols})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.csv"
+        frame.write_csv(path)
+        predictor = Predictor(model_dir, device="cpu")
+        t0 = time.perf_counter()
+        predictor.predict_file(str(path), str(Path(tmp) / "out.csv"), progress=False)
+        return n / (time.perf_counter() - t0)
+
+
+def ranking(rows: list[dict], size: int, count: int) -> list[bytes]:
+    """Requests of ``size`` candidates: one user's fields with different ad fields (here: consecutive rows)."""
+    return [json.dumps({"rows": [{"id": j, "features": rows[(i * 7 + j) % len(rows)]} for j in range(size)]}).encode()
+            for i in range(count)]
+
+
+def run_plan(model_dir: Path, extra: list[str], plan: list[tuple], args, results: dict, label: str) -> None:
+    server = Server(model_dir, extra)
+    try:
+        server.wait()
+        for name, bodies, conc, count, per in plan:
+            r = asyncio.run(scenario(server.port, bodies, conc, count, args.seconds, per))
+            r["server_args"] = " ".join(extra)
+            results[f"{label}/{name}"] = r
+            print(f"{label:9s} {name:13s} {r['requests']:6d} req {r['req_per_s']:8.1f} req/s {r['rows_per_s']:9.1f} "
+                  f"rows/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}", flush=True)
+    finally:
+        server.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
@@ -144,58 +221,32 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="time limit per scenario")
     ap.add_argument("--requests", type=int, default=5000, help="request limit per single-row scenario")
     ap.add_argument("--serve-args", default="", help="extra arguments for deepfm serve, e.g. '--workers 2'")
+    ap.add_argument("--predict-rows", type=int, default=200_000, help="file size for deepfm predict's rows/s")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
     rows = load_rows(args.data, args.model_dir)
     random.Random(0).shuffle(rows)
     singles = [json.dumps({"rows": [{"id": i, "features": r}]}).encode() for i, r in enumerate(rows)]
-    batches = [json.dumps({"rows": [{"id": j, "features": rows[(i + j) % len(rows)]} for j in range(100)]}).encode()
-               for i in range(0, len(rows), 37)]
-
-    port = free_port()
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "deepfm", "serve", str(args.model_dir), "--host", HOST, "--port", str(port),
-           *args.serve_args.split()]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(600):
-            try:
-                with socket.create_connection((HOST, port), timeout=0.5) as s:
-                    s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-                    if b" 200 " in s.recv(1024):
-                        break
-            except OSError:
-                time.sleep(0.1)
-            if server.poll() is not None:
-                print(server.stderr.read().decode(), file=sys.stderr)
-                return 1
-        else:
-            print("server did not come up", file=sys.stderr)
-            return 1
-        results = {"loadavg_before": os.getloadavg()}
-        print(f"load average before: {results['loadavg_before']} on {os.cpu_count()} cores "
-              "(other processes on the machine inflate the tail latencies)", flush=True)
-        plan = [("single-c1", singles, 1, args.requests, 1), ("single-c16", singles, 16, args.requests, 1),
-                ("batch100-c4", batches, 4, max(200, args.requests // 10), 100)]
-        for name, bodies, conc, count, per in plan:
-            results[name] = asyncio.run(scenario(port, bodies, conc, count, args.seconds, per))
-            r = results[name]
-            print(f"{name:12s} {r['requests']:6d} req  {r['req_per_s']:8.1f} req/s  {r['rows_per_s']:9.1f} rows/s  "
-                  f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  max {r['max_ms']:8.3f} ms  "
-                  f"errors {r['errors']}", flush=True)
-        results["loadavg_after"] = os.getloadavg()
-        print(f"load average after: {results['loadavg_after']}")
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    results: dict = {"loadavg_before": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"load average before: {results['loadavg_before']} on {os.cpu_count()} cores "
+          "(other processes on the machine inflate the tail latencies)", flush=True)
+    extra = args.serve_args.split()
+    single = [("single-c20", singles, 20, args.requests, 1)]
+    run_plan(args.model_dir, [*extra, "--max-batch-rows", "1"], single, args, results, "unbatched")
+    rank = [("rank100-c2", ranking(rows, 100, 50), 2, max(100, args.requests // 20), 100),
+            ("rank1000-c2", ranking(rows, 1000, 20), 2, max(40, args.requests // 100), 1000)]
+    run_plan(args.model_dir, extra, single + rank, args, results, "batched")
+    results["predict_rows_per_s"] = round(predict_rows_per_s(args.model_dir, rows, args.predict_rows), 1)
+    print(f"deepfm predict on a {args.predict_rows:,}-row file: {results['predict_rows_per_s']:,.0f} rows/s")
+    u, b = results["unbatched/single-c20"], results["batched/single-c20"]
+    print(f"batching, 20 clients x 1 row: {b['req_per_s'] / u['req_per_s']:.2f}x requests/s, p99 "
+          f"{u['p99_ms']:.1f} -> {b['p99_ms']:.1f} ms; 1,000-row requests at "
+          f"{results['batched/rank1000-c2']['rows_per_s'] / results['predict_rows_per_s']:.0%} of predict's rows/s")
+    results["loadavg_after"] = os.getloadavg()
+    print(f"load average after: {results['loadavg_after']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
