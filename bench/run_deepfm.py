@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 import common  # noqa: E402  (bench/peers/common.py: the shared measurement protocol)
 
 import deepfm  # noqa: E402
+import deepfm.process  # noqa: E402
+
+deepfm.process.tune_process()  # what the deepfm command applies (OpenMP spin where torch is not loaded yet, malloc)
 from deepfm.config import config_from_dict  # noqa: E402
 from deepfm.data.loader import load_batch  # noqa: E402
 from deepfm.data.store import prepare  # noqa: E402

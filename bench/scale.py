@@ -56,6 +56,9 @@ def main() -> None:
                            check=True)
     stages["generate_s"] = round(time.perf_counter() - t0, 1)
 
+    import deepfm.process
+
+    deepfm.process.tune_process()  # what `deepfm train` applies, before torch loads
     import torch
 
     from deepfm.config import config_from_dict

@@ -30,7 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
-import deepfm  # noqa: E402,F401  (first: sets deepfm's OpenMP defaults before torch loads)
+import deepfm.process  # noqa: E402
+
+deepfm.process.tune_process()  # what the deepfm command applies, before torch loads (OpenMP spin)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

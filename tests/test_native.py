@@ -108,7 +108,9 @@ def test_deepfm_native_0_turns_the_kernel_off(monkeypatch):
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_reuse_freed_memory_applies_on_glibc():
-    assert native.reuse_freed_memory()
+    from deepfm.process import reuse_freed_memory
+
+    assert reuse_freed_memory()
 
 
 @needs_kernel
@@ -154,21 +156,28 @@ def test_the_kernels_share_torchs_openmp_runtime():
     assert len(gomp) <= 1, gomp
 
 
-def test_importing_deepfm_first_shortens_openmps_spin_and_keeps_a_users_setting():
+def test_importing_deepfm_changes_no_environment_and_the_command_shortens_openmps_spin():
     import subprocess
     import sys
 
-    code = "import os, deepfm, torch; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))"
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["5000", "1"]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "300000"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["300000", "1"]
-    # torch loaded first: its runtime has read its settings already, so deepfm leaves the environment alone
-    code_late = "import os, torch, deepfm; print(os.environ.get('GOMP_SPINCOUNT'))"
-    out = subprocess.run([sys.executable, "-c", code_late], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["None"]
+    show = "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))"
+
+    def run(code: str, **extra: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True)
+        return out.stdout.split()
+
+    # a library: importing it (and using the estimator) leaves the process's environment alone
+    assert run(f"import os, deepfm, deepfm.api, torch; {show}") == ["None", "None"]
+    # the command applies it before anything loads torch; a value the user set wins
+    command = f"import os\nfrom deepfm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n{show}"
+    assert run(command)[-2:] == ["5000", "1"]  # after the help text
+    assert run(command, GOMP_SPINCOUNT="300000")[-2:] == ["300000", "1"]
+    # opt-in for a program: before torch it applies; torch loaded first has read its settings, so it does not
+    assert run(f"import os, deepfm.process as p; print(p.tune_process(malloc=False)); {show}") == \
+        ["{'openmp':", "True,", "'malloc':", "False}", "5000", "1"]
+    assert run(f"import os, torch, deepfm.process as p; print(p.tune_openmp()); {show}") == ["False", "None", "None"]
 
 
 def test_openmp_only_beside_torchs_own_libgomp():

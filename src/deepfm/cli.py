@@ -1,4 +1,4 @@
-"""The ``deepfm`` command: train, evaluate, predict, inspect.
+"""The ``deepfm`` command: train, evaluate, predict, inspect (serve, export, explain and tune register here too).
 
 Errors deepfm expects (bad config, bad data, bad model directory) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from deepfm.errors import DeepFMError
+from deepfm.process import tune_openmp
 
 
 def _log(msg: str) -> None:
@@ -21,6 +22,8 @@ def _log(msg: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from deepfm.config import load_config
     from deepfm.pipeline import default_output, metrics_table, train
+    from deepfm.process import reuse_freed_memory
+    from deepfm.runtime import resolve_device
 
     overrides = list(args.set or [])
     if args.skip_bad_rows:
@@ -30,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1:
         return _launch_torchrun(args)
     cfg = load_config(args.config, overrides)
+    if cfg.train.reuse_freed_memory and resolve_device(cfg.train.device).type == "cpu":
+        reuse_freed_memory()  # process-wide, so the command does it, not the Trainer (deepfm.process)
     output = Path(args.output or cfg.output or default_output(args.config))
     if not (args.output or cfg.output):
         _log(f"Output: {output} (named after {args.config}; choose with --output DIR)")
@@ -233,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``deepfm`` command. It applies ``deepfm.process.tune_openmp`` first, before anything loads torch
+    (every subcommand, ``deepfm serve``'s workers and ``torchrun``'s ranks come through here)."""
+    tune_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

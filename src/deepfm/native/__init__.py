@@ -251,28 +251,3 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     caller checked ``paths.bias_relu_kernel``."""
     _kernels().deepfm_bias_relu(y.data_ptr(), bias.data_ptr(), y.shape[0], y.shape[1], torch.get_num_threads())
     return y
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value: buffers up to 32 MB come from the reusable heap
-TRIM_THRESHOLD = 512 << 20  # freed memory at the heap's top kept up to this much before returning it
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep freed buffers for reuse; True if applied (Linux with glibc), else False.
-
-    By default glibc maps large allocations afresh (above a threshold it adapts between 128 KB and 32 MB) and
-    returns freed memory at the heap's top to the OS. A training step allocates and frees ~10 MB activations
-    and gradients many times, so steps page-fault part of them back in: 150-5,000 faults a step, 1-3 ms of a
-    ~30 ms step measured on a 2-core machine, and none with this. It is process-wide and
-    what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or preloading jemalloc/tcmalloc) do;
-    the cost is that resident memory stays near its peak instead of shrinking after it.
-    """
-    if os.name != "posix" or platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False

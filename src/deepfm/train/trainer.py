@@ -89,8 +89,6 @@ class Trainer:
         self.device = ddp.device_for(dist, cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
-        if cfg.reuse_freed_memory and self.device.type == "cpu":
-            native.reuse_freed_memory()
         self.run_dir = Path(run_dir)
         self.log = log if dist.is_main else (lambda _msg: None)
         self.callbacks = callbacks or []
