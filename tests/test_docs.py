@@ -58,7 +58,7 @@ def test_every_runnable_block_is_found_and_every_skip_has_a_reason():
     skipped = [b for b in found if b.skip is not None]
     assert all(b.lang == "bash" and len(b.skip) > 10 for b in skipped)
     assert len(skipped) == 3  # make test, the torchrun launches, the SLURM script
-    assert sum(b.lang in ("bash", "python") and b.skip is None for b in found) == 8  # + deepfm explain
+    assert sum(b.lang in ("bash", "python") and b.skip is None for b in found) == 9  # + deepfm explain, tune_process
 
 
 @pytest.mark.slow
