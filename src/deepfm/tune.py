@@ -95,6 +95,7 @@ def tune(config_path: str, trials: int, *, space: dict[str, dict[str, Any]] | No
     except ImportError:
         raise DeepFMError("deepfm tune needs optuna: pip install 'deepfm[tune]'") from None
     from deepfm.config import SplitConfig, config_to_dict, load_config
+    from deepfm.io import atomic_path, atomic_write_text
     from deepfm.pipeline import train
 
     space = space or DEFAULT_SPACE
@@ -139,10 +140,10 @@ def tune(config_path: str, trials: int, *, space: dict[str, dict[str, Any]] | No
     best_yaml = out / "best.yaml"
     header = (f"# deepfm tune: best of {len(rows)} trial(s) on validation AUC ({best_row['valid_auc']:.5f}, "
               f"trial {best_row['trial']}) from {config_path}\n# parameters: {json.dumps(best_params)}\n")
-    best_yaml.write_text(header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
+    atomic_write_text(best_yaml, header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
     trials_csv = out / "trials.csv"
     cols = ["trial", "valid_auc", "valid_logloss", "best_epoch", "epochs_run", "seconds", *space]
-    with open(trials_csv, "w", newline="") as f:
+    with atomic_path(trials_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in sorted(rows, key=lambda r: r["trial"]):

@@ -63,7 +63,7 @@ class SplitWriter:
             return
         fh.close()  # type: ignore[attr-defined]
         # read and write blocks through the file, not a memory map: the mapped pages of a multi-GB file would
-        # count in this process's resident memory (9 GB at 45M rows)
+        # count in this process's resident memory (bench/FIGURES.md)
         width = len(luts)
         row_bytes = width * self.id_dtype.itemsize
         with open(self.folder / f"{name}.bin", "r+b") as f:
