@@ -184,25 +184,36 @@ def read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def mapped_table(weights: Path) -> torch.Tensor:
-    """The embedding table of ``model.safetensors`` as a memory map of the file, not a copy: every process
-    that maps it shares the same page-cache pages, so N server workers hold one table between them. The
-    mapping is private (copy-on-write): nothing writes it, and a write could never reach the file."""
+def mapped_tensor(path: Path, key: str) -> torch.Tensor | None:
+    """One float32 or uint8 tensor of a safetensors file as a memory map of the file, not a copy: every process
+    that maps it shares the same page-cache pages. The mapping is private (copy-on-write): nothing writes it,
+    and a write could never reach the file. None for a tensor of another dtype."""
     import numpy as np
-    from safetensors import safe_open
 
-    with open(weights, "rb") as fh:
+    with open(path, "rb") as fh:
         header_len = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(header_len))
-    entry = header.get(TABLE_KEY)
-    if entry is None or entry.get("dtype") != "F32":
-        with safe_open(str(weights), framework="pt") as f:  # not a float32 table: an ordinary copy
-            return f.get_tensor(TABLE_KEY)
+    entry = header[key]
+    dtype = {"F32": np.float32, "U8": np.uint8}.get(entry["dtype"])
+    if dtype is None:
+        return None
     start, end = entry["data_offsets"]
-    shape = tuple(entry["shape"])
-    mapped = np.memmap(weights, dtype=np.float32, mode="c", offset=8 + header_len + start, shape=shape)
-    assert mapped.nbytes == end - start
+    mapped = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=tuple(entry["shape"]))
+    if mapped.nbytes != end - start:
+        raise ValueError(f"tensor {key} has {end - start} bytes for shape {tuple(entry['shape'])}")
     return torch.from_numpy(mapped)
+
+
+def mapped_table(weights: Path) -> torch.Tensor:
+    """The embedding table of ``model.safetensors``, memory-mapped (``mapped_tensor``) when it is float32, so
+    that N server workers hold one table between them."""
+    from safetensors import safe_open
+
+    table = mapped_tensor(weights, TABLE_KEY)
+    if table is None:  # not a float32 table: an ordinary copy
+        with safe_open(str(weights), framework="pt") as f:
+            return f.get_tensor(TABLE_KEY)
+    return table
 
 
 def _shared_weights(model: DeepFM, weights: Path) -> dict[str, torch.Tensor]:

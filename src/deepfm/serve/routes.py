@@ -52,6 +52,9 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
     if body.explain and n > state.settings.max_explain_rows:
         raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_explain_rows:,} rows per "
                                 "request with \"explain\": true")
+    if body.explain and served.quantize:
+        raise RequestError(422, "\"explain\": true needs the float32 table; this server scores an int8 one "
+                                "(--quantize int8)")
     rows = served.validate([r.features for r in body.rows])
     probs = await state.batcher.score(served, rows)
     check_finite(probs)

@@ -117,3 +117,4 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
     loaded_at: float
     max_rows: int
+    quantize: str | None = None

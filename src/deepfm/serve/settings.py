@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +33,10 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / (2 * "
                                                         "workers), at least 1)")
     device: str = Field("cpu", description="where the model runs: cpu, cuda, cuda:N or auto")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: serve a row-wise int8 table (per-row "
+                                                                  "scale and bias; from model.int8.safetensors when "
+                                                                  "the directory holds a current one, else "
+                                                                  "quantized at load)")
     log_level: str = Field("warning", description="uvicorn log level")
     access_log: bool = Field(False, description="log every request (costs latency)")
     # what one request may ask for
@@ -112,8 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     help=f"{info.description} (env {env}=1)")
             continue
         kind = {int: int, int | None: int, float: float}.get(info.annotation, str)
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
         default = "" if info.default is None else f"; default {info.default}"
-        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, choices=choices,
                             help=f"{info.description} (env {env}{default})")
 
 

@@ -20,7 +20,7 @@ from deepfm.artifact import LoadedModel, load_model
 from deepfm.errors import DeepFMError
 from deepfm.model.embedding import embedding_table
 from deepfm.predict import Predictor
-from deepfm.runtime import resolve_device
+from deepfm.runtime import Runtime, resolve_device
 from deepfm.serve.encode import FastEncoder, frame_probs, request_codecs, validate_rows
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.settings import ServeSettings
@@ -35,27 +35,36 @@ class ServedModel:
     version: str
     loaded_at: float
     fields: dict[str, Any] = field(default_factory=dict)
+    quantize: str | None = None  # "int8": the table is row-wise int8 (deepfm.quantize)
 
     @property
     def loaded(self) -> LoadedModel:
         return self.predictor.loaded
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> ServedModel:
+    def load(cls, model_dir: str | Path, device: str = "cpu", quantize: str = "none") -> ServedModel:
         path = Path(model_dir)
         loaded = load_model(path, resolve_device(device), shared_table=True)  # workers share one table (mmap)
         predictor = Predictor(loaded, device=device, precision="fp32")
         table = embedding_table(loaded.model)
-        if table is not None and table.device.type == "cpu":
+        if quantize == "int8":
+            from deepfm.quantize import int8_model
+
+            model, source = int8_model(loaded)
+            predictor.runtime = Runtime.place(model, device, "fp32", predictor.runtime.batch_size)
+            codes = model.table.codes
+            float(codes[:: max(1, 4096 // codes.shape[1])].sum())  # read every page once now (see below)
+        elif table is not None and table.device.type == "cpu":
             float(table.sum())  # read every page once now, so that no request waits for the disk
         digest = hashlib.sha256()
         for name in ("model.safetensors", "encoder.json"):
             with open(path / name, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
+        version = digest.hexdigest()[:16] + ("-int8" if quantize == "int8" else "")
         codecs = request_codecs(predictor.loaded.encoder.codecs, predictor.config.data)
-        served = cls(predictor, FastEncoder(predictor), digest.hexdigest()[:16], time.time(),
-                     {c.name: c for c in codecs})
+        served = cls(predictor, FastEncoder(predictor), version, time.time(), {c.name: c for c in codecs},
+                     quantize if quantize != "none" else None)
         served.warm_up()
         return served
 
@@ -77,7 +86,7 @@ class ServedModel:
         return {"version": self.version, "path": str(m.path), "created": m.info.get("created"),
                 "format_version": m.info.get("format_version"), "versions": m.info.get("versions"),
                 "label": m.config.data.label, "fields": m.encoder.describe(), "metrics": m.metrics,
-                "loaded_at": self.loaded_at, "max_rows": max_rows}
+                "loaded_at": self.loaded_at, "max_rows": max_rows, "quantize": self.quantize}
 
 
 class ServingState:
@@ -95,7 +104,7 @@ class ServingState:
 
         self.batcher = Batcher(settings.max_batch_rows, settings.max_batch_delay_ms / 1000,
                                settings.fast_path_max_rows, self.metrics)
-        self._install(ServedModel.load(model_dir, settings.device), Path(model_dir))
+        self._install(ServedModel.load(model_dir, settings.device, settings.quantize), Path(model_dir))
 
     def _install(self, served: ServedModel, path: Path) -> None:
         self.model, self.path = served, path  # one reference swap: requests keep the model they took
@@ -108,7 +117,7 @@ class ServingState:
         with self._reload_lock:
             target = self.path if path is None else path
             try:
-                served = ServedModel.load(target, self.settings.device)
+                served = ServedModel.load(target, self.settings.device, self.settings.quantize)
             except BaseException:
                 self.metrics.reloaded(False)
                 raise
