@@ -32,7 +32,7 @@ def main() -> None:
 
     try:
         train(config_from_dict(spec["config"]), spec["output"], resume=spec.get("resume", False),
-              log=lambda m: print(m, flush=True), callbacks=[hook])
+              log=lambda m: print(m, flush=True), callbacks=[hook], init_from=spec.get("init_from"))
     except Stop:
         sys.exit(3)
 

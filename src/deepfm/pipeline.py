@@ -17,13 +17,15 @@ import torch
 
 from deepfm.artifact import LoadedModel, load_model, save_model
 from deepfm.config import Config, auto_batch_size
-from deepfm.data.store import PreparedData, prepare
+from deepfm.data.ranked import prepare_for_ranks
+from deepfm.data.store import PreparedData
 from deepfm.model import DeepFM, embedding_table
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
 from deepfm.data.vocab import growth
 from deepfm.train import sharding
 from deepfm.train.placement import TablePlacement, placement_for
+from deepfm.train.rowshare import row_share
 from deepfm.train.trainer import Trainer
 from deepfm.train.warm import carry_optimizer_state, check_compatible, table_source, warm_start
 
@@ -93,11 +95,7 @@ def train(cfg: Config, output: Path, *, resume: bool = False, log=print, callbac
 def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp.DistContext,
            parent: LoadedModel | None = None, reset_optimizer: bool = False) -> TrainResult | None:
     grow_from = None if parent is None else parent.encoder
-    if dist.is_main:
-        data = prepare(cfg, progress=cfg.train.progress, log=log, parent=grow_from)
-    dist.barrier()  # the others wait for rank 0's preparation, then map the same files
-    if not dist.is_main:
-        data = prepare(cfg, progress=False, log=lambda _m: None, parent=grow_from)
+    data = prepare_for_ranks(cfg, dist, progress=cfg.train.progress, log=log, parent=grow_from)
     splits = data.splits
     log(f"Data: {', '.join(f'{k} {len(v):,} rows' for k, v in splits.items())}; "
         f"embedding table {data.layout.num_rows:,} rows x {cfg.model.embed_dim + 1} "
@@ -119,7 +117,8 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
     model = build_model(cfg, data, dist, placement)
     run_dir = _fresh_run_dir(run_dir_for(output), resume, dist)
     warm = _WarmStart(parent, data, model) if parent is not None else None
-    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist, placement=placement)
+    trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist, placement=placement,
+                      rows=row_share(data.manifest, dist.rank, dist.world_size))
     if warm is not None:
         warm.carry_optimizer(trainer, reset_optimizer, log)
     state = trainer.fit(data.splits["train"], data.splits.get("valid"), resume=resume)

@@ -107,6 +107,9 @@ class DataConfig(Frozen):
     test: str | list[str] | None = None
     # the endpoint of an S3-compatible store (else AWS_ENDPOINT_URL); credentials never go in the config
     s3_endpoint_url: str | None = None
+    # under torchrun: rank 0 prepares one cache every rank maps (a shared filesystem), or every rank prepares a
+    # share of the files and keeps its rows (deepfm.data.ranked); one process prepares alone either way
+    prepare_on: Literal["rank0", "every_rank"] = "rank0"
     split: Split | None = None
     header: bool = True
     columns: list[str] | None = None

@@ -108,18 +108,17 @@ class Encoder:
 
     def accumulate_stats(self, chunk: RawChunk, acc: dict[str, dict[str, Any]]) -> None:
         """Fold a (validated) chunk into the value codecs' running aggregations (``acc``, by field name)."""
+        fold_stats(acc, self.chunk_stats(chunk))
+
+    def chunk_stats(self, chunk: RawChunk) -> list[tuple[str, str, str, Any]]:
+        """A (validated) chunk's aggregations: (field, key, how: sum | min | max, value). Folded in chunk order
+        (``fold_stats``) they give the statistics, bit for bit, whichever process computed each chunk's."""
         specs = [(c, key, expr, how) for c in self.value_codecs
                  for key, expr, how in c.stat_exprs(c.number_expr(pl.col(c.name), self._dtype(chunk, c.name)))]
         if not specs:
-            return
+            return []
         row = chunk.frame.select(expr.alias(f"{c.name}__{key}") for c, key, expr, _ in specs).row(0)
-        for (c, key, _, how), value in zip(specs, row, strict=True):
-            field_acc = acc.setdefault(c.name, {})
-            if value is None:
-                continue
-            old = field_acc.get(key)
-            field_acc[key] = value if old is None else {"sum": old + value, "min": min(old, value),
-                                                        "max": max(old, value)}[how]
+        return [(c.name, key, how, value) for (c, key, _, how), value in zip(specs, row, strict=True)]
 
     def set_fitted(self, counters: dict[str, VocabularyCounter], acc: dict[str, dict[str, Any]]) -> None:
         """Build the vocabularies from their counters and the value codecs' statistics from their aggregations;
@@ -330,3 +329,14 @@ class Encoder:
         vocabs = {k: Vocabulary.from_json(k, v) for k, v in obj["vocabularies"].items()}
         stats = {k: {sk: float(sv) for sk, sv in v.items()} for k, v in obj["numeric"].items()}
         return cls(fields, data, vocabs, stats)
+
+
+def fold_stats(acc: dict[str, dict[str, Any]], stats: list[tuple[str, str, str, Any]]) -> None:
+    """Fold one chunk's aggregations (``Encoder.chunk_stats``) into ``acc``."""
+    for name, key, how, value in stats:
+        field_acc = acc.setdefault(name, {})
+        if value is None:
+            continue
+        old = field_acc.get(key)
+        field_acc[key] = value if old is None else {"sum": old + value, "min": min(old, value),
+                                                    "max": max(old, value)}[how]

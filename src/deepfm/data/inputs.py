@@ -63,10 +63,13 @@ def describe(spec: str | list[str]) -> str:
 
 
 def read_files(files: list[Source], data: DataConfig, bad: BadRows | None = None,
-               columns: list[str] | None = None) -> Iterator[RawChunk]:
-    """Chunks of ``files`` in order, rows numbered across them, partition columns added."""
+               columns: list[str] | None = None, offsets: list[int] | None = None) -> Iterator[RawChunk]:
+    """Chunks of ``files`` in order, rows numbered across them (or from ``offsets[k]`` for file k: a rank's
+    files among all), partition columns added."""
     offset = 0
-    for src in files:
+    for k, src in enumerate(files):
+        if offsets is not None:
+            offset = offsets[k]
         wanted = None if columns is None else [c for c in columns if c not in src.partitions]
         rows = 0
         for chunk in guarded(src, read_chunks(src, data, bad, wanted)):

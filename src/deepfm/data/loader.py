@@ -151,13 +151,16 @@ def load_batch(split: SplitArrays, rows: np.ndarray | tuple[int, int]) -> ModelI
 def iterate_batches(split: SplitArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                     epoch: int = 0, block_rows: int = 32, start_batch: int = 0, prefetch: int = 4,
                     pin_memory: bool = False, rank: int = 0, world_size: int = 1,
-                    rows: tuple[int, int] | None = None) -> Iterator[ModelInput]:
+                    rows: tuple[int, int] | None = None, plan: list | None = None) -> Iterator[ModelInput]:
     """Yield the batches of one epoch from ``start_batch`` on, loaded by a background thread.
 
     ``rank``/``world_size`` give this rank its part of every batch (training); ``rows`` restricts an
-    unshuffled pass to the rows ``[lo, hi)`` (a rank's shard for evaluation).
+    unshuffled pass to the rows ``[lo, hi)`` (a rank's shard for evaluation); ``plan``: the epoch's batches as
+    rows already chosen (``deepfm.train.rowshare``).
     """
-    if rows is not None:
+    if plan is not None:
+        plan = plan[start_batch:]
+    elif rows is not None:
         lo, hi = rows
         plan: list = [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)][start_batch:]
     else:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +76,8 @@ class PreparedData:
 
 
 def fingerprint(cfg: Config, parent: Encoder | None = None, files: inputs.SplitFiles | None = None) -> str:
-    data = cfg.data.model_dump(mode="json", exclude={"cache_dir", "chunk_rows", "id_columns", "s3_endpoint_url"})
+    data = cfg.data.model_dump(mode="json", exclude={"cache_dir", "chunk_rows", "id_columns", "s3_endpoint_url",
+                                                     "prepare_on"})
     files = inputs.split_files(cfg.data) if files is None else files
     stamps = {k: inputs.stamp_of(getattr(cfg.data, k), v) for k, v in files.items()}
     grown_from = None if parent is None else \
@@ -179,8 +180,28 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
             yield chunk
 
     fit_bad = BadRows() if bad is not None else None
-    encoder.fit(progress_bar(remember(train_chunks(cfg, fit_bad, files["train"])), desc="fit vocabularies", enabled=progress,
-                             unit="chunk"), bad=fit_bad)
+    encoder.fit(progress_bar(remember(train_chunks(cfg, fit_bad, files["train"])), desc="fit vocabularies",
+                             enabled=progress, unit="chunk"), bad=fit_bad)
+    parts = []
+    for split_name, split_files in files.items():
+        reuse = split_name == "train" and kept_chunks is not None
+        if reuse and bad is not None and fit_bad is not None:  # report what the reading pass skipped
+            for entry in fit_bad.entries:
+                bad.add(*entry)
+        parts.append((split_name, iter(kept_chunks) if reuse else inputs.read_files(split_files, cfg.data, bad),
+                      reuse))
+    writers, total_rows, dropped = encode_splits(folder, cfg, encoder, parts, bad, progress)
+    if bad is not None:
+        bad.close()
+    _finish(folder, cfg, fp, encoder, writers, bad, total_rows, t0, negatives_dropped=dropped)
+
+
+def encode_splits(folder: Path, cfg: Config, encoder: Encoder, parts: Iterable[tuple[str, Iterable[RawChunk], bool]],
+                  bad: BadRows | None, progress: bool) -> tuple[dict[str, SplitWriter], int, int]:
+    """Encode chunks with a fitted ``encoder`` into split files under ``folder``. ``parts``: (split name, its
+    chunks, whether they are chunks kept from the fitting pass, already reported and routed); the chunks of
+    ``train`` are routed to train / valid / test by ``data.split`` and downsampled. Returns the writers, rows
+    read and negatives dropped."""
     layout = encoder.layout()
     ids_dtype = id_dtype(layout)
     n_multi = len(layout.multi_fields)
@@ -194,14 +215,8 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
         return writers[name]
 
     total_rows = dropped = 0
-    for split_name, split_files in files.items():
-        reuse = split_name == "train" and kept_chunks is not None
-        if reuse and bad is not None and fit_bad is not None:  # report what the reading pass skipped
-            for entry in fit_bad.entries:
-                bad.add(*entry)
-        chunks = progress_bar(iter(kept_chunks) if reuse else inputs.read_files(split_files, cfg.data, bad),  # type: ignore
-                              desc=f"encode {split_name}", enabled=progress, unit="chunk")
-        for chunk in chunks:
+    for split_name, split_chunks, reuse in parts:
+        for chunk in progress_bar(split_chunks, desc=f"encode {split_name}", enabled=progress, unit="chunk"):
             total_rows += len(chunk)
             routed = split_name == "train" and not reuse
             if routed:
@@ -221,18 +236,16 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
                     writer(name).append(select_rows(enc, m), group[m] if group is not None else None)
             else:
                 writer(split_name).append(enc, group)
-    if bad is not None:
-        bad.close()
-    _finish(folder, cfg, fp, encoder, writers, bad, total_rows, t0, negatives_dropped=dropped)
+    return writers, total_rows, dropped
 
 
 def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[str, SplitWriter],
             bad: BadRows | None, total_rows: int, t0: float, fast_path: bool = False,
-            negatives_dropped: int = 0) -> None:
+            negatives_dropped: int = 0, require_train: bool = True) -> None:
     """Close the split files and write the encoder and the manifest."""
     layout = encoder.layout()
     splits = {name: w.close() for name, w in writers.items()}
-    if splits.get("train", {}).get("rows", 0) == 0:
+    if require_train and splits.get("train", {}).get("rows", 0) == 0:
         raise DataError("no training rows left after preparation", path=inputs.describe(cfg.data.train))
     manifest = {
         "store_version": STORE_VERSION, "fingerprint": fp, "id_dtype": id_dtype(layout).name,

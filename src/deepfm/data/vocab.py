@@ -116,6 +116,10 @@ class VocabularyCounter:
         if len(self._partials) >= 16:
             self._partials = [self._merged()]
 
+    def counts(self) -> pl.DataFrame:
+        """The counts so far, one row per distinct token (what ranks exchange to merge their counters)."""
+        return self._merged()
+
     def _merged(self) -> pl.DataFrame:
         if not self._partials:
             return pl.DataFrame({"token": [], "count": []}, schema={"token": pl.Utf8, "count": pl.Int64})

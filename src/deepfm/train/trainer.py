@@ -26,7 +26,7 @@ from torch import nn
 
 from deepfm.config import TrainConfig, auto_batch_size
 from deepfm.data.batch import ModelInput, SplitArrays
-from deepfm.data.loader import iterate_batches, num_batches
+from deepfm.data.loader import iterate_batches
 from deepfm.io import (atomic_save_tensors, atomic_write_text, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.metrics import summarize
@@ -37,6 +37,7 @@ from deepfm.train import distributed as ddp
 from deepfm import native
 from deepfm.train.optim import LearningRateOnPlateau, build_optimizers
 from deepfm.train.placement import TablePlacement, placement_for
+from deepfm.train.rowshare import SharedRows
 
 
 @dataclass
@@ -83,8 +84,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
                  callbacks: list[Callable[[Trainer, TrainState], None]] | None = None,
-                 dist: ddp.DistContext = ddp.SINGLE, placement: TablePlacement | None = None) -> None:
+                 dist: ddp.DistContext = ddp.SINGLE, placement: TablePlacement | None = None,
+                 rows: SharedRows | None = None) -> None:
         self.cfg = cfg
+        self.rows = rows or SharedRows(dist.rank, dist.world_size)  # deepfm.train.rowshare
         self.dist = dist
         self.device = ddp.device_for(dist, cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -156,19 +159,20 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout masks differ per rank
         ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
-        self.batch_size = auto_batch_size(len(train)) if cfg.batch_size == "auto" else cfg.batch_size
+        n_train = self.rows.total(len(train))
+        self.batch_size = auto_batch_size(n_train) if cfg.batch_size == "auto" else cfg.batch_size
         auto = " (auto)" if cfg.batch_size == "auto" else ""
         kernels = ""
         if self.device.type == "cpu":
             kernels = (", native kernels" if native.load() is not None
                        else ", torch path (native kernels off or not built; see DEEPFM_NATIVE)")
-        self.log(f"Training on {self.device}{ranks} ({self.precision}), {len(train):,} rows, "
+        self.log(f"Training on {self.device}{ranks} ({self.precision}), {n_train:,} rows, "
                  f"batch {self.batch_size}{auto}, optimiser {cfg.optimizer}"
                  f"{' (sparse embeddings)' if cfg.sparse else ''}{kernels}")
         placed = self.placement.describe(self.model)
         if placed:
             self.log(placed)
-        per_epoch = num_batches(len(train), self.batch_size)
+        per_epoch = self.rows.steps(len(train), self.batch_size)
         st = self.state
         while st.epoch < cfg.epochs and not st.finished:
             self._train_epoch(train, per_epoch)
@@ -189,10 +193,9 @@ class Trainer:
         self._comm_from_step = st.step
         self._comm_from_bytes = self.placement.sent_bytes
         t0 = time.perf_counter()
-        batches = iterate_batches(train, self.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epoch=st.epoch,
-                                  block_rows=cfg.shuffle_block_rows, start_batch=st.batch,
-                                  prefetch=cfg.prefetch_batches, pin_memory=self.device.type == "cuda",
-                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        batches = iterate_batches(train, self.batch_size, start_batch=st.batch, prefetch=cfg.prefetch_batches,
+                                  pin_memory=self.device.type == "cuda",
+                                  plan=self.rows.plan(len(train), self.batch_size, cfg, st.epoch))
         bar = progress_bar(batches, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
                            enabled=cfg.progress and self.dist.is_main,
                            total=per_epoch - st.batch, unit="batch")
