@@ -17,22 +17,10 @@ tag=${TAG:-}
 h0=deepfm-${tag:+$tag-}h0; h1=deepfm-${tag:+$tag-}h1
 v0=dfm${tag:0:6}v0; v1=dfm${tag:0:6}v1
 
-cleanup() {
-  ip netns del "$h0" 2>/dev/null || true
-  ip netns del "$h1" 2>/dev/null || true
-}
+. "$(dirname "$0")/netns_pair.sh"
+cleanup() { netns_remove "$h0" "$h1"; }
 trap cleanup EXIT
-cleanup
-ip netns add "$h0"
-ip netns add "$h1"
-ip link add "$v0" type veth peer name "$v1"
-ip link set "$v0" netns "$h0"
-ip link set "$v1" netns "$h1"
-ip -n "$h0" addr add 10.231.0.1/24 dev "$v0"
-ip -n "$h1" addr add 10.231.0.2/24 dev "$v1"
-for ns in "$h0" "$h1"; do ip -n "$ns" link set lo up; done
-ip -n "$h0" link set "$v0" up
-ip -n "$h1" link set "$v1" up
+netns_pair "$h0" "$h1" "$v0" "$v1" 10.231.0
 
 run_node() {  # namespace, node rank, interface, whether this node hosts the rendezvous store, its address, options
   local ns=$1 node=$2 ifname=$3 is_host=$4 addr=$5

@@ -7,7 +7,9 @@ addresses). One identity with full rights holds ``access_key`` / ``secret_key``;
 is what the wrong-credentials tests need. ``stop`` ends the process by its PID: SIGTERM, a wait (SeaweedFS takes
 a few seconds to flush), then SIGKILL.
 
-    python tests/s3server.py --dir /tmp/s3 --ip 127.0.0.1     # runs until interrupted; prints its endpoint
+    python tests/s3server.py --dir /tmp/s3 --upload logs mybucket/logs      # until interrupted; prints its endpoint
+    eval "$(python tests/s3server.py --dir /tmp/s3 --background)"          # left running: AWS_* exported
+    python tests/s3server.py --stop "$DEEPFM_S3_PID"
 """
 
 from __future__ import annotations
@@ -159,19 +161,51 @@ class S3Server:
         self.stop()
 
 
+def stop_pid(pid: int, grace_s: float = 10.0) -> None:
+    """Stop a server left running by ``--background``: SIGTERM, wait, then SIGKILL, by its PID."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
 def main() -> None:
     import argparse
+    import shlex
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", required=True)
+    ap.add_argument("--dir", help="the server's folder (data, config, log)")
     ap.add_argument("--ip", default="127.0.0.1")
     ap.add_argument("--upload", nargs=2, metavar=("LOCAL", "BUCKET/PREFIX"), action="append", default=[])
+    ap.add_argument("--background", action="store_true",
+                    help="leave the server running and print shell exports (AWS_* and DEEPFM_S3_PID) for eval")
+    ap.add_argument("--stop", type=int, metavar="PID", help="stop a server left running by --background")
     args = ap.parse_args()
+    if args.stop:
+        stop_pid(args.stop)
+        return
     server = S3Server(Path(args.dir), args.ip).start()
-    for local, target in args.upload:
-        bucket, _, prefix = target.partition("/")
-        server.upload(Path(local), bucket, prefix)
-    print(json.dumps({"endpoint": server.endpoint, "pid": server.proc.pid if server.proc else None}), flush=True)
+    try:
+        for local, target in args.upload:
+            bucket, _, prefix = target.partition("/")
+            server.upload(Path(local), bucket, prefix)
+    except BaseException:
+        server.stop()
+        raise
+    assert server.proc is not None
+    if args.background:
+        exports = server.env() | {"DEEPFM_S3_PID": str(server.proc.pid)}
+        print("; ".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()), flush=True)
+        return
+    print(json.dumps({"endpoint": server.endpoint, "pid": server.proc.pid}), flush=True)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:

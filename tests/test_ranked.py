@@ -69,7 +69,8 @@ def _raw(tmp_path: Path, train: str, **extra) -> dict:
     raw = criteo_config_dict(tmp_path, epochs=2, batch_size=512, dist_timeout_s=60, patience=5)
     raw["model"].update({"hidden_units": [64, 32], "dropout": 0.0})
     raw["data"].update({"train": train, "cache_dir": str(tmp_path / "cache"), **extra})
-    raw["data"].pop("valid"), raw["data"].pop("test")
+    if "valid" not in extra:
+        raw["data"].pop("valid"), raw["data"].pop("test")
     raw["fields"][0] = {**raw["fields"][0], "numeric": "standardize"}  # fitted statistics: summed per chunk
     return raw
 
@@ -119,6 +120,20 @@ def test_ranks_prepare_the_vocabularies_and_rows_of_one_process(tmp_path, nproc)
                 np.testing.assert_array_equal(d[f"{name}_cat_ids"], dumps[0][f"{name}_cat_ids"])
 
 
+def test_held_out_files_that_only_one_rank_reads_reach_every_rank(tmp_path):
+    train = _parts(tmp_path / "logs", 3)
+    held = {"valid": str(CRITEO / "data" / "dev.tsv"), "test": str(CRITEO / "data" / "test.tsv")}
+    one = prepare(config_from_dict(_raw(tmp_path / "one", train, **held)), progress=False, log=lambda _m: None)
+    raw = _raw(tmp_path / "many", train, prepare_on="every_rank", **held)
+    proc = _torchrun(WORKER, {"config": raw, "dump": str(tmp_path / "dump")}, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(2):
+        got = np.load(tmp_path / f"dump.{r}.npz")
+        for name in ("valid", "test"):
+            np.testing.assert_array_equal(got[f"{name}_cat_ids"], np.asarray(one.splits[name].cat_ids))
+            np.testing.assert_array_equal(got[f"{name}_labels"], np.asarray(one.splits[name].labels))
+
+
 def test_two_ranks_train_on_their_own_rows_within_0005_auc_of_one_process_and_resume(tmp_path):
     from deepfm.pipeline import train as train_job
 
@@ -159,3 +174,27 @@ def test_two_ranks_train_on_their_own_rows_within_0005_auc_of_one_process_and_re
     row = _torchrun(DIST_WORKER, {"config": raw_row, "output": str(tmp_path / "row-model")}, 2)
     assert row.returncode == 0, row.stderr[-3000:]
     assert json.loads((tmp_path / "row-model" / "metrics.json").read_text())["valid"]["auc"] > 0.65
+
+
+def test_two_hosts_read_their_files_from_the_store_and_share_no_folder(tmp_path):
+    """bench/ingest_two_hosts.sh: two network namespaces, the S3 server on their link's address only, one rank
+    in each preparing its share of the parts from the store into its own folders."""
+    probe = subprocess.run(["ip", "netns", "add", "deepfm-iprobe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine does not allow network namespaces: {probe.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", "deepfm-iprobe"], check=False)
+    out = tmp_path / "job"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "ingest_two_hosts.sh"), str(out), "--set", "train.epochs=1"],
+                          capture_output=True, text=True, timeout=400, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable, "TAG": f"t{os.getpid() % 10000}",
+                               "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "node0" / "model" / "metrics.json").read_text())
+    assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
+    for node in (0, 1):  # each rank prepared into its own folder, from its own half of the parts
+        manifests = list((out / f"node{node}" / "cache").glob(f"*-r{node}of2/manifest.json"))
+        assert len(manifests) == 1, node
+        ranks = json.loads(manifests[0].read_text())["ranks"]
+        assert len(ranks["train_files"]) == 2 and all(f.startswith("s3://logs/criteo/") for f in ranks["train_files"])
+    assert not list((out / "node1" / "cache").glob("*-r0of2"))
+    assert "127.0.0.1" not in (out / "s3.out").read_text() and "10.232.0.1" in (out / "s3.out").read_text()

@@ -125,7 +125,9 @@ def _gather_split(folder: Path, name: str, meta: dict, id_dtype: np.dtype, n_mul
                            [MultiValues(i, w, n) for i, w, n in part["multi"]], np.ones(len(part["labels"]), bool),
                            part["weights"])
         writer.append(enc, part["group"])
-    shutil.rmtree(folder / f"{name}.local")
+    if local is not None:
+        local.close()
+        shutil.rmtree(folder / f"{name}.local")
 
 
 def prepare_for_ranks(cfg: Config, dist: ddp.DistContext, progress: bool = True, log=print,
