@@ -136,18 +136,11 @@ def main() -> None:
     quiet = lambda _m: None  # noqa: E731
 
     def fit(name: str, files: list[str], init_from: Path | None = None) -> tuple[Path, float]:
-        # several files for one split: concatenated into one training file (the full retrain's history)
-        if len(files) > 1:
-            joined = work / f"{name}.csv"
-            with open(joined, "w") as out:
-                for k, f in enumerate(files):
-                    with open(f) as src:
-                        lines = src.readlines()
-                    out.writelines(lines if k == 0 else lines[1:])
-            files = [str(joined)]
+        # the full retrain's history is the list of day files itself: read in order, as one file would be
         out = work / name
         t0 = time.perf_counter()
-        train(config_from_dict(_config(files[0], work / "cache", args.seed)), out, log=quiet, init_from=init_from)
+        spec: str | list[str] = files[0] if len(files) == 1 else files
+        train(config_from_dict(_config(spec, work / "cache", args.seed)), out, log=quiet, init_from=init_from)
         return out, time.perf_counter() - t0
 
     def auc(model: Path, d: int) -> float:

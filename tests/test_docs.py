@@ -58,7 +58,8 @@ def test_every_runnable_block_is_found_and_every_skip_has_a_reason():
     skipped = [b for b in found if b.skip is not None]
     assert all(b.lang == "bash" and len(b.skip) > 10 for b in skipped)
     assert len(skipped) == 3  # make test, the torchrun launches, the SLURM script
-    assert sum(b.lang in ("bash", "python") and b.skip is None for b in found) == 9  # + deepfm explain, tune_process
+    # + deepfm explain, tune_process, and the three of "Reading logs where they are"
+    assert sum(b.lang in ("bash", "python") and b.skip is None for b in found) == 12
 
 
 @pytest.mark.slow
@@ -68,7 +69,9 @@ def test_every_snippet_runs_as_written(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copytree(ROOT / "examples", work / "examples", ignore=shutil.ignore_patterns(".cache"))
-    for name in ("Makefile", "pyproject.toml"):
+    for name in ("Makefile", "pyproject.toml", "tests/s3server.py", "bench/ingest_two_hosts.sh",
+                 "bench/netns_pair.sh"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, work / name)
     (work / ".venv").symlink_to(VENV)
     stamp = (VENV / "bin" / "deepfm").stat().st_mtime  # make: the environment is set up (as after `make setup`)
@@ -113,6 +116,8 @@ def test_every_snippet_runs_as_written(tmp_path):
     assert (work / "runs" / "criteo" / "export" / "model.onnx").is_file()
     assert re.search(r"test AUC 0\.[5-9]\d{3}", text)
     assert (work / "runs" / "api-model" / "model.safetensors").is_file()
+    for name in ("criteo-parts", "criteo-s3", "two-hosts/node0/model"):  # logs read where they are
+        assert (work / "runs" / name / "model.safetensors").is_file(), name
     assert re.search(r"^\[0\.\d+\]$", text, re.M)  # the ONNX snippet's one probability
 
 

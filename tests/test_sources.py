@@ -225,3 +225,24 @@ def test_spec_errors_are_one_line_and_carry_no_credentials(tmp_path):
         _cfg(tmp_path, "s3://AKIAXXXX:sEcReT@bucket/logs/")
     assert "sEcReT" not in str(err2.value) and "AKIAXXXX" not in str(err2.value)
     assert "credentials in a URL" in str(err2.value)
+
+
+def test_predict_and_evaluate_take_globs_folders_and_compressed_files(tmp_path):
+    from deepfm.predict import Predictor
+    from deepfm.pipeline import train
+
+    raw = criteo_config_dict(tmp_path, epochs=1, batch_size=512)
+    raw["model"]["hidden_units"] = [16]
+    model = train(config_from_dict(raw), tmp_path / "m", log=lambda _m: None).model_dir
+    test_lines = (CRITEO / "data" / "test.tsv").read_bytes().splitlines(keepends=True)
+    (tmp_path / "t" / "dt=1").mkdir(parents=True)
+    (tmp_path / "t" / "dt=1" / "a.tsv.gz").write_bytes(gzip.compress(b"".join(test_lines[:200])))
+    (tmp_path / "t" / "dt=1" / "b.tsv.zst").write_bytes(_zstd(b"".join(test_lines[200:])))
+    pred = Predictor(model)
+    whole = pred.evaluate_file(str(CRITEO / "data" / "test.tsv"), progress=False)
+    for spec in (str(tmp_path / "t"), str(tmp_path / "t" / "dt=*" / "*")):
+        got = pred.evaluate_file(spec, progress=False)
+        assert got["auc"] == whole["auc"] and got["rows"] == 391, spec
+    out = tmp_path / "p.csv"
+    pred.predict_file(str(tmp_path / "t"), str(out), progress=False)
+    assert len(out.read_text().splitlines()) == 392

@@ -19,7 +19,8 @@ import torch
 
 from deepfm.artifact import LoadedModel, load_model
 from deepfm.data.batch import ModelInput, input_from_chunk
-from deepfm.data.readers import BadRows, RawChunk, check_readable, has_header, infer_data_config, read_chunks
+from deepfm.data import inputs
+from deepfm.data.readers import BadRows, RawChunk, check_readable, has_header, infer_data_config
 from deepfm.errors import DataError
 from deepfm.io import atomic_path
 from deepfm.metrics import group_auc, summarize
@@ -81,14 +82,18 @@ class Predictor:
                      bad: BadRows | None = None, progress: bool = True, weights: bool = False) -> Iterator[Scored]:
         """The file's rows with their probabilities, chunk by chunk; ``weights``: with the sample weights too,
         where the file has ``data.weight_column`` (evaluation; predicting never reads the column)."""
-        check_readable(path, hint="the input file to score; relative paths are read from the current folder "
-                                  f"{os.getcwd()}")
-        data, has_labels = infer_data_config(self.config.data, path)
+        hint = f"the input file to score; relative paths are read from the current folder {os.getcwd()}"
+        if inputs.names_several(path):  # a glob, a folder or a URL: its files, read as one (deepfm.data.inputs)
+            files = inputs.files_of(path, self.config.data, hint)
+        else:
+            check_readable(path, hint=hint)
+            files = [path]
+        data, has_labels = infer_data_config(self.config.data, files[0])
         if need_labels and not has_labels:
-            raise DataError(f"has no label column '{data.label}' to evaluate against", path=path)
+            raise DataError(f"has no label column '{data.label}' to evaluate against", path=files[0])
         if skip_bad_rows and bad is None:
             bad = BadRows()
-        for chunk in progress_bar(read_chunks(path, data, bad if skip_bad_rows else None),
+        for chunk in progress_bar(inputs.read_files(files, data, bad if skip_bad_rows else None),  # type: ignore[arg-type]
                                   desc="score", enabled=progress, unit="chunk"):
             yield self._probs(chunk, has_labels, bad if skip_bad_rows else None,
                               weights=weights and self.config.data.weight_column in chunk.frame.columns)
@@ -143,9 +148,11 @@ class Predictor:
                         raise DataError(f"id column(s) {missing} not found; columns are "
                                         f"{s.chunk.frame.columns}", path=path)
                     if not ids and rows == 0:  # the file was found readable: its first data row's line
-                        first_row_line = 2 if has_header(infer_data_config(self.config.data, path)[0]) else 1
+                        first_row_line = 2 if has_header(infer_data_config(self.config.data, s.chunk.path)[0]) else 1
                     cols = {c: s.chunk.frame[c] for c in ids} if ids else \
                         {"row": pl.Series(s.chunk.lines - first_row_line)}
+                    if not ids and inputs.names_several(path):  # rows are numbered within their file
+                        cols = {"file": pl.Series([str(s.chunk.path)] * len(s.probs), dtype=pl.Utf8), **cols}
                     out = pl.DataFrame(cols).with_columns(pl.Series("probability", s.probs))
                     if explain:
                         out = out.with_columns(**self._attributions(s))

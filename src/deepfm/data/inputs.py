@@ -8,6 +8,7 @@ A store that stops answering mid-read is an error naming the object, never a tru
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -25,6 +26,12 @@ T = TypeVar("T")
 
 def store_of(data: DataConfig) -> sources.Store:
     return sources.Store(data.s3_endpoint_url)
+
+
+def names_several(spec: str) -> bool:
+    """Whether a path given on the command line is a glob, a folder or a URL (resolved to files), not one file."""
+    return sources.is_url(spec) or bool(sources.WILDCARD.search(spec)) and not os.path.exists(spec) \
+        or os.path.isdir(spec)
 
 
 def files_of(spec: str | list[str] | Source, data: DataConfig, hint: str = "", what: str = "") -> list[Source]:
@@ -67,7 +74,7 @@ def read_files(files: list[Source], data: DataConfig, bad: BadRows | None = None
     """Chunks of ``files`` in order, rows numbered across them (or from ``offsets[k]`` for file k: a rank's
     files among all), partition columns added."""
     offset = 0
-    for k, src in enumerate(files):
+    for k, src in enumerate(map(sources.source, files)):
         if offsets is not None:
             offset = offsets[k]
         wanted = None if columns is None else [c for c in columns if c not in src.partitions]

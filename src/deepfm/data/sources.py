@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 from deepfm.errors import DataError
 
 COMPRESSION = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
-_WILDCARD = re.compile(r"[*?\[]")
+WILDCARD = re.compile(r"[*?\[]")
 _PARTITION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 # a stopped store should fail a read in seconds, not after the SDK's default of minutes of retries
 S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S, S3_ATTEMPTS = 5.0, 30.0, 3
@@ -176,7 +176,7 @@ def resolve(spec: str | list[str] | Source, store: Store = Store(), hint: str = 
         found = _resolve_remote(entry, store) if is_url(entry) and not entry.startswith("file://") else \
             _resolve_local(entry.removeprefix("file://"))
         if not found:
-            pattern = _WILDCARD.search(entry) or entry.endswith("/")
+            pattern = WILDCARD.search(entry) or entry.endswith("/")
             missing = "no file matches" if pattern else f"{what + ' ' if what else ''}file not found"
             raise DataError(f"{missing}{f' ({hint})' if hint else ''}", path=display(entry))
         out.extend(found)
@@ -195,7 +195,7 @@ def _root_of(pattern: str) -> str:
     """The folder above a glob's first wildcard: where its partition folders start."""
     parts = pattern.split("/")
     for i, part in enumerate(parts):
-        if _WILDCARD.search(part):
+        if WILDCARD.search(part):
             return "/".join(parts[:i])
     return os.path.dirname(pattern)
 
@@ -236,7 +236,7 @@ def _resolve_local(entry: str) -> list[Source]:
     if os.path.isdir(entry):
         files = sorted(f for f in _walk(entry) if not _hidden_below(f, entry))
         root = entry
-    elif _WILDCARD.search(entry) and not os.path.exists(entry):
+    elif WILDCARD.search(entry) and not os.path.exists(entry):
         root = _root_of(entry)
         files = sorted(f for m in glob.glob(entry) for f in (_walk(m) if os.path.isdir(m) else [m])
                        if os.path.isfile(f) and not _hidden_below(f, root))
@@ -248,7 +248,7 @@ def _resolve_local(entry: str) -> list[Source]:
 def _resolve_remote(entry: str, store: Store) -> list[Source]:
     fs, inner, name = filesystem(entry, store)
     prefix = name[: len(name) - len(inner)]  # "s3://"
-    wild = _WILDCARD.search(inner)
+    wild = WILDCARD.search(inner)
     base = _root_of(inner) if wild else inner
     try:
         info = fs.get_file_info(base)

@@ -21,7 +21,8 @@ def infer_data_config(train_data: DataConfig, path: str) -> tuple[DataConfig, bo
     """The training data config adapted to a new file: format by extension, and whether it has labels. A
     headerless file narrower than ``data.columns`` lacks the sample-weight column first (a file to score need
     not carry it), then the label."""
-    fmt = FORMAT_BY_EXTENSION.get(Path(path).suffix.lower(), train_data.format)
+    plain = Path(path).with_suffix("") if sources.compression_of(path) else Path(path)  # x.tsv.gz reads as x.tsv
+    fmt = FORMAT_BY_EXTENSION.get(plain.suffix.lower(), train_data.format)
     update: dict = {"format": fmt, "train": path, "valid": None, "test": None, "split": None}
     if fmt == "parquet":
         update.update(header=True, columns=None, preset=None)
