@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from deepfm.io import atomic_path
 from deepfm.metrics import auc, reliability, roc_curve
 
 
@@ -17,6 +18,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
@@ -42,8 +53,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, title: str = "ROC (test)") -> None:
@@ -56,8 +66,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, title: str = "RO
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_calibration(labels: np.ndarray, probs: np.ndarray, path: Path,
@@ -73,5 +82,4 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, path: Path,
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

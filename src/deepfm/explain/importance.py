@@ -20,7 +20,7 @@ import torch
 
 from deepfm.artifact import LoadedModel
 from deepfm.data.batch import EncodedChunk, MultiValues, make_input
-from deepfm.data.readers import RawChunk, check_readable, read_chunks
+from deepfm.data.readers import RawChunk, check_readable, infer_data_config, read_chunks
 from deepfm.errors import DataError
 from deepfm.explain.attribution import field_terms
 from deepfm.metrics import auc, group_auc, log_loss
@@ -41,8 +41,6 @@ class Rows:
 
 def read_rows(loaded: LoadedModel, path: str, max_rows: int) -> Rows:
     """The first ``max_rows`` labelled rows of ``path``, encoded by the model's encoder."""
-    from deepfm.predict import infer_data_config
-
     check_readable(path, hint="the labelled data file to explain the model on")
     data, has_labels = infer_data_config(loaded.config.data, path)
     if not has_labels:

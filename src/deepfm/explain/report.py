@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from deepfm.io import atomic_write_text
-from deepfm.plots import _pyplot
+from deepfm.plots import _pyplot, save_figure
 
 TOP_PAIRS = 15  # pairs drawn beside the heatmap and printed on the terminal
 
@@ -36,8 +36,7 @@ def plot_importance(report: dict[str, Any], path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_pairs(report: dict[str, Any], path: Path) -> None:
@@ -63,8 +62,7 @@ def plot_pairs(report: dict[str, Any], path: Path) -> None:
     ax_top.set(title=f"Strongest {len(top)} pairs", xlabel="mean |FM term|")
     ax_top.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_output(report: dict[str, Any], folder: Path) -> list[Path]:
