@@ -69,6 +69,19 @@ def rollup(pid: int) -> dict[str, int]:
     return out
 
 
+def settled(pid: int) -> dict[int, dict[str, int]]:
+    """smaps_rollup of the server's processes once their total PSS stops moving (every worker done loading:
+    a worker's load holds a transient copy of the table)."""
+    last = -1.0
+    while True:
+        per = {p: rollup(p) for p in [pid, *children(pid)]}
+        total = sum(r["Pss"] for r in per.values())
+        if abs(total - last) < 0.01 * total:
+            return per
+        last = total
+        time.sleep(5)
+
+
 def http(port: int, request: bytes) -> bytes:
     with socket.create_connection((HOST, port), timeout=30) as s:
         s.sendall(request)
@@ -99,9 +112,8 @@ def measure(model: Path, workers: int) -> dict:
         for _ in range(20 * workers):
             http(port, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
                  + str(len(body)).encode() + b"\r\n\r\n" + body)
-        pids = [server.pid, *children(server.pid)]
-        per = {pid: rollup(pid) for pid in pids}
-        return {"workers": workers, "processes": len(pids),
+        per = settled(server.pid)
+        return {"workers": workers, "processes": len(per),
                 "pss_mb": round(sum(r["Pss"] for r in per.values()) / 1024, 1),
                 "rss_mb": round(sum(r["Rss"] for r in per.values()) / 1024, 1),
                 "per_process_pss_mb": [round(r["Pss"] / 1024, 1) for r in per.values()],
