@@ -155,7 +155,12 @@ def add_docs(app: FastAPI) -> None:
 
 def app_from_env() -> FastAPI:
     """The app factory ``uvicorn --factory`` calls in each of ``--workers N`` processes: the settings come
-    from the ``DEEPFM_SERVE_*`` variables ``deepfm serve`` set (``ServeSettings.environ``)."""
+    from the ``DEEPFM_SERVE_*`` variables ``deepfm serve`` set (``ServeSettings.environ``). A worker is a process
+    of the ``deepfm`` command that did not start through ``deepfm.cli.main``: it applies the command's process
+    tuning itself (``deepfm.process``; the OpenMP part already came with the environment)."""
+    from deepfm.process import tune_process
+
+    tune_process()
     settings = ServeSettings()
     if settings.model_dir is None:
         from deepfm.errors import DeepFMError
