@@ -110,16 +110,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if info.annotation is bool:
             if info.default:
                 parser.add_argument("--no-" + flag[2:], dest=name, action="store_false", default=argparse.SUPPRESS,
-                                    help=f"turn off: {info.description} (env {env}=0)")
+                                    help=f"turn off: {info.description} [env {env}=0]")
             else:
                 parser.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS,
-                                    help=f"{info.description} (env {env}=1)")
+                                    help=f"{info.description} [env {env}=1]")
             continue
         kind = {int: int, int | None: int, float: float}.get(info.annotation, str)
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
-        default = "" if info.default is None else f"; default {info.default}"
+        default = "" if info.default is None else f" (default: {info.default})"
         parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, choices=choices,
-                            help=f"{info.description} (env {env}{default})")
+                            metavar=None if choices else flag[2:].upper().replace("-", "_"), help=f"{info.description}{default} [env {env}]")
 
 
 def from_args(args: argparse.Namespace, **extra: Any) -> ServeSettings:
