@@ -5,7 +5,10 @@ taking turns within every round (the order flips each round), so that the machin
 
 Each commit's ``src/`` is unpacked with ``git archive`` into a temporary folder and put first on PYTHONPATH;
 the harness (this folder: step_time.py, run_deepfm.py's configuration, run_all.py's data) is this tree's for
-both. Prints every run's JSON line, then per precision the medians and the head/base ratios (step time: below
+both. Both sides run with the same process settings, given in the environment (``PROCESS_ENV``: libgomp's
+spin count and glibc's malloc thresholds, the values deepfm's entry points apply), so that a commit that moves
+where those are applied (the library, or only the command line) is compared on its code alone. Prints every
+run's JSON line, then per precision the medians and the head/base ratios (step time: below
 1 is faster; samples/s: above 1 is faster). Needs a quiet machine for figures worth writing down.
 """
 
@@ -24,6 +27,8 @@ from statistics import median
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+PROCESS_ENV = {"GOMP_SPINCOUNT": "5000", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+               "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 
 
 def unpack(rev: str, into: Path) -> Path:
@@ -36,7 +41,7 @@ def unpack(rev: str, into: Path) -> Path:
 
 
 def run(src: Path, precision: str, steps: int, tag: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    env = {**os.environ, **PROCESS_ENV, "PYTHONPATH": str(src)}
     out = subprocess.run([sys.executable, str(HERE / "step_time.py"), "--precision", precision, "--steps",
                           str(steps), "--tag", tag], check=True, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
