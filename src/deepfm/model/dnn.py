@@ -75,7 +75,7 @@ def dropout_cpu(x: torch.Tensor, p: float, generator: torch.Generator | None = N
     to within 2^-17.  The native kernel (``native/dropout.c``) draws and applies the mask in one pass and masks
     the gradient in one more, from a seed taken from torch's generator (seeded runs repeat); without it the
     draws are 16-bit slices of torch's random int64 words, four elements a word, where ``bernoulli_`` spends a
-    float draw on each (timings: bench/KERNELS.md)."""
+    float draw on each (timings: bench/FIGURES.md)."""
     drop = round(p * _LEVELS)
     if drop >= _LEVELS:
         return x * 0.0

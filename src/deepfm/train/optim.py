@@ -3,7 +3,7 @@
 With ``sparse: true`` the embedding table gets sparse gradients and its own optimiser that touches only the
 rows in the batch (``RowwiseAdam``: SparseAdam's lazy Adam, fused; Adagrad's sparse path; or
 ``ProximalAdagrad``); the dense layers use the dense variant. Dense Adam would read and write every row of
-the table each step, however few a batch touched (bench/KERNELS.md).
+the table each step, however few a batch touched (bench/FIGURES.md).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class RowwiseAdam(torch.optim.Optimizer):
 
     Same update as ``torch.optim.SparseAdam`` ("lazy Adam": moments of untouched rows are not decayed), but
     fused into a few gathers and scatters of the touched rows, where SparseAdam builds and coalesces several
-    sparse tensors per step (bench/KERNELS.md). Bias correction uses one step count for the table, as SparseAdam does.
+    sparse tensors per step (bench/FIGURES.md). Bias correction uses one step count for the table, as SparseAdam does.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -170,7 +170,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, *, sharded: list
 
 def _adam(params, **kwargs) -> torch.optim.Adam:
     """``torch.optim.Adam``, fused into one kernel per tensor where torch has that for the device (CPU from torch
-    2.4, CUDA): the same update in one pass over each tensor instead of one per operation (bench/KERNELS.md)."""
+    2.4, CUDA): the same update in one pass over each tensor instead of one per operation (bench/FIGURES.md)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
