@@ -4,6 +4,7 @@ directory can hold the quantized table, which loading then maps instead of quant
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -92,6 +93,20 @@ def test_serve_and_export_flags(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (model_dir / INT8_FILE).is_file() and "int8" in done.stdout
+    # the ONNX graph holds the int8 table and scores as the int8 server does
+    ort = pytest.importorskip("onnxruntime")
+    from deepfm.data.batch import input_from_chunk
+    from deepfm.data.readers import RawChunk
+    from deepfm.serve.state import ServedModel
+
+    assert json.loads((model_dir / "export" / "export.json").read_text())["quantize"] == "int8"
+    served = ServedModel.load(model_dir, quantize="int8")
+    df = _test_frame()
+    enc = served.loaded.encoder.transform(RawChunk("<t>", df, np.arange(1, df.height + 1), 0), labels=False)
+    cat, num = (t.numpy() for t in input_from_chunk(enc).tensors()[:2])
+    session = ort.InferenceSession(str(model_dir / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probs = session.run(["probabilities"], {"cat_ids": cat, "num_values": num})[0]
+    assert np.abs(onnx_probs - served.predictor.predict_proba(df.drop("label"))).max() < 1e-6
     client = TestClient(create_app(model_dir, ServeSettings(quantize="int8")))
     info = client.get("/v1/model").json()
     assert info["quantize"] == "int8" and info["version"].endswith("-int8")

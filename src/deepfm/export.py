@@ -46,10 +46,10 @@ class ExportError(DeepFMError):
 class ExportableDeepFM(nn.Module):
     """``DeepFM.forward`` with the probabilities as a second output; optional multi-valued inputs."""
 
-    def __init__(self, model: DeepFM) -> None:
+    def __init__(self, model: nn.Module, has_multi: bool | None = None) -> None:
         super().__init__()
-        self.model = model
-        self.has_multi = model.embedding.num_multi > 0
+        self.model = model  # a DeepFM, or one with an int8 table (deepfm.quantize.QuantizedDeepFM)
+        self.has_multi = model.embedding.num_multi > 0 if has_multi is None else has_multi
 
     def forward(self, cat_ids: torch.Tensor, num_values: torch.Tensor, multi_ids: torch.Tensor | None = None,
                 multi_weights: torch.Tensor | None = None, multi_bags: torch.Tensor | None = None
@@ -112,14 +112,23 @@ def manifest(loaded: LoadedModel, fmt: str, file_name: str) -> dict:
     }
 
 
-def export_model(model_dir: str | Path, fmt: str = "onnx", output: str | Path | None = None) -> Path:
-    """Export ``model_dir`` to ``output`` (default ``MODEL_DIR/export/model.onnx`` or ``.torchscript.pt``)."""
+def export_model(model_dir: str | Path, fmt: str = "onnx", output: str | Path | None = None,
+                 quantize: str | None = None) -> Path:
+    """Export ``model_dir`` to ``output`` (default ``MODEL_DIR/export/model.onnx`` or ``.torchscript.pt``);
+    ``quantize="int8"``: the graph holds the row-wise int8 table (``deepfm.quantize``) and dequantizes the rows
+    it looks up."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
-    loaded = load_model(Path(model_dir))
+    loaded = load_model(Path(model_dir), shared_table=quantize == "int8")
     out = Path(output) if output is not None else default_output(Path(model_dir), fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportableDeepFM(loaded.model).eval()
+    model: nn.Module = loaded.model
+    has_multi = loaded.model.embedding.num_multi > 0
+    if quantize == "int8":
+        from deepfm.quantize import int8_model
+
+        model = int8_model(loaded)[0]
+    wrapper = ExportableDeepFM(model, has_multi).eval()
     args = example_inputs(loaded)
     names = input_names(loaded)
     with warnings.catch_warnings():
@@ -146,5 +155,6 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", output: str | Path | 
         if src.is_file() and src.resolve() != (out.parent / name).resolve():
             with atomic_path(out.parent / name) as tmp:
                 shutil.copyfile(src, tmp)
-    atomic_write_text(out.parent / "export.json", json.dumps(manifest(loaded, fmt, out.name), indent=1))
+    info = dict(manifest(loaded, fmt, out.name), quantize=quantize)
+    atomic_write_text(out.parent / "export.json", json.dumps(info, indent=1))
     return out

@@ -101,17 +101,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from deepfm.export import export_model
+
     if args.quantize == "int8":
         from deepfm.artifact import load_model
         from deepfm.quantize import save_int8
 
-        out = save_int8(load_model(args.model_dir, shared_table=True))
-        print(f"Wrote the row-wise int8 table to {out} (deepfm serve --quantize int8 loads it; the ONNX and "
-              "TorchScript exports keep the float32 table)")
-        return 0
-    from deepfm.export import export_model
-
-    out = export_model(args.model_dir, args.format, args.output)
+        table = save_int8(load_model(args.model_dir, shared_table=True))
+        print(f"Wrote the row-wise int8 table to {table} (deepfm serve --quantize int8 loads it)")
+    out = export_model(args.model_dir, args.format, args.output, quantize=args.quantize)
     print(f"Exported {args.format} model to {out} (vocabularies and export.json beside it; "
           "see docs/serving.md for the input encoding)")
     return 0
@@ -132,6 +130,7 @@ def register(sub) -> None:
                    help="ONNX (onnxruntime) or TorchScript")
     x.add_argument("--output", "-o", help="file to write (default: MODEL_DIR/export/model.onnx or "
                                           "model.torchscript.pt); vocabularies are copied beside it")
-    x.add_argument("--quantize", choices=("int8",), help="int8: write the row-wise int8 table into the model "
-                                                         "directory (model.int8.safetensors) instead of a graph")
+    x.add_argument("--quantize", choices=("int8",), help="int8: the graph holds a row-wise int8 table, and the "
+                                                         "model directory gets it too (model.int8.safetensors, "
+                                                         "for deepfm serve --quantize int8)")
     x.set_defaults(func=cmd_export)
