@@ -36,6 +36,7 @@ WILDCARD = re.compile(r"[*?\[]")
 _PARTITION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 # a stopped store should fail a read in seconds, not after the SDK's default of minutes of retries
 S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S, S3_ATTEMPTS = 5.0, 30.0, 3
+REMOTE_READ_BYTES = 4 << 20
 
 
 class Source(str):
@@ -330,7 +331,9 @@ def open_native(path: str) -> pa.NativeFile:
     codec = src.compression
     try:
         if src.remote:
-            return src.fs.open_input_stream(src.fs_path, compression=codec)  # type: ignore[union-attr]
+            # reads of a few MB: a decompressor's small reads would each be a request to the store
+            return src.fs.open_input_stream(src.fs_path, compression=codec,  # type: ignore[union-attr]
+                                            buffer_size=REMOTE_READ_BYTES)
         raw = pa.OSFile(str(src))
         return raw if codec is None else pa.CompressedInputStream(raw, codec)
     except OSError as err:
