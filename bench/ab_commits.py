@@ -43,7 +43,9 @@ def unpack(rev: str, into: Path) -> Path:
 def run(src: Path, precision: str, steps: int, tag: str) -> dict:
     env = {**os.environ, **PROCESS_ENV, "PYTHONPATH": str(src)}
     out = subprocess.run([sys.executable, str(HERE / "step_time.py"), "--precision", precision, "--steps",
-                          str(steps), "--tag", tag], check=True, capture_output=True, text=True, env=env, cwd=ROOT)
+                          str(steps), "--tag", tag], check=False, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{tag}: step_time.py failed with code {out.returncode}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

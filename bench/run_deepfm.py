@@ -25,9 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 import common  # noqa: E402  (bench/peers/common.py: the shared measurement protocol)
 
 import deepfm  # noqa: E402
-import deepfm.process  # noqa: E402
 
-deepfm.process.tune_process()  # what the deepfm command applies (OpenMP spin where torch is not loaded yet, malloc)
+try:
+    import deepfm.process  # noqa: E402
+except ImportError:  # another commit's tree from before deepfm.process (bench/ab_commits.py): it tuned on import
+    pass
+else:
+    deepfm.process.tune_process()  # what the deepfm command applies (OpenMP spin where torch is not loaded yet, malloc)
 from deepfm.config import config_from_dict  # noqa: E402
 from deepfm.data.loader import load_batch  # noqa: E402
 from deepfm.data.store import prepare  # noqa: E402

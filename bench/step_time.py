@@ -22,9 +22,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
-import deepfm.process  # noqa: E402
-
-deepfm.process.tune_process()  # what the deepfm command applies, before torch loads (OpenMP spin)
+try:
+    import deepfm.process  # noqa: E402
+except ImportError:  # another commit's tree from before deepfm.process (bench/ab_commits.py): it tuned on import
+    import deepfm  # noqa: E402,F401
+else:
+    deepfm.process.tune_process()  # what the deepfm command applies, before torch loads (OpenMP spin)
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
