@@ -24,18 +24,23 @@ from deepfm.quantize import INT8_FILE, quantize_rows, save_int8
 
 def test_quantize_rows_within_half_a_step():
     gen = torch.Generator().manual_seed(0)
-    table = torch.randn(1000, 17, generator=gen) * torch.logspace(-4, 2, 1000)[:, None]
-    table[5] = 0.25  # a constant row
-    codes, scale, bias = quantize_rows(table)
-    assert codes.dtype == torch.uint8 and scale.dtype == bias.dtype == torch.float32
-    assert codes.shape == table.shape and scale.shape == bias.shape == (1000,)
-    back = codes.float() * scale[:, None] + bias[:, None]
-    err = (back - table).abs()
-    assert torch.all(err <= scale[:, None] / 2 + 1e-6 * table.abs().amax(1, keepdim=True))
-    assert torch.equal(back[5], table[5]) and scale[5] == 0
-    assert torch.all(codes.amin(1) == 0) and torch.all(codes[scale > 0].amax(1) == 255)  # every level used
-    ratio = (codes.numel() + 8 * 1000) / (table.numel() * 4)
-    assert ratio == pytest.approx((17 + 8) / (17 * 4))
+    table = torch.randn(1000, 17, generator=gen) * torch.logspace(-9, 2, 1000)[:, None]
+    table[5] = 0.0  # an all-zero row
+    table[6] = 0.25  # a constant row
+    codes, scale = quantize_rows(table)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float16
+    assert codes.shape == table.shape and scale.shape == (1000,)
+    step = scale.float()[:, None]
+    back = codes.float() * step
+    # within half a step of the stored (float16) scale, which is never below the row's largest magnitude / 127
+    assert torch.all((back - table).abs() <= step / 2 * (1 + 1e-6))
+    assert torch.all(step[:, 0] >= table.abs().amax(1) / 127)
+    assert torch.all(step[:, 0] <= table.abs().amax(1) / 127 * (1 + 2 ** -10) + 2 ** -24)  # one float16 step up
+    assert torch.equal(back[5], table[5]) and scale[5] == 0 and torch.all(codes[5] == 0)
+    assert torch.all(codes[6] == 127) and torch.allclose(back[6], table[6], rtol=2 ** -10, atol=0)
+    assert torch.all(codes.abs().amax(1)[scale.float() > 2 ** -14] >= 126)  # each normal row spans its range
+    ratio = (codes.numel() + 2 * 1000) / (table.numel() * 4)
+    assert ratio == pytest.approx((17 + 2) / (17 * 4)) and ratio <= 0.3
 
 
 def _mapped_from(tensor: torch.Tensor, name: str) -> bool:
@@ -79,6 +84,34 @@ def test_int8_serving_is_close_and_the_directory_can_hold_the_table(tmp_path):
     (model_dir / "model.safetensors").touch()
     again = ServedModel.load(model_dir, quantize="int8")
     assert not _mapped_from(again.predictor.runtime.model.table.codes, INT8_FILE)
+    assert np.array_equal(again.predictor.predict_proba(df.drop("label")), int8)
+
+
+def test_a_file_of_the_earlier_layout_is_never_read_as_this_one(tmp_path):
+    """The first int8 files (uint8 codes, float32 scale and bias, no layout in the metadata) made from the
+    current weights: recognised, and the table quantized at load instead."""
+    from safetensors.torch import save_file
+
+    from deepfm.quantize import _fingerprint, stored_int8
+    from deepfm.serve.state import ServedModel
+
+    model_dir = shutil.copytree(models.criteo_model(), tmp_path / "m")
+    loaded = load_model(model_dir)
+    rows = loaded.model.embedding.weight.shape[0]
+    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items() if k != "embedding.weight"}
+    state.update({"embedding.codes": torch.zeros(loaded.model.embedding.weight.shape, dtype=torch.uint8),
+                  "embedding.scale": torch.ones(rows), "embedding.bias": torch.zeros(rows)})
+    save_file(state, str(model_dir / INT8_FILE),
+              metadata={"format": "deepfm-model-int8", "source": _fingerprint(model_dir / "model.safetensors")})
+    table, why = stored_int8(model_dir)
+    assert table is None and "another layout" in why
+    df = _test_frame()
+    fresh = ServedModel.load(tmp_path.joinpath("m"), quantize="int8")
+    assert not _mapped_from(fresh.predictor.runtime.model.table.codes, INT8_FILE)
+    shutil.rmtree(model_dir / "export", ignore_errors=True)
+    (model_dir / INT8_FILE).unlink()
+    at_load = ServedModel.load(model_dir, quantize="int8").predictor.predict_proba(df.drop("label"))
+    assert np.array_equal(fresh.predictor.predict_proba(df.drop("label")), at_load)
 
 
 def test_serve_and_export_flags(tmp_path):

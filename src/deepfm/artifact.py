@@ -185,7 +185,7 @@ def read_info(path: Path) -> dict[str, Any]:
 
 
 def mapped_tensor(path: Path, key: str) -> torch.Tensor | None:
-    """One float32 or uint8 tensor of a safetensors file as a memory map of the file, not a copy: every process
+    """One float32, float16, int8 or uint8 tensor of a safetensors file as a memory map of the file, not a copy: every process
     that maps it shares the same page-cache pages. The mapping is private (copy-on-write): nothing writes it,
     and a write could never reach the file. None for a tensor of another dtype."""
     import numpy as np
@@ -194,7 +194,7 @@ def mapped_tensor(path: Path, key: str) -> torch.Tensor | None:
         header_len = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(header_len))
     entry = header[key]
-    dtype = {"F32": np.float32, "U8": np.uint8}.get(entry["dtype"])
+    dtype = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}.get(entry["dtype"])
     if dtype is None:
         return None
     start, end = entry["data_offsets"]

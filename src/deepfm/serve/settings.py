@@ -33,8 +33,8 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / (2 * "
                                                         "workers), at least 1)")
     device: str = Field("cpu", description="where the model runs: cpu, cuda, cuda:N or auto")
-    quantize: Literal["none", "int8"] = Field("none", description="int8: serve a row-wise int8 table (per-row "
-                                                                  "scale and bias; from model.int8.safetensors when "
+    quantize: Literal["none", "int8"] = Field("none", description="int8: serve a row-wise int8 table (a float16 "
+                                                                  "scale per row; from model.int8.safetensors when "
                                                                   "the directory holds a current one, else "
                                                                   "quantized at load)")
     log_level: str = Field("warning", description="uvicorn log level")

@@ -52,8 +52,9 @@ class ServedModel:
 
             model, source = int8_model(loaded)
             predictor.runtime = Runtime.place(model, device, "fp32", predictor.runtime.batch_size)
-            codes = model.table.codes
+            codes, scale = model.table.codes, model.table.scale
             float(codes[:: max(1, 4096 // codes.shape[1])].sum())  # read every page once now (see below)
+            float(scale[::2048].float().sum())
         elif table is not None and table.device.type == "cpu":
             float(table.sum())  # read every page once now, so that no request waits for the disk
         digest = hashlib.sha256()
