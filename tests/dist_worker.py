@@ -24,9 +24,9 @@ def main() -> None:
         if spec.get("stop_step") == state.step:
             raise Stop
         if spec.get("table_bytes") and state.step == 1:  # after the first update: the optimiser state exists
-            from deepfm.train.sharding import table_state_bytes
+            from deepfm.train.memory import table_state_bytes
 
-            size = table_state_bytes(trainer.model.embedding, trainer.optimizers)
+            size = table_state_bytes(trainer.model, trainer.optimizers)
             with open(f"{spec['table_bytes']}.{rank}", "w") as fh:
                 fh.write(str(size))
 

@@ -88,9 +88,9 @@ def runs(tmp_path_factory):
 
 
 def _table_bytes(trainer) -> int:
-    from deepfm.train.sharding import table_state_bytes
+    from deepfm.train.memory import table_state_bytes
 
-    return table_state_bytes(trainer.model.embedding, trainer.optimizers)
+    return table_state_bytes(trainer.model, trainer.optimizers)
 
 
 @pytest.mark.parametrize("name, reference", [("row2", "one"), ("row4", "one_clip"), ("replicated2", "one")])
@@ -246,3 +246,31 @@ def test_training_further_under_row_sharding_is_refused_before_joining_the_ranks
     cfg = config_from_dict(_config(tmp_path, "row"))
     with pytest.raises(ConfigError, match="--init-from .*parent: training further with train.embedding_sharding: row"):
         train(cfg, tmp_path / "m", init_from=tmp_path / "parent", log=lambda _m: None)
+
+
+def test_replicated_ranks_with_dense_table_updates_give_the_weights_of_one_process(tmp_path):
+    """train.sparse: false over 2 ranks: the table's dense gradient is averaged over the ranks by its placement
+    (the table is outside the module DDP wraps), then every rank steps dense Adam with whole-table L2 and the
+    global gradient norm clipped. The model, its optimiser state and its metrics: those of one process."""
+    _write_data(tmp_path)
+    raw = _config(tmp_path, "replicated", sparse=False, embedding_l2=1e-3, embedding_l2_scope="table", **CLIP)
+    one = train(config_from_dict(raw), tmp_path / "one", log=lambda _m: None).model_dir
+    proc = _torchrun({"config": raw, "output": str(tmp_path / "two")}, 2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    two = tmp_path / "two"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        want, got = (load_file(str(d / name)) for d in (one, two))
+        assert got.keys() == want.keys(), name
+        for key in want:  # same global batch, seed and initial values: only float summation order differs
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["valid"]["auc"] == pytest.approx(m1["valid"]["auc"], abs=1e-4)
+    assert m2["valid"]["rows"] == m1["valid"]["rows"] == 320 and m2["train"]["ranks"] == 2
+    assert m2["train"]["steps"] == m1["train"]["steps"] == 10
+    history = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    table = load_file(str(one / "model.safetensors"))["embedding.weight"]
+    ring = round(2 * (2 - 1) / 2 * table.numel() * 4)  # the table's gradient all-reduced (as a ring) every step
+    assert history[0]["table_sent_bytes_per_step"] == [ring, ring]
+    dense = sum(t.numel() * 4 for k, t in load_file(str(one / "model.safetensors")).items()
+                if t.is_floating_point() and k != "embedding.weight")
+    assert history[0]["dense_allreduce_bytes_per_step"] == round(2 * (2 - 1) / 2 * dense)  # without the table

@@ -23,7 +23,7 @@ from deepfm.model import DeepFM, embedding_table
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
 from deepfm.data.vocab import growth
-from deepfm.train import sharding
+from deepfm.train.memory import explain_out_of_memory
 from deepfm.train.placement import TablePlacement, placement_for
 from deepfm.train.rowshare import row_share
 from deepfm.train.trainer import Trainer
@@ -105,15 +105,16 @@ def _train(cfg: Config, output: Path, *, resume: bool, log, callbacks, dist: ddp
     if batch != "auto" and n_train < 20 * batch and suggested < batch:
         log(f"Note: {n_train:,} training rows make only {-(-n_train // batch)} step(s) per epoch at batch {batch}; "
             f"small data trains better with more steps: try --set train.batch_size={suggested} (or auto)")
-    with sharding.explain_out_of_memory(cfg, data.layout.num_rows, dist):
+    placement = placement_for(cfg.train, dist)
+    with explain_out_of_memory(cfg, data.layout.num_rows, dist, placement):
         return _fit_and_save(cfg, data, output, resume=resume, log=log, callbacks=callbacks, dist=dist,
-                             parent=parent, reset_optimizer=reset_optimizer)
+                             placement=placement, parent=parent, reset_optimizer=reset_optimizer)
 
 
 def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool, log, callbacks,
-                  dist: ddp.DistContext, parent: LoadedModel | None, reset_optimizer: bool) -> TrainResult | None:
+                  dist: ddp.DistContext, placement: TablePlacement, parent: LoadedModel | None,
+                  reset_optimizer: bool) -> TrainResult | None:
     """Build, train, score the held-out splits and write the model directory (rank 0 returns the result)."""
-    placement = placement_for(cfg.train, dist)
     model = build_model(cfg, data, dist, placement)
     run_dir = _fresh_run_dir(run_dir_for(output), resume, dist)
     warm = _WarmStart(parent, data, model) if parent is not None else None

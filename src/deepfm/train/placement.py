@@ -2,7 +2,8 @@
 
 ``Replicated`` (``train.embedding_sharding: replicated``, and every one-process run): each rank holds the whole
 table; after backward its gradient is averaged over ranks (the sparse rows a batch touched, gathered by
-``distributed.allreduce_sparse_grad``, or the dense gradient all-reduced) and every rank steps it alike.
+``distributed.allreduce_sparse_grad``, or with ``train.sparse: false`` the dense gradient all-reduced) and every
+rank steps it alike.
 
 ``RowSharded`` (``embedding_sharding: row`` over several ranks): each rank holds a contiguous shard of the rows
 and their optimiser state; a ``sharding.RowExchange`` fetches a batch's rows from their owners and sends their
@@ -53,9 +54,17 @@ class TablePlacement:
         """What this rank has sent to the others for the table (see ``Trainer._comm_record``)."""
         return self._sent
 
+    # the first way out where the table and its optimiser state do not fit on a rank (``deepfm.train.memory``)
+    fewer_rows_advice = "train over more ranks"
+
     def table_rows(self, num_rows: int) -> tuple[int, int] | None:
         """The rows of the table this rank builds; None: all of them."""
         return None
+
+    def rows_held(self, num_rows: int) -> int:
+        """How many of the table's ``num_rows`` rows this rank holds (with their optimiser state)."""
+        rows = self.table_rows(num_rows)
+        return num_rows if rows is None else rows[1] - rows[0]
 
     def check_init_from(self, init_from: str | Path | None) -> None:
         """Refuse a warm start this placement cannot do, before any rank joins the others."""
@@ -103,6 +112,8 @@ class TablePlacement:
 
 
 class Replicated(TablePlacement):
+    fewer_rows_advice = "train over more ranks with train.embedding_sharding: row (each holds 1/N of it)"
+
     def __init__(self, ctx: ddp.DistContext, sparse: bool) -> None:
         super().__init__(ctx)
         self.sparse = sparse
@@ -117,12 +128,22 @@ class Replicated(TablePlacement):
         if self.ctx.enabled and table is not None:
             if self.sparse:
                 self._sent += ddp.allreduce_sparse_grad(table, self.ctx.world_size)
-            elif table.grad is not None:
-                table.grad = ddp.sum_over_ranks(table.grad, self.ctx) / self.ctx.world_size
+            else:
+                self._sent += self._allreduce_dense_grad(table)
         if clip_norm is not None:
             clip_grad_norm(list(model.parameters()), clip_norm)
         for opt in optimizers:
             opt.step()
+
+    def _allreduce_dense_grad(self, table: nn.Parameter) -> int:
+        """Average the table's dense gradient over ranks, in place (DDP would, were the table in the module it
+        wraps). Returns the bytes a ring all-reduce makes each rank send (``2 (N - 1) / N`` of the gradient), as
+        the trainer counts DDP's. A rank whose gradient is None (no backward reached the table) joins with
+        zeros: every rank must join every all-reduce."""
+        grad = table.grad if table.grad is not None else torch.zeros_like(table)
+        table.grad = ddp.sum_over_ranks(grad, self.ctx) / self.ctx.world_size
+        world = self.ctx.world_size
+        return round(2 * (world - 1) / world * grad.numel() * grad.element_size())
 
     def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
                          fill_main: Callable[[Path], None]) -> None:

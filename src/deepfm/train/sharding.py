@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from deepfm.config import Config, TrainConfig
-from deepfm.errors import ConfigError, OutOfMemory
+from deepfm.errors import ConfigError
 from deepfm.io import StreamedTensor, replace_directory, state_key
 from deepfm.layout import rows_per_rank
 from deepfm.model.embedding import FieldEmbedding
@@ -108,74 +106,6 @@ class RowExchange:
                                                   weight.shape, check_invariants=False)
 
         return finish
-
-
-def table_state_bytes(embedding: FieldEmbedding, optimizers: list[torch.optim.Optimizer]) -> int:
-    """Bytes of this rank's table and of the optimiser state kept for it (moments, accumulators)."""
-    weight = embedding.weight
-    total = weight.numel() * weight.element_size()
-    for opt in optimizers:
-        for value in opt.state.get(weight, {}).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
-
-
-def table_state_bytes_needed(cfg: TrainConfig, num_rows: int, embed_dim: int, ranks: int) -> int:
-    """What one rank's table and its optimiser state take (the shape ``table_state_bytes`` measures)."""
-    copies = {"adam": 3, "adagrad": 2, "proximal_adagrad": 2}[cfg.optimizer]  # weights + moments / accumulator
-    rows = rows_per_rank(num_rows, ranks) if cfg.embedding_sharding == "row" else num_rows
-    return rows * (embed_dim + 1) * 4 * copies
-
-
-def _address_space() -> tuple[int | None, int | None]:
-    """(this process's address-space limit, the address space it uses now), None where unknown or unset."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    used = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                used = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return (None if soft == resource.RLIM_INFINITY else soft), used
-
-
-def _out_of_memory(cfg: Config, num_rows: int, ctx: ddp.DistContext, cause: str) -> OutOfMemory:
-    cap, _ = _address_space()
-    limit = (f"this process's address-space limit (RLIMIT_AS) of {cap / 2**20:,.0f} MiB" if cap is not None
-             else "the memory this machine has (no address-space limit set)")
-    need = table_state_bytes_needed(cfg.train, num_rows, cfg.model.embed_dim, ctx.world_size)
-    ways = ("train over more ranks with train.embedding_sharding: row (each holds 1/N of it)"
-            if cfg.train.embedding_sharding == "replicated" else "train over more ranks")
-    return OutOfMemory(
-        f"rank {ctx.rank} of {ctx.world_size} ran out of memory under {limit}: the embedding table "
-        f"({num_rows:,} rows x {cfg.model.embed_dim + 1}) and its {cfg.train.optimizer} state take "
-        f"{need / 2**20:,.0f} MiB on each rank with embedding_sharding: {cfg.train.embedding_sharding}. "
-        f"Ways out: {ways}, cap the big fields with hash_buckets / a higher min_count, or raise the limit "
-        f"({cause})")
-
-
-@contextmanager
-def explain_out_of_memory(cfg: Config, num_rows: int, ctx: ddp.DistContext) -> Iterator[None]:
-    """Fail early, and clearly, where the table and its optimiser state cannot fit in what is left of this
-    process's address-space limit; turn a failed allocation later on into the same ``OutOfMemory`` error,
-    naming the cap and what the table needs, with the ways out, instead of an allocator traceback. (Checked
-    before allocating: a process that fills its limit can fail anywhere after, in a lazy import say.)"""
-    cap, used = _address_space()
-    need = table_state_bytes_needed(cfg.train, num_rows, cfg.model.embed_dim, ctx.world_size)
-    if cap is not None and used is not None and need > cap - used:
-        raise _out_of_memory(cfg, num_rows, ctx, f"{max(cap - used, 0) / 2**20:,.0f} MiB of the limit left before "
-                                                 "the table was allocated")
-    try:
-        yield
-    except (MemoryError, RuntimeError) as err:
-        text = str(err).strip()
-        if not (isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text):
-            raise
-        raise _out_of_memory(cfg, num_rows, ctx, text.splitlines()[0][:200] if text else type(err).__name__) from None
 
 
 def shard_blocks(local: torch.Tensor, num_rows: int, ctx: ddp.DistContext, block_bytes: int = SAVE_BLOCK_BYTES

@@ -100,7 +100,6 @@ class Trainer:
         self.state = TrainState()
         self._batch_l2 = cfg.embedding_l2 if cfg.embedding_l2_scope == "batch" else 0.0  # "table": in the optimiser
         self._table = embedding_table(self.model)
-        self._sparse_table = cfg.sparse and self._table is not None
         self.placement = placement or placement_for(cfg, dist)
         self.placement.attach(self.model)
         self._comm_from_step, self._comm_from_bytes = 0, 0  # where this epoch's count started
@@ -311,16 +310,16 @@ class Trainer:
         self._save_checkpoint()
 
     def _comm_record(self) -> dict[str, Any]:
-        """Bytes each rank sent per step this epoch for the embedding table (the row exchange, or the sparse
-        gradient all-gather when replicated), and the dense gradients' ring all-reduce (computed: DDP's own
-        traffic is not observable). Empty for one process."""
+        """Bytes each rank sent per step this epoch for the embedding table (as its placement counts them: the row
+        exchange, the sparse gradient all-gather, or the dense gradient's all-reduce), and the dense layers'
+        ring all-reduce (computed: DDP's own traffic is not observable). Empty for one process."""
         if not self.dist.enabled:
             return {}
         sent = self.placement.sent_bytes
         steps = max(self.state.step - self._comm_from_step, 1)
         per_rank = ddp.gather_rows(np.array([(sent - self._comm_from_bytes) / steps]), self.dist)
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters()
-                    if not (self._sparse_table and p is self._table))
+                    if p is not self._table)
         world = self.dist.world_size
         return {"table_sent_bytes_per_step": [round(float(b)) for b in per_rank],
                 "dense_allreduce_bytes_per_step": round(2 * (world - 1) / world * dense)}
