@@ -208,3 +208,25 @@ def test_the_fallback_swap_killed_between_its_renames_says_where_the_model_is(tw
     aside[0].rename(target)
     assert _weights(target) == _weights(old)
     load_model(target)
+
+
+def test_a_shared_table_is_the_file_mapped_and_scores_as_a_copy(two_models):
+    """``load_model(shared_table=True)`` (the server's workers): the table is a read-only map of model.safetensors,
+    put in through the one table accessor; scores equal those of an ordinary load. A table of the wrong shape is
+    refused naming both shapes."""
+    import torch
+
+    from deepfm.model.embedding import embedding_table, replace_embedding_table
+    from deepfm.predict import Predictor
+
+    path = two_models[0]
+    copy, shared = load_model(path), load_model(path, shared_table=True)
+    own, mapped = embedding_table(copy.model), embedding_table(shared.model)
+    assert own is not None and mapped is not None and not mapped.requires_grad
+    assert torch.equal(mapped, own) and mapped.data_ptr() != own.data_ptr()
+    want = Predictor(copy).evaluate_file(str(TEST_TSV), progress=False)
+    got = Predictor(shared).evaluate_file(str(TEST_TSV), progress=False)
+    assert got["auc"] == want["auc"] and got["logloss"] == want["logloss"] and 0.5 < got["auc"] < 1
+    with pytest.raises(ValueError, match=rf"its table is \(3, 5\), the layout says \({own.shape[0]}, 5\)"):
+        replace_embedding_table(shared.model, torch.zeros(3, 5))
+    assert torch.equal(embedding_table(shared.model), own)  # a refused table leaves the model as it was

@@ -35,6 +35,7 @@ from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, le
                        optimizer_state_from_json, save_state)
 from deepfm.layout import TableLayout
 from deepfm.model import TABLE_KEY, DeepFM
+from deepfm.model.embedding import replace_embedding_table
 
 FORMAT = "deepfm-model"
 FORMAT_VERSION = 1
@@ -221,10 +222,7 @@ def _shared_weights(model: DeepFM, weights: Path) -> dict[str, torch.Tensor]:
     other weights, read as usual."""
     from safetensors import safe_open
 
-    table = mapped_table(weights)
-    if table.shape != model.embedding.weight.shape:
-        raise ValueError(f"its table is {tuple(table.shape)}, the layout says {tuple(model.embedding.weight.shape)}")
-    model.embedding.weight = torch.nn.Parameter(table, requires_grad=False)
+    replace_embedding_table(model, mapped_table(weights))
     with safe_open(str(weights), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if k != TABLE_KEY}
     return state  # without the table: loading it would write every page of the map (copy_ onto itself)

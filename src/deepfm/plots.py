@@ -11,7 +11,9 @@ from deepfm.io import atomic_path
 from deepfm.metrics import auc, reliability, roc_curve
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed), imported on first use: drawing is
+    optional, and matplotlib is slow to import."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,12 +29,12 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and validation AUC per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_logloss"] for r in history], "o-", label="train")
@@ -57,7 +59,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, title: str = "ROC (test)") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fpr, tpr = roc_curve(labels, probs)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC {auc(labels, probs):.4f}")
@@ -71,7 +73,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, title: str = "RO
 
 def plot_calibration(labels: np.ndarray, probs: np.ndarray, path: Path,
                      title: str = "Calibration (test)") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     mean_p, rate, count = reliability(labels, probs, bins=10)
     fig, ax = plt.subplots(figsize=(5, 5))
     top = float(max(mean_p.max(initial=0), rate.max(initial=0))) * 1.05 or 1.0

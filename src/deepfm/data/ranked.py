@@ -15,7 +15,6 @@ are gathered onto every rank, so that evaluation stays exact and unchanged.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import time
@@ -33,7 +32,7 @@ from deepfm.data.readers import BadRows
 from deepfm.data.routing import route_rows, subset_rows
 from deepfm.data.sources import Source
 from deepfm.data.splitfiles import SplitWriter, id_dtype, open_split
-from deepfm.data.store import PreparedData, _finish, encode_splits, fingerprint, load_prepared, prepare
+from deepfm.data.store import PreparedData, encode_splits, finish_store, fingerprint, load_prepared, prepare
 from deepfm.errors import DataError
 from deepfm.io import atomic_path
 from deepfm.train import distributed as ddp
@@ -202,8 +201,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, files: inputs.SplitFiles, 
     rows = [int(x) for x in _all_gather(writers["train"].rows, dist)]
     if sum(rows) == 0:
         raise DataError("no training rows left after preparation", path=inputs.describe(cfg.data.train))
-    _finish(folder, cfg, fp, encoder, writers, bad, total_rows, t0, negatives_dropped=dropped, require_train=False)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["ranks"] = {"rank": dist.rank, "world_size": dist.world_size, "train_rows": rows,
-                         "train_files": [str(train_files[k]) for k in mine]}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    share = {"rank": dist.rank, "world_size": dist.world_size, "train_rows": rows,
+             "train_files": [str(train_files[k]) for k in mine]}
+    finish_store(folder, cfg, fp, encoder, writers, bad, total_rows, t0, negatives_dropped=dropped,
+                 require_train=False, extra={"ranks": share})

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -162,7 +163,8 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
     fast = _prepare_fast(folder, cfg, log, parent, files)
     if fast is not None:
         encoder, writers = fast
-        _finish(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0, fast_path=True)
+        finish_store(folder, cfg, fp, encoder, writers, None, sum(w.rows for w in writers.values()), t0,
+                     fast_path=True)
         return
     bad = BadRows(folder / "bad_rows.txt") if cfg.data.skip_bad_rows else None
     encoder = Encoder(cfg.fields, cfg.data, parent=parent)
@@ -193,7 +195,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, progress: bool, log, paren
     writers, total_rows, dropped = encode_splits(folder, cfg, encoder, parts, bad, progress)
     if bad is not None:
         bad.close()
-    _finish(folder, cfg, fp, encoder, writers, bad, total_rows, t0, negatives_dropped=dropped)
+    finish_store(folder, cfg, fp, encoder, writers, bad, total_rows, t0, negatives_dropped=dropped)
 
 
 def encode_splits(folder: Path, cfg: Config, encoder: Encoder, parts: Iterable[tuple[str, Iterable[RawChunk], bool]],
@@ -239,10 +241,12 @@ def encode_splits(folder: Path, cfg: Config, encoder: Encoder, parts: Iterable[t
     return writers, total_rows, dropped
 
 
-def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[str, SplitWriter],
-            bad: BadRows | None, total_rows: int, t0: float, fast_path: bool = False,
-            negatives_dropped: int = 0, require_train: bool = True) -> None:
-    """Close the split files and write the encoder and the manifest."""
+def finish_store(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[str, SplitWriter],
+                 bad: BadRows | None, total_rows: int, t0: float, fast_path: bool = False,
+                 negatives_dropped: int = 0, require_train: bool = True,
+                 extra: dict[str, Any] | None = None) -> None:
+    """The last step of every preparation (one process's, or each rank's: ``deepfm.data.ranked``): close the
+    split files and write the encoder and the manifest (with ``extra`` entries, such as a rank's share)."""
     layout = encoder.layout()
     splits = {name: w.close() for name, w in writers.items()}
     if require_train and splits.get("train", {}).get("rows", 0) == 0:
@@ -252,7 +256,7 @@ def _finish(folder: Path, cfg: Config, fp: str, encoder: Encoder, writers: dict[
         "layout": layout.to_json(), "splits": splits, "rows_read": total_rows,
         "bad_rows": bad.count if bad is not None else 0,
         "seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "fast_path": fast_path, "negatives_dropped": negatives_dropped,
+        "fast_path": fast_path, "negatives_dropped": negatives_dropped, **(extra or {}),
     }
     (folder / "encoder.json").write_text(json.dumps(encoder.to_json()))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))

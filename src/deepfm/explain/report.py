@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from deepfm.io import atomic_write_text
-from deepfm.plots import _pyplot, save_figure
+from deepfm.plots import pyplot, save_figure
 
 TOP_PAIRS = 15  # pairs drawn beside the heatmap and printed on the terminal
 
@@ -17,7 +17,7 @@ TOP_PAIRS = 15  # pairs drawn beside the heatmap and printed on the terminal
 def plot_importance(report: dict[str, Any], path: Path) -> None:
     """Horizontal bars of the AUC drop when each field is shuffled (95% interval over the seeds as error bars),
     the drop when it is set to missing as a dot; most important at the top."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = report["importance"]
     names = [r["field"] for r in rows][::-1]
     drop = np.array([r["auc_drop"] for r in rows][::-1])
@@ -41,7 +41,7 @@ def plot_importance(report: dict[str, Any], path: Path) -> None:
 
 def plot_pairs(report: dict[str, Any], path: Path) -> None:
     """The mean |FM term| of every pair of fields as a heatmap (the upper triangle), and the strongest pairs."""
-    plt = _pyplot()
+    plt = pyplot()
     fields = report["fields"]
     strength = np.array(report["pair_matrix"])
     n = len(fields)

@@ -24,14 +24,33 @@ from deepfm.layout import TableLayout
 COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
 INIT_BLOCK_ROWS = 65536  # rows drawn at a time when initialising the table: bounds the memory a shard's init needs
 
-TABLE_KEY = "embedding.weight"  # the table's name in a model's state dict and in model.safetensors
+_MODULE = "embedding"  # the attribute of a model that holds its FieldEmbedding
+TABLE_KEY = f"{_MODULE}.weight"  # the table's name in a model's state dict and in model.safetensors
 
 
 def embedding_table(model: nn.Module) -> nn.Parameter | None:
     """The model's embedding table (``[rows held, D + 1]``), None for a model without one. The one place that
-    knows where a model keeps it: optimisers, checkpoints, warm start and sharding all ask here."""
-    module = getattr(model, "embedding", None)
+    knows where a model keeps it: optimisers, checkpoints, warm start, loading and sharding all ask here."""
+    module = getattr(model, _MODULE, None)
     return None if module is None else module.weight
+
+
+def replace_embedding_table(model: nn.Module, table: torch.Tensor) -> None:
+    """Make ``table`` (a memory map, say) the model's embedding table, frozen, freeing the one it had; a
+    ``ValueError`` when its shape is not the model's."""
+    own = embedding_table(model)
+    if own is None:
+        raise ValueError("the model has no embedding table")
+    if table.shape != own.shape:
+        raise ValueError(f"its table is {tuple(table.shape)}, the layout says {tuple(own.shape)}")
+    getattr(model, _MODULE).weight = nn.Parameter(table, requires_grad=False)
+
+
+def layout_buffer_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the table's layout buffers (field offsets, combiners): they describe the table's
+    layout, not anything learned."""
+    module = getattr(model, _MODULE, None)
+    return set() if module is None else {f"{_MODULE}.{name}" for name, _ in module.named_buffers()}
 
 
 # global row ids of each lookup -> their rows [*ids.shape, D + 1], in one call (one exchange when sharded)

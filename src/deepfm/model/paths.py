@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from deepfm import native
+from deepfm.model.embedding import embedding_table
 
 HEAD_MAX_DIM = 1024  # MAX_DIM in fused_head.c
 _HAS_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -94,7 +95,7 @@ def head_path(model: Any, num_values: torch.Tensor | None = None, *, with_penalt
     if plain() or not model.fuse or not (cfg.head == "sum" and cfg.use_linear and cfg.use_fm
                                          and model.dnn is not None):
         return Head.PLAIN
-    table = model.embedding.weight
+    table = embedding_table(model)
     if (num_values is not None and not torch.is_grad_enabled() and not with_penalty and not sharded
             and not model.embedding.num_multi and (num_values.dtype == table.dtype or not num_values.shape[1])
             and head_gather_kernel(table, compute_dtype(table))):

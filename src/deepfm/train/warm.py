@@ -19,7 +19,7 @@ from deepfm.config import Config
 from deepfm.data.vocab import Vocabulary, growth
 from deepfm.errors import ConfigError
 from deepfm.layout import TableLayout
-from deepfm.model.embedding import TABLE_KEY
+from deepfm.model.embedding import TABLE_KEY, layout_buffer_keys
 
 def check_compatible(parent: Config, child: Config) -> None:
     """The new config must describe the parent's model: the same fields (``min_count`` and ``max_size`` may
@@ -68,7 +68,7 @@ def warm_start(model: nn.Module, parent_state: dict[str, torch.Tensor], source: 
     ``source``, every other parameter and buffer (batch-norm statistics) as it is, except the embedding's
     layout buffers (field offsets), which describe the new table."""
     state = model.state_dict()
-    layout_buffers = {f"embedding.{n}" for n, _ in model.embedding.named_buffers()}  # type: ignore[union-attr]
+    layout_buffers = layout_buffer_keys(model)
     new = {}
     for name, tensor in state.items():
         if name in layout_buffers:
