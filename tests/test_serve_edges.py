@@ -171,3 +171,49 @@ def test_fuzz_raw_bodies_with_non_finite_numbers_never_5xx():
     check()
     assert 200 in codes and 422 in codes
     assert 'kind="server"' not in app.state.metrics.render()
+
+
+def test_the_short_lane_answers_as_the_route_does(client):
+    """A plain body is answered by deepfm.serve.lane, the same body in another accepted form by the route:
+    the same predictions; a body the lane does not take (an unknown key) keeps the route's message."""
+    from deepfm.serve.lane import plain_rows
+
+    rows = [{"id": i, "features": {"I1": i, "C1": "68fd1e64", "C2": None}} for i in range(3)]
+    plain = json.dumps({"rows": rows, "explain": False}).encode()
+    routed = json.dumps({"rows": rows, "explain": 0}).encode()  # pydantic reads 0 as false; the lane leaves it
+    assert plain_rows(plain, 64, 100) == ([0, 1, 2], [r["features"] for r in rows])
+    assert plain_rows(routed, 64, 100) is None
+    a = client.post("/v1/predict", content=plain)
+    b = client.post("/v1/predict", content=routed)
+    assert a.status_code == b.status_code == 200 and a.json() == b.json()
+    assert [p["id"] for p in a.json()["predictions"]] == [0, 1, 2]
+    bad = client.post("/v1/predict", content=json.dumps({"rows": rows, "colour": 1}).encode())
+    assert bad.status_code == 422 and "colour" in bad.text
+    assert plain_rows(json.dumps({"rows": rows}).encode(), 64, 2) is None  # over the row limit: the route's 413
+    bad_value = client.post("/v1/predict", json={"rows": [{"features": {"I1": "x"}}]})
+    assert bad_value.status_code == 422 and "row 0, field 'I1'" in bad_value.json()["detail"]
+
+
+def test_the_depth_of_short_bodies_counts_as_the_long_way():
+    import random
+
+    from deepfm.serve import limits
+
+    rnd = random.Random(1)
+
+    def value(depth):
+        if depth == 0:
+            return rnd.choice([1, "a[b]{", "}", None, 2.5])
+        if rnd.random() < 0.5:
+            return [value(depth - 1) for _ in range(rnd.randint(0, 3))]
+        return {f"k{i}{'[' * i}": value(depth - 1) for i in range(rnd.randint(0, 3))}
+
+    for _ in range(500):
+        body = json.dumps(value(rnd.randint(0, 8))).encode()
+        short = limits._short_depth(body.translate(None, limits._DROPPED))
+        saved, limits._SHORT = limits._SHORT, -1  # every body the numpy way
+        try:
+            assert limits.json_depth(body) == short
+        finally:
+            limits._SHORT = saved
+    assert limits.json_depth(b"[" * 300 + b"]" * 300) == 300  # past int8's range

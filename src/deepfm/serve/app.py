@@ -9,7 +9,8 @@
 
 Every client mistake is a 4xx whose message names the row and the field; nothing a client sends yields a
 5xx. The pieces: ``settings`` (every knob), ``state`` (the served model, swapped by a reload), ``routes``
-(the endpoints), ``errors`` (the one error shape), ``middleware`` (metrics, body limit), ``metrics``.
+(the endpoints), ``lane`` (the short way for well-formed predict requests), ``errors`` (the one error
+shape), ``middleware`` (metrics, body limit), ``metrics``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfm.serve.errors import RequestError, validation_error
+from deepfm.serve.lane import PredictLane
 from deepfm.serve.middleware import ServeMiddleware
 from deepfm.serve.routes import router
 from deepfm.serve.schemas import model_features_schema
@@ -116,6 +118,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> 
     app.openapi = _openapi(app, state)  # type: ignore[method-assign]
     app.include_router(router)
     add_docs(app)
+    app.add_middleware(PredictLane, state=state)  # inside ServeMiddleware: counted and size-limited as any request
     app.add_middleware(ServeMiddleware, metrics=state.metrics, max_body=settings.max_body_bytes,
                        body_timeout=settings.body_timeout_s)
     _error_handlers(app)

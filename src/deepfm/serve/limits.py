@@ -33,12 +33,32 @@ _KEPT = b'"[]{}'
 _DROPPED = bytes(b for b in range(256) if b not in _KEPT)
 
 
+_STEPS = _STEP.tolist()  # Python ints: a running sum in int8 would wrap at depth 128
+_SHORT = 512  # below this many quotes and brackets a Python loop beats numpy's fixed cost (a one-row request)
+
+
+def _short_depth(marks: bytes) -> int:
+    """``json_depth`` of the quotes and brackets of a text without backslashes."""
+    depth = deepest = 0
+    inside = False
+    for b in marks:
+        if b == 34:  # '"'
+            inside = not inside
+        elif not inside:
+            depth += _STEPS[b]
+            deepest = max(deepest, depth)
+    return deepest
+
+
 def json_depth(body: bytes) -> int:
     """The deepest nesting of arrays and objects in a JSON text; brackets inside strings do not count. A
     quote opens or closes a string unless an odd run of backslashes precedes it. In numpy, over only the
     quotes and brackets when the text has no backslash (the usual request), else over every byte."""
     if b"\\" not in body:
-        kept = np.frombuffer(body.translate(None, _DROPPED), np.uint8)
+        marks = body.translate(None, _DROPPED)
+        if len(marks) <= _SHORT:
+            return _short_depth(marks)
+        kept = np.frombuffer(marks, np.uint8)
         quote = kept == ord('"')
     else:
         kept = np.frombuffer(body, np.uint8)

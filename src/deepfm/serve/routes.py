@@ -45,21 +45,29 @@ def check_finite(probs: np.ndarray) -> None:
 @router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS,
              summary="Probabilities for rows of raw feature values")
 async def predict(body: PredictRequest, state: State) -> JSONResponse:
+    # a plain well-formed body never gets here: deepfm.serve.lane answers it through answer_predict too
+    return await answer_predict(state, [r.id for r in body.rows], [r.features for r in body.rows], body.explain)
+
+
+async def answer_predict(state: ServingState, ids: list[Any], features: list[dict[str, Any]],
+                         explain: bool) -> JSONResponse:
+    """The answer to a predict request whose body has the route's shape: the limits, each value's checks, the
+    (batched) scoring and the response."""
     served = state.model  # this request's model, whatever a reload does meanwhile
-    n = len(body.rows)
+    n = len(ids)
     if n > state.settings.max_rows:
         raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_rows:,} rows per request")
-    if body.explain and n > state.settings.max_explain_rows:
+    if explain and n > state.settings.max_explain_rows:
         raise RequestError(413, f"{n:,} rows exceed the limit of {state.settings.max_explain_rows:,} rows per "
                                 "request with \"explain\": true")
-    if body.explain and served.quantize:
+    if explain and served.quantize:
         raise RequestError(422, "\"explain\": true needs the float32 table; this server scores an int8 one "
                                 "(--quantize int8)")
-    rows = served.validate([r.features for r in body.rows])
+    rows = served.validate(features)
     probs = await state.batcher.score(served, rows)
     check_finite(probs)
-    predictions = [{"id": r.id, "probability": p} for r, p in zip(body.rows, probs.tolist())]
-    if body.explain and n:
+    predictions = [{"id": i, "probability": p} for i, p in zip(ids, probs.tolist())]
+    if explain and n:
         columns = await run_in_threadpool(frame_attributions, served.predictor, rows)
         for i, pred in enumerate(predictions):
             pred["attributions"] = {name: values[i] for name, values in columns.items()}
