@@ -57,15 +57,18 @@ class SplitWriter:
         for k, lut in enumerate(multi_luts):
             self._renumber(f"multi{k}_ids", self.nnz[k], [lut])
 
-    def _renumber(self, name: str, rows: int, luts: list[np.ndarray], block_rows: int = 1 << 20) -> None:
+    def _renumber(self, name: str, rows: int, luts: list[np.ndarray], block_bytes: int = 8 << 20) -> None:
         fh = self._fh.pop(name, None)
         if fh is None or not rows:
             return
         fh.close()  # type: ignore[attr-defined]
         # read and write blocks through the file, not a memory map: the mapped pages of a multi-GB file would
-        # count in this process's resident memory (bench/FIGURES.md)
+        # count in this process's resident memory (bench/FIGURES.md). Blocks of a few MB, not of a fixed row
+        # count: blocks of 2^20 rows (100 MB of Criteo ids) left the peak of preparation with the file's row
+        # count, up to 300 MB above the rest of it (bench/INGEST.md, "Memory against rows").
         width = len(luts)
         row_bytes = width * self.id_dtype.itemsize
+        block_rows = max(1, block_bytes // row_bytes)
         with open(self.folder / f"{name}.bin", "r+b") as f:
             for lo in range(0, rows, block_rows):
                 n = min(block_rows, rows - lo)
