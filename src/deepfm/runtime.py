@@ -49,7 +49,9 @@ def autocast(device: torch.device, precision: str):
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    # exp(-x) overflows to inf for x < -88 (float32): 1 / inf is the right answer, 0, so the warning is noise
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 @torch.no_grad()
