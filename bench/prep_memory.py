@@ -146,7 +146,8 @@ def run_case(case: str, train: str, ranks: int, work: Path) -> dict:
 
 
 def make_datasets(block_rows: int, repeats: list[int], folder: Path) -> dict[int, Path]:
-    """``folder/x<r>/part-NNNNN.tsv``: ``r`` hard links of one generated block (same distinct values)."""
+    """``folder/b<block rows>-x<r>/part-NNNNN.tsv``: ``r`` hard links of one generated block (same distinct
+    values)."""
     block = folder / f"block-{block_rows}.tsv"
     if not block.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def make_datasets(block_rows: int, repeats: list[int], folder: Path) -> dict[int
                         "--out", str(block), "--quiet"], check=True)
     out = {}
     for r in repeats:
-        d = folder / f"x{r}"
+        d = folder / f"b{block_rows}-x{r}"
         if not d.is_dir() or len(list(d.iterdir())) != r:
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir()
