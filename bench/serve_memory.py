@@ -7,7 +7,8 @@ Builds (once, cached under --work) a Criteo-shaped model whose C1 field is hashe
 table of --table-gb GB (embed_dim 16: 68 bytes a row), trained one epoch on the bundled sample. Then, for each
 worker count, starts the server on 127.0.0.1, sends a few predictions, and sums the proportional set size
 (PSS, from /proc/PID/smaps_rollup: a page shared by k processes counts 1/k in each) over the server's
-processes (the supervisor and its workers), with the RSS beside it. Linux only; loopback only.
+process tree (one worker: the one process; N workers: the parent and the workers it forked), with the RSS
+beside it. Linux only; loopback only.
 """
 
 from __future__ import annotations

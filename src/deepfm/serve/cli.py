@@ -27,27 +27,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = dict(log_level=settings.log_level, access_log=settings.access_log, timeout_graceful_shutdown=10,
                 timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.limit_concurrency,
                 http="deepfm.serve.limits:HeaderTimeoutProtocol")
+    banner = f"Serving {args.model_dir} on http://{_host(settings.host)}:{sock.getsockname()[1]}  " \
+                  "(POST /v1/predict, GET /docs)"
     if settings.workers > 1:
-        _shared_metrics_folder()
-        os.environ.update(settings.environ())  # what the spawned workers read (ServeSettings())
-        config = uvicorn.Config("deepfm.serve.app:app_from_env", factory=True, workers=settings.workers, **opts)
-    else:
-        config = uvicorn.Config(_one_worker_app(settings), **opts)
+        _shared_metrics_folder()  # before prometheus_client is imported: it picks its mode then
+        from deepfm.serve.prefork import serve_forked
+
+        print(banner, file=sys.stderr, flush=True)
+        return serve_forked(settings, sock, opts)
+    config = uvicorn.Config(_one_worker_app(settings), **opts)
     config.deepfm_header_timeout = settings.header_timeout_s  # read by HeaderTimeoutProtocol (travels with config)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"Serving {args.model_dir} on http://{host}:{sock.getsockname()[1]}  (POST /v1/predict, GET /docs)",
-          file=sys.stderr, flush=True)
-    server = uvicorn.Server(config)
-    if settings.workers > 1:
-        import inspect
-
-        from uvicorn.supervisors import Multiprocess
-
-        kwargs = {"target": server.run} if "target" in inspect.signature(Multiprocess).parameters else {}
-        Multiprocess(config, sockets=[sock], **kwargs).run()
-    else:
-        server.run(sockets=[sock])
+    print(banner, file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _one_worker_app(settings):
@@ -73,7 +69,7 @@ def _shared_metrics_folder() -> None:
     import shutil
     import tempfile
 
-    from deepfm.serve.metrics import MULTIPROC_ENV
+    from deepfm.serve.settings import MULTIPROC_ENV  # (not metrics: that imports prometheus_client)
 
     if os.environ.get(MULTIPROC_ENV):
         return  # the operator's own folder (kept, as they chose it)

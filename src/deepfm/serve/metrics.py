@@ -15,11 +15,12 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from deepfm.serve.settings import MULTIPROC_ENV
+
 BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 KNOWN_PATHS = frozenset({"/v1/predict", "/v1/model", "/v1/reload", "/healthz", "/metrics", "/openapi.json",
                          "/docs"})
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def path_label(path: str) -> str:

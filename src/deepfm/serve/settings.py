@@ -2,9 +2,10 @@
 
 ``ServeSettings`` is read (pydantic-settings) from, in order of precedence: keyword arguments (the command
 line's flags, ``add_arguments``/``from_args``), ``DEEPFM_SERVE_<NAME>`` environment variables, then the
-defaults below. With ``--workers N`` the worker processes are started by uvicorn's supervisor, which can
-hand them nothing but the environment: ``environ`` writes the settings there, and each worker reads them back
-with ``ServeSettings()`` (so the same validation runs on both sides). One worker gets the object itself.
+defaults below. ``deepfm serve`` hands the object itself to its one worker, or to the N workers it forks
+(``deepfm.serve.prefork``). A process started some other way (uvicorn's own command, with the factory
+``deepfm.serve.app:app_from_env``) can receive nothing but the environment: ``environ`` writes the settings
+there, and ``ServeSettings()`` reads them back (so the same validation runs on both sides).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DEEPFM_SERVE_"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess folder (read when it is imported)
 
 
 class ServeSettings(BaseSettings):

@@ -1,0 +1,222 @@
+"""``deepfm serve --workers N``: one parent process that has imported everything forks the N workers.
+
+Why fork and not spawn: a spawned worker (uvicorn's supervisor) imports Python, torch, polars and FastAPI
+again, about 255 MiB of private memory each, and the supervisor holds about 190 MiB more. Forked from a
+parent that has imported them (and frozen its objects out of the collector's scans, ``gc.freeze``, so that
+the children's collections do not write to those pages), the workers share those pages copy-on-write, as
+they share the memory-mapped table; each worker then loads the model itself (bench/SERVING.md has the PSS).
+
+The parent runs no inference and starts no torch or OpenMP threads (a thread pool does not survive a fork);
+it binds the listening socket, which every worker accepts on. It restarts a worker that dies (giving up
+after ``MAX_QUICK_FAILURES`` in a row that lived less than ``QUICK_S``), forwards SIGHUP (each worker
+reloads its current directory), and on SIGTERM/SIGINT stops the workers (SIGTERM, then SIGKILL after
+``STOP_TIMEOUT_S``) and exits 0. A worker that fails to load the model at start makes the command fail with
+that worker's error.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from deepfm.errors import DeepFMError
+
+QUICK_S = 30.0  # a worker that dies sooner than this after its start counts as a failure to start
+MAX_QUICK_FAILURES = 5  # in a row: the parent gives up and exits non-zero (a worker that cannot live)
+STOP_TIMEOUT_S = 20.0  # a worker's graceful stop (uvicorn's own is 10 s) before SIGKILL
+READY = b"ready"
+
+
+def serve_forked(settings, sock: socket.socket, opts: dict[str, Any]) -> int:
+    """Fork ``settings.workers`` workers serving on ``sock``; returns when they are stopped (0), or raises
+    ``DeepFMError`` when a worker cannot start. ``PROMETHEUS_MULTIPROC_DIR`` must be set before this
+    imports the app (prometheus_client picks its mode at import)."""
+    import deepfm.serve.app  # noqa: F401  (torch, polars, FastAPI, prometheus_client: once, shared by all)
+
+    gc.collect()
+    gc.freeze()  # the imported objects stay out of the children's collections: their pages stay shared
+    return Parent(settings, sock, opts).run()
+
+
+def _worker(settings, sock: socket.socket, opts: dict[str, Any], report: int) -> int:
+    """A forked worker: load the model, tell the parent (``READY`` or the error), serve until stopped."""
+    import uvicorn
+
+    from deepfm.serve.cli import _one_worker_app
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # the parent's handlers are not this process's (uvicorn sets its own)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan takes it (a reload): never fatal
+    try:
+        config = uvicorn.Config(_one_worker_app(settings), **opts)
+        config.deepfm_header_timeout = settings.header_timeout_s  # read by HeaderTimeoutProtocol
+        server = uvicorn.Server(config)
+    except BaseException as err:  # noqa: BLE001  (the parent reports it: this process only exits)
+        said = str(err) if isinstance(err, DeepFMError) else f"{type(err).__name__}: {err}"
+        os.write(report, said.encode()[:4000])
+        return 1
+    os.write(report, READY)
+    os.close(report)
+    server.run(sockets=[sock])
+    return 0
+
+
+class Parent:
+    """The workers' parent: starts, watches, restarts and stops them."""
+
+    def __init__(self, settings, sock: socket.socket, opts: dict[str, Any]) -> None:
+        self.settings, self.sock, self.opts = settings, sock, opts
+        self.workers: dict[int, float] = {}  # pid -> start time
+        self.pending: dict[int, tuple[int, bytes]] = {}  # report fd -> (pid, what it said so far)
+        self.ready: set[int] = set()
+        self.started = False  # every first worker reported ready
+        self.quick_failures = 0
+        self.signal: int | None = None
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        try:
+            for _ in range(self.settings.workers):
+                self._fork()
+            while True:
+                if self.signal == signal.SIGHUP:
+                    self.signal = None
+                    self._send(signal.SIGHUP)
+                if self.signal is not None:
+                    return self.stop()
+                self._read_reports()
+                self._reap()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _on_signal(self, sig: int, _frame) -> None:
+        if self.signal is None or sig != signal.SIGHUP:
+            self.signal = sig
+
+    def _fork(self) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the parent's code (nor runs its atexit handlers)
+            code = 1
+            try:
+                os.close(read)
+                for fd in self.pending:
+                    os.close(fd)
+                code = _worker(self.settings, self.sock, self.opts, write)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write)
+        self.workers[pid] = time.monotonic()
+        self.pending[read] = (pid, b"")
+
+    def _read_reports(self) -> None:
+        """What starting workers said (``READY`` or their error); waits a little when there is nothing."""
+        if not self.pending:
+            time.sleep(0.2)
+            return
+        readable, _, _ = select.select(list(self.pending), [], [], 0.2)
+        for fd in readable:
+            pid, said = self.pending[fd]
+            chunk = os.read(fd, 4096)
+            if chunk:
+                self.pending[fd] = (pid, said + chunk)
+                continue
+            del self.pending[fd]
+            os.close(fd)
+            if said == READY:
+                self.ready.add(pid)
+                self.started = self.started or (not self.pending and len(self.ready) == self.settings.workers)
+            elif not self.started:  # a first worker that cannot load the model: the command fails with its error
+                raise DeepFMError(f"a worker failed to start: {said.decode(errors='replace') or 'no message'}")
+            elif said:
+                print(f"deepfm serve: worker {pid} failed to start: {said.decode(errors='replace')}",
+                      file=sys.stderr, flush=True)
+
+    def _reap(self) -> None:
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            started = self.workers.pop(pid, None)
+            if started is None:
+                continue
+            self.ready.discard(pid)
+            _forget_metrics(pid)
+            lived = time.monotonic() - started
+            self.quick_failures = self.quick_failures + 1 if lived < QUICK_S else 0
+            print(f"deepfm serve: worker {pid} died ({_describe(status)}) after {lived:.1f} s; starting another",
+                  file=sys.stderr, flush=True)
+            if self.quick_failures >= MAX_QUICK_FAILURES:
+                raise DeepFMError(f"{self.quick_failures} workers in a row died within {QUICK_S:g} s of their start "
+                                  f"(the last: {_describe(status)}); giving up. See the log above for why")
+            if not self.started:
+                self._drain(pid)
+            self._fork()
+
+    def _drain(self, pid: int) -> None:
+        """A first worker died before reporting: its error (if it wrote one) ends the command."""
+        for fd, (owner, said) in list(self.pending.items()):
+            if owner == pid:
+                said += _read_all(fd)
+                del self.pending[fd]
+                os.close(fd)
+                raise DeepFMError(f"a worker failed to start: {said.decode(errors='replace') or 'no message'}")
+
+    def _send(self, sig: int) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> int:
+        """SIGTERM to every worker, SIGKILL to those still there after ``STOP_TIMEOUT_S``; all reaped."""
+        self._send(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self.workers:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                self.workers.pop(pid, None)
+                _forget_metrics(pid)
+                continue
+            if time.monotonic() > deadline:
+                self._send(signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.05)
+        for fd in self.pending:
+            os.close(fd)
+        self.pending.clear()
+        return 0
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while chunk := os.read(fd, 4096):
+        out += chunk
+    return out
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _forget_metrics(pid: int) -> None:
+    """A worker gone (killed or not): its live gauges leave the shared metrics folder."""
+    from deepfm.serve.metrics import multiprocess_dir
+
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,149 @@
+"""``deepfm serve --workers 2`` as a real process: a parent forks the workers (``deepfm.serve.prefork``). Both
+answer, a worker killed is replaced by a new one that answers, SIGHUP reloads each worker, SIGTERM to the parent stops every worker and
+exits 0, and a worker that cannot load the model makes the command fail with its error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+import _serve_models as models  # noqa: E402
+
+ROW = {"rows": [{"id": 1, "features": {"I1": 3, "C1": "68fd1e64"}}]}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(models.ROOT / "src"))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _answering(base: str, tries: int = 200) -> set[str]:
+    """The pids of the workers that answered predictions (a new connection each: the kernel spreads them)."""
+    for _ in range(tries):
+        resp = httpx.post(base + "/v1/predict", json=ROW, headers={"connection": "close"}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert 0.0 < resp.json()["predictions"][0]["probability"] < 1.0
+    text = httpx.get(base + "/metrics", headers={"connection": "close"}, timeout=10).text
+    return {s["pid"] for s, v in models.metric_samples(text, "deepfm_worker_requests") if v > 0}
+
+
+def _wait(check, seconds: float = 120.0):
+    end = time.time() + seconds
+    while time.time() < end:
+        out = check()
+        if out:
+            return out
+        time.sleep(0.2)
+    pytest.fail("timed out")
+
+
+def _start(model: Path, tmp_path: Path):
+    """``deepfm serve MODEL --workers 2`` on a free port, once it answers: (process, base URL, its log)."""
+    port = models.free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "deepfm", "serve", str(model), "--workers", "2",
+                             "--port", str(port)], env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()
+        try:
+            return httpx.get(base + "/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    _wait(healthy)
+    return proc, base, log
+
+
+def test_forked_workers_are_replaced_and_stopped(tmp_path):
+    proc, base, log = _start(models.criteo_model(), tmp_path)
+    first: set[int] = set()
+    try:
+        first = _wait(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid))
+        time.sleep(1)  # the second worker has reported ready, and listens
+        _wait(lambda: _answering(base, tries=20) == {str(p) for p in first})  # both answer, nothing else does
+
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        now = _wait(lambda: (c := _children(proc.pid)) and len(c) == 2 and victim not in c and c)
+        new = (now - first).pop()
+        assert now == {max(first), new}
+        _wait(lambda: str(new) in _answering(base, tries=20))  # the replacement answers
+        assert str(victim) not in _answering(base, tries=1)  # and the dead one left the live gauges
+        assert "worker %d died (signal SIGKILL)" % victim in (tmp_path / "server.log").read_text()
+
+        proc.send_signal(signal.SIGHUP)  # passed on: each worker reloads its current directory
+        _wait(lambda: models.metric(httpx.get(base + "/metrics", timeout=10).text, "deepfm_model_reloads_total",
+                                    result="ok") == 2)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not any(_alive(p) for p in now | first)  # no worker left behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for pid in first:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+def test_a_worker_that_cannot_load_the_model_fails_the_command(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(models.criteo_model(), model)
+    (model / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{]")  # a header that is not JSON
+    run = subprocess.run([sys.executable, "-m", "deepfm", "serve", str(model), "--workers", "2",
+                          "--port", str(models.free_port())], env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "a worker failed to start" in run.stderr, run.stderr
+    assert "safetensors" in run.stderr.split("a worker failed to start")[1].lower(), run.stderr  # its error
+
+
+def test_workers_that_keep_dying_make_the_parent_give_up(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(models.criteo_model(), model)
+    proc, base, log = _start(model, tmp_path)
+    workers: set[int] = set()
+    try:
+        workers = _wait(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid))
+        time.sleep(1)  # both workers have reported ready, and listen
+        _wait(lambda: len(_answering(base, tries=20)) == 2)
+        bad = tmp_path / "bad.safetensors"  # a new file renamed over the table: the mapped one stays intact
+        bad.write_bytes((2).to_bytes(8, "little") + b"{]")
+        os.replace(bad, model / "model.safetensors")
+        os.kill(min(workers), signal.SIGKILL)  # every replacement now fails to load the model
+        assert proc.wait(timeout=120) != 0
+        text = (tmp_path / "server.log").read_text()
+        assert "5 workers in a row died within 30 s of their start" in text and "giving up" in text, text
+        assert "failed to start" in text, text  # each replacement's own error was logged
+        assert not any(_alive(p) for p in workers)  # the healthy worker was stopped too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
