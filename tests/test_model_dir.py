@@ -230,3 +230,63 @@ def test_a_shared_table_is_the_file_mapped_and_scores_as_a_copy(two_models):
     with pytest.raises(ValueError, match=rf"its table is \(3, 5\), the layout says \({own.shape[0]}, 5\)"):
         replace_embedding_table(shared.model, torch.zeros(3, 5))
     assert torch.equal(embedding_table(shared.model), own)  # a refused table leaves the model as it was
+
+
+def _damage_weights(path: Path, damage: str) -> None:
+    """``path``/model.safetensors made into one kind of bad file."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "random-bytes":
+        weights.write_bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "huge-header-length":
+        weights.write_bytes((1 << 62).to_bytes(8, "little") + data[8:])
+    elif damage == "header-longer-than-file":
+        weights.write_bytes((len(data) + 10).to_bytes(8, "little") + data[8:])
+    elif damage == "header-not-json":
+        weights.write_bytes((4).to_bytes(8, "little") + b"{]\xff\xfe" + data[8:])
+    else:
+        state = load_file(str(weights))
+        if damage == "missing-tensor":
+            del state["dnn.net.0.bias"]
+        else:  # a wrong shape
+            state["dnn.net.0.bias"] = state["dnn.net.0.bias"][:-1].clone()
+        save_file(state, str(weights))
+
+
+DAMAGED_WEIGHTS = {"random-bytes": "not a safetensors file", "truncated": "truncated",
+                   "huge-header-length": "header length field says 4,611,686,018,427,387,904 bytes",
+                   "header-longer-than-file": "truncated (its header needs",
+                   "header-not-json": "not a safetensors file (its header is not JSON)",
+                   "missing-tensor": "missing dnn.net.0.bias",
+                   "wrong-shape": "shapes: dnn.net.0.bias is (7,), needs (8,)"}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_WEIGHTS))
+def test_damaged_weights_are_one_line_naming_the_file(two_models, tmp_path, capsys, damage):
+    """A bad model.safetensors (random bytes, cut short, a huge or too-long header length, a header that is not
+    JSON, a tensor missing or of the wrong shape) is one ArtifactError line naming the file and what is wrong,
+    in ``load_model`` (both ways of loading the table) and in the commands; never a MemoryError."""
+    from deepfm.errors import ArtifactError
+
+    broken = tmp_path / "model"
+    shutil.copytree(two_models[0], broken)
+    _damage_weights(broken, damage)
+    weights = broken / "model.safetensors"
+    for shared in (False, True):
+        with pytest.raises(ArtifactError) as err:
+            load_model(broken, shared_table=shared)
+        text = str(err.value)
+        assert text.startswith(f"{weights}: ") and "\n" not in text, text
+        assert DAMAGED_WEIGHTS[damage] in text, text
+    for argv in (["predict", str(broken), str(TEST_TSV), "--output", str(tmp_path / "p.csv")],
+                 ["inspect", str(broken)]):
+        assert main(argv) == 2, argv
+        err_text = capsys.readouterr().err
+        assert str(weights) in err_text and DAMAGED_WEIGHTS[damage] in err_text, err_text
+        assert "Traceback" not in err_text and "MemoryError" not in err_text
+    assert not (tmp_path / "p.csv").exists()

@@ -90,6 +90,24 @@ def test_model_root_widens_what_reload_may_load(root):
     assert resp.status_code == 200
 
 
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
+def test_a_reload_of_damaged_weights_is_a_409_and_the_model_keeps_serving(root, damage):
+    c = TestClient(create_app(root / "served", ServeSettings(admin_token=TOKEN)))
+    version = c.get("/healthz").json()["model_version"]
+    bad = root / f"bad-{damage}"
+    shutil.copytree(root / "served", bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(os.urandom(4096) if damage == "random-bytes" else data[: len(data) // 3])
+    resp = c.post("/v1/reload", json={"model_dir": str(bad)}, headers=ADMIN)
+    assert resp.status_code == 409, resp.text
+    detail = resp.json()["detail"]
+    assert f"still serving version {version}" in detail and str(weights.resolve()) in detail, detail
+    assert ("not a safetensors file" if damage == "random-bytes" else "truncated") in detail, detail
+    row = {"rows": [{"id": 1, "features": {"I1": 3, "C1": "68fd1e64"}}]}
+    assert c.post("/v1/predict", json=row).json()["model_version"] == version
+
+
 def test_the_openapi_document_declares_the_bearer_token(client):
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

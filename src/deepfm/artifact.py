@@ -36,6 +36,7 @@ from deepfm.io import (StreamedTensor, atomic_directory, atomic_save_tensors, le
 from deepfm.layout import TableLayout
 from deepfm.model import TABLE_KEY, DeepFM
 from deepfm.model.embedding import replace_embedding_table
+from deepfm.tensorfile import check_tensors, read_header
 
 FORMAT = "deepfm-model"
 FORMAT_VERSION = 1
@@ -186,23 +187,20 @@ def read_info(path: Path) -> dict[str, Any]:
 
 
 def mapped_tensor(path: Path, key: str) -> torch.Tensor | None:
-    """One float32, float16, int8 or uint8 tensor of a safetensors file as a memory map of the file, not a copy: every process
-    that maps it shares the same page-cache pages. The mapping is private (copy-on-write): nothing writes it,
-    and a write could never reach the file. None for a tensor of another dtype."""
+    """One float32, float16, int8 or uint8 tensor of a safetensors file as a memory map of the file, not a copy:
+    every process that maps it shares the same page-cache pages. The mapping is private (copy-on-write):
+    nothing writes it, and a write could never reach the file. None for a tensor of another dtype. The header
+    is checked first (``deepfm.tensorfile``): a damaged file is an ``ArtifactError``, never a huge read."""
     import numpy as np
 
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    entry = header[key]
-    dtype = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}.get(entry["dtype"])
+    entries, _ = read_header(path)
+    if key not in entries:
+        raise ArtifactError(f"{path}: holds no tensor {key!r}; the model directory is damaged: retrain or restore it")
+    entry = entries[key]
+    dtype = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}.get(entry.dtype)
     if dtype is None:
         return None
-    start, end = entry["data_offsets"]
-    mapped = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=tuple(entry["shape"]))
-    if mapped.nbytes != end - start:
-        raise ValueError(f"tensor {key} has {end - start} bytes for shape {tuple(entry['shape'])}")
-    return torch.from_numpy(mapped)
+    return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=entry.start, shape=entry.shape))
 
 
 def mapped_table(weights: Path) -> torch.Tensor:
@@ -248,6 +246,9 @@ def load_model(path: Path, device: str | torch.device = "cpu", shared_table: boo
     except (ValueError, TypeError, RuntimeError) as err:
         raise ArtifactError(f"{path / 'layout.json'}: does not describe a model this config can build ({err})"
                             ) from None
+    weights = path / "model.safetensors"
+    entries, _ = read_header(weights)  # a damaged file is one clear line, before anything is allocated from it
+    check_tensors(weights, entries, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     try:
         if shared_table and torch.device(device).type == "cpu":
             state = _shared_weights(model, path / "model.safetensors")

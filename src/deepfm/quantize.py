@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from deepfm.artifact import LoadedModel, mapped_table, mapped_tensor
+from deepfm.errors import ArtifactError
 from deepfm.io import atomic_save_tensors
 from deepfm.model import TABLE_KEY
+from deepfm.tensorfile import read_header
 
 INT8_FILE = "model.int8.safetensors"
 CODES, SCALE = "embedding.codes", "embedding.scale"
@@ -107,17 +109,19 @@ def _fingerprint(weights: Path) -> str:
 def stored_int8(model_dir: Path) -> tuple[QuantizedTable | None, str]:
     """The table of ``model.int8.safetensors`` (codes and scales memory-mapped) when the directory holds one of
     this layout made from its current weights; else None and why not."""
-    from safetensors import safe_open
-
     stored, weights = model_dir / INT8_FILE, model_dir / "model.safetensors"
     if not stored.is_file():
         return None, "quantized at load"
-    with safe_open(str(stored), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        entries, meta = read_header(stored)
+    except ArtifactError as err:  # a derived file: the float32 weights are still there to quantize
+        return None, f"quantized at load ({err})"
     if meta.get("format") != FORMAT or meta.get("layout") != LAYOUT:
         return None, f"quantized at load ({INT8_FILE} has another layout: deepfm export --quantize int8 rewrites it)"
     if meta.get("source") != _fingerprint(weights):
         return None, f"quantized at load ({INT8_FILE} was made from other weights)"
+    if CODES not in entries or SCALE not in entries:
+        return None, f"quantized at load ({INT8_FILE} does not hold int8 codes and float16 scales)"
     codes, scale = mapped_tensor(stored, CODES), mapped_tensor(stored, SCALE)
     if codes is None or codes.dtype != torch.int8 or scale is None or scale.dtype != torch.float16:
         return None, f"quantized at load ({INT8_FILE} does not hold int8 codes and float16 scales)"
