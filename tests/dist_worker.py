@@ -1,4 +1,5 @@
-"""Run under torchrun by test_distributed.py: train a config, optionally failing or stopping on a rank."""
+"""Run under torchrun by test_distributed.py: train a config, optionally failing or stopping on a rank, each rank
+optionally in folders of its own (``per_rank``: as if on machines that share no filesystem)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,13 @@ def main() -> None:
             with open(f"{spec['table_bytes']}.{rank}", "w") as fh:
                 fh.write(str(size))
 
+    # a rank of its own "machine": its own output (checkpoint) and cache folders, no path shared with the others
+    own = spec.get("per_rank", {}).get(str(rank), {})
+    config = spec["config"]
+    if "cache_dir" in own:
+        config = {**config, "data": {**config["data"], "cache_dir": own["cache_dir"]}}
     try:
-        train(config_from_dict(spec["config"]), spec["output"], resume=spec.get("resume", False),
+        train(config_from_dict(config), own.get("output", spec["output"]), resume=spec.get("resume", False),
               log=lambda m: print(m, flush=True), callbacks=[hook], init_from=spec.get("init_from"))
     except Stop:
         sys.exit(3)

@@ -9,17 +9,22 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import CRITEO, ROOT, criteo_config_dict
 from deepfm.config import TrainConfig, config_from_dict
 from deepfm.data.ranked import assign_files
 from deepfm.data.store import prepare
+from deepfm.errors import ConfigError
+from deepfm.train.folders import check_parts
 from deepfm.train.rowshare import LocalRows
 
 WORKER = Path(__file__).with_name("ranked_worker.py")
@@ -198,3 +203,70 @@ def test_two_hosts_read_their_files_from_the_store_and_share_no_folder(tmp_path)
         assert len(ranks["train_files"]) == 2 and all(f.startswith("s3://logs/criteo/") for f in ranks["train_files"])
     assert not list((out / "node1" / "cache").glob("*-r0of2"))
     assert "127.0.0.1" not in (out / "s3.out").read_text() and "10.232.0.1" in (out / "s3.out").read_text()
+
+
+def _machines(tmp_path: Path, name: str) -> dict:
+    """Each rank's own output and cache folders, as on two machines that share no filesystem."""
+    return {str(r): {"output": str(tmp_path / f"host{r}" / name), "cache_dir": str(tmp_path / f"host{r}" / "cache")}
+            for r in range(2)}
+
+
+@pytest.mark.parametrize("sharding", ["replicated", "row"])
+def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(tmp_path, sharding):
+    """Each rank with its own output, checkpoint and cache folders: stopped mid-epoch and resumed with --resume,
+    the job ends with the model of an uninterrupted run, bit for bit. Replicated: only rank 0's machine holds the
+    checkpoint, and rank 1 prepares its rows again (its cache is gone). Row-sharded: each machine holds its
+    shard's part; a stale part on rank 1 stops the job naming the rank and both steps."""
+    raw = _raw(tmp_path, _parts(tmp_path / "logs"), prepare_on="every_rank", split={"valid": 0.15, "test": 0.0,
+                                                                                     "seed": 5})
+    raw["train"].update({"checkpoint_every_steps": 4, "embedding_sharding": sharding})
+    full = _torchrun(DIST_WORKER, {"config": raw, "output": "-", "per_rank": _machines(tmp_path, "full")}, 2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    job = {"config": raw, "output": "-", "per_rank": _machines(tmp_path, "model")}
+    stopped = _torchrun(DIST_WORKER, {**job, "stop_step": 6}, 2)  # mid epoch 1 (12 steps); checkpoint at step 4
+    assert stopped.returncode != 0
+    last0, last1 = (tmp_path / f"host{r}" / ".model.run" / "last" for r in range(2))
+    assert json.loads((last0 / "state.json").read_text())["step"] == 4
+    if sharding == "replicated":  # rank 0's machine alone holds it; rank 1 gets it from there
+        assert not last1.exists()
+        shutil.rmtree(tmp_path / "host1" / "cache")
+    else:
+        assert sorted(p.name for p in last0.iterdir()) == ["rank-0", "state.json"]
+        assert sorted(p.name for p in last1.iterdir()) == ["rank-1"]
+        stamp = json.loads((last1 / "rank-1" / "part.json").read_text())
+        assert (stamp["step"], stamp["rank"], stamp["world_size"]) == (4, 1, 2)
+        shutil.copytree(last1, tmp_path / "stale")
+        further = _torchrun(DIST_WORKER, {**job, "resume": True, "stop_step": 10}, 2)  # checkpoint at step 8
+        assert further.returncode != 0 and "Resuming from" in further.stdout
+        os.rename(last1, tmp_path / "step8")
+        shutil.copytree(tmp_path / "stale", last1)
+        refused = _torchrun(DIST_WORKER, {**job, "resume": True}, 2)
+        assert refused.returncode != 0
+        assert f"rank 1's part of the checkpoint in {last1 / 'rank-1'} is at step 4" in refused.stderr
+        assert "rank 0's at step 8" in refused.stderr
+        shutil.rmtree(last1)
+        os.rename(tmp_path / "step8", last1)
+    resumed = _torchrun(DIST_WORKER, {**job, "resume": True}, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout
+    assert ("Reusing prepared data" in resumed.stdout) == (sharding == "row")
+    a = load_file(str(tmp_path / "host0" / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "host0" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "host1" / "model").exists() and not (tmp_path / "host1" / ".model.run").exists()
+
+
+def test_parts_of_a_checkpoint_on_machines_apart_must_match_rank_0s():
+    def part(step, rank=1, world=2, run="a"):
+        return {"path": f"/h{rank}/last/rank-{rank}", "stamp": {"run": run, "step": step, "rank": rank,
+                                                               "world_size": world}}
+
+    assert check_parts("checkpoint", [part(8, 0), part(8)])["step"] == 8
+    assert check_parts("checkpoint", [{"path": "/h0", "stamp": None}, part(4)]) is None  # rank 0's wins: afresh
+    with pytest.raises(ConfigError, match=r"rank 1 has no part of the checkpoint in /h1/x on its machine, while "
+                                          r"rank 0's is at step 8"):
+        check_parts("checkpoint", [part(8, 0), {"path": "/h1/x", "stamp": None}])
+    with pytest.raises(ConfigError, match=r"rank 1's part .* is at step 8 \(run b\), rank 0's at step 8 \(run a\)"):
+        check_parts("checkpoint", [part(8, 0), part(8, run="b")])
+    with pytest.raises(ConfigError, match=r"written by rank 1 of 3, not rank 1 of 2"):
+        check_parts("checkpoint", [part(8, 0), part(8, world=3)])

@@ -22,6 +22,7 @@ from deepfm.data.store import PreparedData
 from deepfm.model import DeepFM, embedding_table
 from deepfm.plots import plot_calibration, plot_history, plot_roc
 from deepfm.train import distributed as ddp
+from deepfm.train import folders
 from deepfm.data.vocab import growth
 from deepfm.train.memory import explain_out_of_memory
 from deepfm.train.placement import TablePlacement, placement_for
@@ -116,7 +117,7 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                   reset_optimizer: bool) -> TrainResult | None:
     """Build, train, score the held-out splits and write the model directory (rank 0 returns the result)."""
     model = build_model(cfg, data, dist, placement)
-    run_dir = _fresh_run_dir(run_dir_for(output), resume, dist)
+    run_dir = _fresh_run_dir(run_dir_for(output), resume, dist, placement)
     warm = _WarmStart(parent, data, model) if parent is not None else None
     trainer = Trainer(model, cfg.train, run_dir, log=log, callbacks=callbacks, dist=dist, placement=placement,
                       rows=row_share(data.manifest, dist.rank, dist.world_size))
@@ -137,21 +138,31 @@ def _fit_and_save(cfg: Config, data: PreparedData, output: Path, *, resume: bool
                 optimizers=trainer.optimizers if cfg.train.save_optimizer_state else None,
                 lineage=None if warm is None else warm.lineage, **streamed))
 
-    if not placement.write_model(trainer.model, trainer.optimizers if cfg.train.save_optimizer_state else None,
-                                 write):
+    wrote = placement.write_model(trainer.model, trainer.optimizers if cfg.train.save_optimizer_state else None,
+                                  write)
+    dist.barrier()  # the model directory is complete: the checkpoints can go (each machine's, by its first rank)
+    if placement.folders.is_leader:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if not wrote:
         return None
     if kept:
         log(f"Kept {', '.join(kept)} from the previous {output} (not written by training; an export there was "
             f"made from the previous weights: run `deepfm export {output}` again)")
-    shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(output, metrics, state.history, data, trainer)
 
 
-def _fresh_run_dir(run_dir: Path, resume: bool, dist: ddp.DistContext) -> Path:
-    """The checkpoint folder of this run: a previous run's removed unless resuming it (rank 0 removes)."""
+def _fresh_run_dir(run_dir: Path, resume: bool, dist: ddp.DistContext, placement: TablePlacement) -> Path:
+    """The checkpoint folder of this run: a previous run's removed unless resuming it (rank 0 removes; on
+    machines that share no folder, each machine's first rank its own: ``deepfm.train.folders``)."""
     if not resume and run_dir.exists() and dist.is_main:
         shutil.rmtree(run_dir)
     dist.barrier()
+    share = folders.probe(run_dir, dist)
+    if not resume and not share.with_main and share.is_leader:
+        shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+    dist.barrier()
+    placement.use_folders(share)
     return run_dir
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch.distributed as tdist
 
 from deepfm.config import Config, SplitConfig
 from deepfm.data import inputs
@@ -50,12 +49,6 @@ def assign_files(sizes: list[int], world_size: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
-def _all_gather(obj, dist: ddp.DistContext) -> list:
-    out: list = [None] * dist.world_size
-    tdist.all_gather_object(out, obj)
-    return out
-
-
 def _needs_row_index(cfg: Config) -> bool:
     return isinstance(cfg.data.split, SplitConfig) or cfg.data.negative_sampling_rate < 1.0
 
@@ -67,7 +60,7 @@ def _offsets(cfg: Config, files: list[Source], mine: list[int], dist: ddp.DistCo
         for k in mine:
             for chunk in inputs.read_files([files[k]], cfg.data, BadRows() if cfg.data.skip_bad_rows else None):
                 counts[k] = chunk.row_start + len(chunk)
-        counts = np.sum(_all_gather(counts, dist), axis=0)
+        counts = np.sum(ddp.gather_objects(counts, dist), axis=0)
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
 
 
@@ -87,16 +80,16 @@ def _fit(cfg: Config, encoder: Encoder, files: list[Source], mine: list[int], of
             rows += len(chunk)
             encoder.count(chunk, counters)
             stats.append((k, c, encoder.chunk_stats(chunk)))
-    if sum(_all_gather(rows, dist)) == 0:
+    if sum(ddp.gather_objects(rows, dist)) == 0:
         raise DataError("the training split has no rows to fit vocabularies on")
     mine_counts = {name: _ipc(counter.counts()) for name, counter in counters.items()}
     merged = encoder.counters()
-    for theirs in _all_gather(mine_counts, dist):
+    for theirs in ddp.gather_objects(mine_counts, dist):
         for name, blob in theirs.items():
             frame = pl.read_ipc(io.BytesIO(blob))
             merged[name].add_counts(frame["token"], frame["count"].to_numpy())
     acc: dict = {}
-    for _, _, chunk_stats in sorted((s for part in _all_gather(stats, dist) for s in part), key=lambda s: s[:2]):
+    for _, _, chunk_stats in sorted((s for part in ddp.gather_objects(stats, dist) for s in part), key=lambda s: s[:2]):
         fold_stats(acc, chunk_stats)
     encoder.set_fitted(merged, acc)
 
@@ -117,7 +110,7 @@ def _gather_split(folder: Path, name: str, meta: dict, id_dtype: np.dtype, n_mul
         "multi": [(np.asarray(i), np.asarray(w), np.diff(np.asarray(o))) for i, w, o in local.multi],
         "group": None if local.group is None else np.asarray(local.group),
         "weights": None if local.weights is None else np.asarray(local.weights)}
-    for part in _all_gather(payload, dist):
+    for part in ddp.gather_objects(payload, dist):
         if part is None:
             continue
         enc = EncodedChunk(part["labels"], part["cat_ids"], part["num_values"],
@@ -150,7 +143,7 @@ def prepare_on_ranks(cfg: Config, dist: ddp.DistContext, progress: bool = True, 
     fp = fingerprint(cfg, parent, files)
     root = Path(cfg.data.cache_dir)
     final = root / f"{fp}-r{dist.rank}of{dist.world_size}"
-    if min(_all_gather(int((final / "manifest.json").is_file()), dist)):  # all ranks have theirs: reuse
+    if min(ddp.gather_objects(int((final / "manifest.json").is_file()), dist)):  # all ranks have theirs: reuse
         log(f"Reusing prepared data {final} (each rank its own)")
         return load_prepared(final, cfg, parent)
     with atomic_path(final, directory=True) as tmp:  # this rank's folder, complete or absent
@@ -198,7 +191,7 @@ def _prepare_into(folder: Path, cfg: Config, fp: str, files: inputs.SplitFiles, 
         _gather_split(folder, name, meta, id_dtype(layout), n_multi, dist, writers[name])
     if "train" not in writers:  # no training rows here: an empty split (the steps per epoch still agree)
         writers["train"] = new_writer("train")
-    rows = [int(x) for x in _all_gather(writers["train"].rows, dist)]
+    rows = [int(x) for x in ddp.gather_objects(writers["train"].rows, dist)]
     if sum(rows) == 0:
         raise DataError("no training rows left after preparation", path=inputs.describe(cfg.data.train))
     share = {"rank": dist.rank, "world_size": dist.world_size, "train_rows": rows,

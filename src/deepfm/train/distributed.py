@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,24 @@ def gather_rows(local: np.ndarray, ctx: DistContext) -> np.ndarray:
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).cpu().numpy()
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank; what the others pass is ignored."""
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sum_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

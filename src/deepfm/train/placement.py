@@ -11,20 +11,24 @@ gradients back; checkpoints are written per rank, and the model directory gets t
 0 block by block.
 
 Everything that differs between the two lives here: which rows this rank builds, where a lookup's rows come
-from (``rows_from``), the optimiser step after backward, checkpoint parts, the best weights, evaluation's extra
-lookups, writing the model directory, what a warm start (``--init-from``) may do. The trainer and the pipeline
-call a placement and never ask which one it is; ``placement_for`` is the one place that chooses. In both, the
-table stays out of the module DDP wraps (``Trainer``): its gradient is sparse, or travels by the row exchange.
+from (``rows_from``), the optimiser step after backward, checkpoint parts and how a rank resumes from them (also
+on machines that share no folder: ``deepfm.train.folders``), the best weights, evaluation's extra lookups,
+writing the model directory, what a warm start (``--init-from``) may do. The trainer and the pipeline call a
+placement and never ask which one it is; ``placement_for`` is the one place that chooses. In both, the table
+stays out of the module DDP wraps (``Trainer``): its gradient is sparse, or travels by the row exchange.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
 
 from deepfm.config import TrainConfig
@@ -33,11 +37,13 @@ from deepfm.errors import ConfigError
 from deepfm.io import StreamedTensor, atomic_directory, atomic_save_tensors
 from deepfm.model.embedding import RowSource, embedding_table
 from deepfm.train import distributed as ddp
-from deepfm.train import sharding
+from deepfm.train import folders, sharding
 from deepfm.train.optim import clip_grad_norm
 
 # what ``write_model`` hands to its writer: nothing, or the streamed table and optimiser state (see save_model)
 ModelWriter = Callable[..., None]
+# what a rank resumes from: the folder of its weights and optimiser state, and rank 0's state.json
+Found = tuple[Path, str] | None
 
 
 class TablePlacement:
@@ -48,6 +54,13 @@ class TablePlacement:
     def __init__(self, ctx: ddp.DistContext) -> None:
         self.ctx = ctx
         self._sent = 0
+        self.folders = folders.one_folder(ctx)
+        self.run = ""  # the run's name in stamps (ranks apart): drawn afresh, or rank 0's on resume
+
+    def use_folders(self, share: folders.FolderShare) -> None:
+        """Which ranks see this rank's checkpoint folder (``folders.probe``), before training starts."""
+        self.folders = share
+        self.run = share.token
 
     @property
     def sent_bytes(self) -> int:
@@ -81,16 +94,33 @@ class TablePlacement:
         raise NotImplementedError
 
     def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
-                         fill_main: Callable[[Path], None]) -> None:
+                         fill_main: Callable[[Path], None], step: int) -> None:
         """Swap in ``final``: ``fill_weights(folder)`` writes this rank's weights and optimiser state,
-        ``fill_main(folder)`` what only rank 0 writes (``state.json``)."""
+        ``fill_main(folder)`` what only rank 0 writes (``state.json``); ``step``: the step it holds."""
         raise NotImplementedError
+
+    @contextmanager
+    def open_checkpoint(self, last: Path) -> Iterator[Found]:
+        """What this rank resumes from (``Found``), or None on every rank where there is nothing to resume."""
+        yield self._local_checkpoint(last)
+
+    def _local_checkpoint(self, last: Path) -> Found:
+        """The checkpoint as every rank reads it where all see one folder (one process, one machine)."""
+        if not (last / "state.json").is_file():
+            return None
+        return self.weights_dir(last), (last / "state.json").read_text()
+
+    def load_best(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
+        """After training: the best epoch's weights into ``model`` on every rank, where ``save_best`` wrote any."""
+        best = self.best_weights(run_dir)
+        if best.is_file():
+            model.load_state_dict(load_file(str(best), device=str(device)))
 
     def weights_dir(self, directory: Path) -> Path:
         """Where this rank's weights of a checkpoint directory are; a clear error for another placement's."""
         raise NotImplementedError
 
-    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]], step: int) -> None:
         raise NotImplementedError
 
     def best_weights(self, run_dir: Path) -> Path:
@@ -146,7 +176,8 @@ class Replicated(TablePlacement):
         return round(2 * (world - 1) / world * grad.numel() * grad.element_size())
 
     def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
-                         fill_main: Callable[[Path], None]) -> None:
+                         fill_main: Callable[[Path], None], step: int) -> None:
+        """Rank 0 writes it whole (every rank holds the same), in its own folder, whoever else sees it."""
         def fill(tmp: Path) -> None:
             fill_weights(tmp)
             fill_main(tmp)
@@ -154,10 +185,44 @@ class Replicated(TablePlacement):
         if self.ctx.is_main:
             atomic_directory(final, fill)
 
+    @contextmanager
+    def open_checkpoint(self, last: Path) -> Iterator[Found]:
+        """Ranks apart: rank 0 sends its checkpoint's files to every rank; one that cannot see rank 0's folder
+        reads them from a temporary folder beside its own ``last`` (whatever ``last`` holds there is ignored)."""
+        if not self.folders.apart:
+            yield self._local_checkpoint(last)
+            return
+        found = self._local_checkpoint(last) if self.ctx.is_main else None
+        sent = ddp.from_main(None if found is None else {p.name: p.read_bytes() for p in sorted(found[0].iterdir())
+                                                         if p.is_file()}, self.ctx)
+        if sent is None:
+            yield None
+        elif self.folders.with_main:
+            yield self.weights_dir(last), sent["state.json"].decode()
+        else:
+            with tempfile.TemporaryDirectory(dir=last.parent, prefix=".from-rank-0-") as tmp:
+                for name, blob in sent.items():
+                    (Path(tmp) / name).write_bytes(blob)
+                yield Path(tmp), sent["state.json"].decode()
+
+    def load_best(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
+        """Ranks apart: rank 0 loads its best weights and sends them to the others (only it wrote them)."""
+        if not self.folders.apart:
+            super().load_best(model, run_dir, device)
+            return
+        if not ddp.from_main(self.best_weights(run_dir).is_file() if self.ctx.is_main else None, self.ctx):
+            return
+        if self.ctx.is_main:
+            super().load_best(model, run_dir, device)
+        for t in model.state_dict().values():
+            out = t.to(ddp.comm_device())
+            dist.broadcast(out, src=0)
+            t.copy_(out)
+
     def weights_dir(self, directory: Path) -> Path:
         return sharding.checkpoint_part(directory, self.ctx, sharded=False)
 
-    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]], step: int) -> None:
         if self.ctx.is_main:
             atomic_save_tensors(state(), self.best_weights(run_dir))
 
@@ -222,24 +287,60 @@ class RowSharded(TablePlacement):
                 opt.step()
 
     def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
-                         fill_main: Callable[[Path], None]) -> None:
+                         fill_main: Callable[[Path], None], step: int) -> None:
         """Each rank's weights (its shard) and optimiser state go to ``final/rank-R/``; the directory is swapped in
-        once every rank has written."""
+        once every rank has written (ranks apart: in each folder, each part stamped)."""
         def fill(tmp: Path) -> None:
             own = sharding.rank_dir(tmp, self.ctx)
             own.mkdir()
             fill_weights(own)
+            self._stamp(own, step)
             if self.ctx.is_main:
                 fill_main(tmp)
 
-        sharding.write_directory(final, fill, self.ctx)
+        sharding.write_directory(final, fill, self.ctx, leader=self.folders.is_leader)
+
+    def _stamp(self, part: Path, step: int) -> None:
+        if self.folders.apart:
+            folders.stamp(part, self.ctx, self.run, step)
 
     def weights_dir(self, directory: Path) -> Path:
-        return sharding.checkpoint_part(directory, self.ctx)
+        return sharding.checkpoint_part(directory, self.ctx, apart=self.folders.apart)
 
-    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]]) -> None:
-        sharding.write_directory(run_dir / "best", lambda tmp: atomic_save_tensors(
-            state(), sharding.rank_dir(tmp, self.ctx) / "model.safetensors"), self.ctx)
+    @contextmanager
+    def open_checkpoint(self, last: Path) -> Iterator[Found]:
+        """Ranks apart: each rank's shard from its own folder, once every part's stamp matches rank 0's (else an
+        error naming the rank: ``folders.check_parts``); rank 0's ``state.json`` sent to every rank."""
+        if not self.folders.apart:
+            yield self._local_checkpoint(last)
+            return
+        state = (last / "state.json").read_text() if self.ctx.is_main and (last / "state.json").is_file() else None
+        state = ddp.from_main(state, self.ctx)
+        parts = folders.gather_parts(sharding.rank_dir(last, self.ctx), self.ctx)
+        if state is None:
+            yield None
+            return
+        main = folders.check_parts("checkpoint", parts)
+        if main is None:
+            raise ConfigError(f"{last} on rank 0 has no stamped part ({folders.STAMP}): it was written where the "
+                              "ranks shared one folder; resume it there, or start again without --resume")
+        self.run = main["run"]
+        yield self.weights_dir(last), state
+
+    def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]], step: int) -> None:
+        def fill(tmp: Path) -> None:
+            own = sharding.rank_dir(tmp, self.ctx)
+            atomic_save_tensors(state(), own / "model.safetensors")
+            self._stamp(own, step)
+
+        sharding.write_directory(run_dir / "best", fill, self.ctx, leader=self.folders.is_leader)
+
+    def load_best(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
+        """Ranks apart: each rank's best shard from its own folder, once every part's stamp matches rank 0's."""
+        if self.folders.apart and folders.check_parts(
+                "best epoch's weights", folders.gather_parts(self.best_weights(run_dir).parent, self.ctx)) is None:
+            return
+        super().load_best(model, run_dir, device)
 
     def best_weights(self, run_dir: Path) -> Path:
         return sharding.rank_dir(run_dir / "best", self.ctx) / "model.safetensors"

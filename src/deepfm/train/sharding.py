@@ -158,17 +158,21 @@ def optimizer_streams(optimizers: list[torch.optim.Optimizer], embedding: FieldE
     return streams
 
 
-def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistContext) -> None:
-    """A directory every rank writes its part of (``fill(tmp)``), swapped in for ``final`` by rank 0 once all
-    have written: readers see the old directory or the complete new one, never a mix of steps."""
+def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistContext, leader: bool | None = None
+                    ) -> None:
+    """A directory every rank writes its part of (``fill(tmp)``), swapped in for ``final`` by the ``leader`` of
+    the ranks that see this folder (rank 0 where all do; see ``deepfm.train.folders``) once all have written:
+    readers see the old directory or the complete new one, never a mix of steps. On machines that share no
+    folder each machine's swap is its own (``folders.check_parts`` catches one cut short)."""
+    leader = ctx.is_main if leader is None else leader
     pending = final.parent / f".{final.name}.pending"
-    if ctx.is_main:
+    if leader:
         shutil.rmtree(pending, ignore_errors=True)
         pending.mkdir(parents=True)
     ctx.barrier()
     fill(pending)
     ctx.barrier()
-    if ctx.is_main:
+    if leader:
         replace_directory(pending, final)
     ctx.barrier()
 
@@ -178,10 +182,12 @@ def rank_dir(directory: Path, ctx: ddp.DistContext) -> Path:
     return directory / f"rank-{ctx.rank}"
 
 
-def checkpoint_part(directory: Path, ctx: ddp.DistContext, sharded: bool = True) -> Path:
+def checkpoint_part(directory: Path, ctx: ddp.DistContext, sharded: bool = True, apart: bool = False) -> Path:
     """Where this rank's weights and optimiser state of a checkpoint directory are: its ``rank-R`` part when
     ``sharded``, else the directory itself. A clear error when the checkpoint was written by another number of
-    row-sharded ranks (a shard's rows depend on it), or with the other ``embedding_sharding``."""
+    row-sharded ranks (a shard's rows depend on it), or with the other ``embedding_sharding``. ``apart``: the
+    ranks' folders are on machines that share none, so only this rank's part is here (its stamp names the
+    number of ranks: ``deepfm.train.folders.check_parts``)."""
     world = ctx.world_size
     if not sharded:
         if (directory / "rank-0").is_dir():
@@ -189,6 +195,8 @@ def checkpoint_part(directory: Path, ctx: ddp.DistContext, sharded: bool = True)
                               "train.embedding_sharding: row and the number of ranks it was written with")
         return directory
     own = rank_dir(directory, ctx)
+    if apart:
+        return own
     if not (own.is_dir() and (directory / f"rank-{world - 1}").is_dir()) or (directory / f"rank-{world}").exists():
         raise ConfigError(f"{directory}: not a checkpoint of {world} row-sharded ranks; resume with the number "
                           "of ranks (and the embedding_sharding) it was written with")

@@ -124,13 +124,18 @@ class Trainer:
         def fill_main(folder: Path) -> None:
             atomic_write_text(folder / "state.json", json.dumps(self.state.__dict__.copy()))
 
-        self.placement.write_checkpoint(self.run_dir / "last", fill_weights, fill_main)
+        self.placement.write_checkpoint(self.run_dir / "last", fill_weights, fill_main, self.state.step)
 
     def _load_checkpoint(self) -> bool:
-        last = self.run_dir / "last"
-        if not (last / "state.json").is_file():
-            return False
-        weights = self.placement.weights_dir(last)
+        """Every rank resumes from the same step (the placement sees to it, also on machines that share no
+        folder) or none does."""
+        with self.placement.open_checkpoint(self.run_dir / "last") as found:
+            if found is None:
+                return False
+            self._load_from(*found)
+        return True
+
+    def _load_from(self, weights: Path, state_json: str) -> None:
         self.model.load_state_dict(load_file(str(weights / "model.safetensors"), device=str(self.device)))
         saved = load_state(weights / "optimizers")
         for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
@@ -140,11 +145,10 @@ class Trainer:
         torch.set_rng_state(saved["rng"])
         if self.device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
-        saved_state = json.loads((last / "state.json").read_text())
+        saved_state = json.loads(state_json)
         saved_state.setdefault("best_score", saved_state.get("best_auc", -math.inf))  # checkpoints before monitor
         saved_state.setdefault("loss_weight", float(saved_state.get("loss_count", 0)))  # before weight_column
         self.state = TrainState(**saved_state)
-        return True
 
     # ------------------------------------------------------------------ loop
     def fit(self, train: SplitArrays, valid: SplitArrays | None = None, *, resume: bool = False) -> TrainState:
@@ -181,9 +185,7 @@ class Trainer:
         st.finished = True
         self._save_checkpoint()
         self.dist.barrier()  # rank 0 has written best.safetensors
-        best = self.placement.best_weights(self.run_dir)
-        if best.is_file():
-            self.model.load_state_dict(load_file(str(best), device=str(self.device)))
+        self.placement.load_best(self.model, self.run_dir, self.device)
         return st
 
     def _train_epoch(self, train: SplitArrays, per_epoch: int) -> None:
@@ -294,7 +296,7 @@ class Trainer:
             st.best_score = score if score is not None else st.best_score
             st.best_epoch = st.epoch + 1
             st.bad_epochs = 0
-            self.placement.save_best(self.run_dir, self.model.state_dict)
+            self.placement.save_best(self.run_dir, self.model.state_dict, st.step)
         else:
             st.bad_epochs += 1
             if st.bad_epochs >= cfg.patience:  # as Keras / FuxiCTR: stop after `patience` epochs without gain
