@@ -99,6 +99,26 @@ def multi_model() -> Path:
     return out
 
 
+def children(pid: int) -> set[int]:
+    """The pids of a process's children (Linux /proc): a ``deepfm serve --workers N`` parent's workers."""
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def wait_until(check, seconds: float = 120.0):
+    """``check()``'s first true value, polled every 0.2 s; the test fails after ``seconds``."""
+    import time
+
+    import pytest
+
+    end = time.time() + seconds
+    while time.time() < end:
+        out = check()
+        if out:
+            return out
+        time.sleep(0.2)
+    pytest.fail("timed out")
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:

@@ -28,10 +28,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _children(pid: int) -> set[int]:
-    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
-
-
 def _alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -50,16 +46,6 @@ def _answering(base: str, tries: int = 200) -> set[str]:
     return {s["pid"] for s, v in models.metric_samples(text, "deepfm_worker_requests") if v > 0}
 
 
-def _wait(check, seconds: float = 120.0):
-    end = time.time() + seconds
-    while time.time() < end:
-        out = check()
-        if out:
-            return out
-        time.sleep(0.2)
-    pytest.fail("timed out")
-
-
 def _start(model: Path, tmp_path: Path):
     """``deepfm serve MODEL --workers 2`` on a free port, once it answers: (process, base URL, its log)."""
     port = models.free_port()
@@ -75,7 +61,7 @@ def _start(model: Path, tmp_path: Path):
         except httpx.TransportError:
             return False
 
-    _wait(healthy)
+    models.wait_until(healthy)
     return proc, base, log
 
 
@@ -83,21 +69,21 @@ def test_forked_workers_are_replaced_and_stopped(tmp_path):
     proc, base, log = _start(models.criteo_model(), tmp_path)
     first: set[int] = set()
     try:
-        first = _wait(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid))
+        first = models.wait_until(lambda: len(models.children(proc.pid)) == 2 and models.children(proc.pid))
         time.sleep(1)  # the second worker has reported ready, and listens
-        _wait(lambda: _answering(base, tries=20) == {str(p) for p in first})  # both answer, nothing else does
+        models.wait_until(lambda: _answering(base, tries=20) == {str(p) for p in first})  # both answer, nothing else does
 
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
-        now = _wait(lambda: (c := _children(proc.pid)) and len(c) == 2 and victim not in c and c)
+        now = models.wait_until(lambda: (c := models.children(proc.pid)) and len(c) == 2 and victim not in c and c)
         new = (now - first).pop()
         assert now == {max(first), new}
-        _wait(lambda: str(new) in _answering(base, tries=20))  # the replacement answers
+        models.wait_until(lambda: str(new) in _answering(base, tries=20))  # the replacement answers
         assert str(victim) not in _answering(base, tries=1)  # and the dead one left the live gauges
         assert "worker %d died (signal SIGKILL)" % victim in (tmp_path / "server.log").read_text()
 
         proc.send_signal(signal.SIGHUP)  # passed on: each worker reloads its current directory
-        _wait(lambda: models.metric(httpx.get(base + "/metrics", timeout=10).text, "deepfm_model_reloads_total",
+        models.wait_until(lambda: models.metric(httpx.get(base + "/metrics", timeout=10).text, "deepfm_model_reloads_total",
                                     result="ok") == 2)
 
         proc.send_signal(signal.SIGTERM)
@@ -130,9 +116,9 @@ def test_workers_that_keep_dying_make_the_parent_give_up(tmp_path):
     proc, base, log = _start(model, tmp_path)
     workers: set[int] = set()
     try:
-        workers = _wait(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid))
+        workers = models.wait_until(lambda: len(models.children(proc.pid)) == 2 and models.children(proc.pid))
         time.sleep(1)  # both workers have reported ready, and listen
-        _wait(lambda: len(_answering(base, tries=20)) == 2)
+        models.wait_until(lambda: len(_answering(base, tries=20)) == 2)
         bad = tmp_path / "bad.safetensors"  # a new file renamed over the table: the mapped one stays intact
         bad.write_bytes((2).to_bytes(8, "little") + b"{]")
         os.replace(bad, model / "model.safetensors")

@@ -43,7 +43,8 @@ log = logging.getLogger("deepfm.serve")
 
 def _sighup_reloads(state: ServingState):
     """The app's lifespan: SIGHUP reloads the current model directory (where a signal handler can be set:
-    the main thread of a process with SIGHUP); a worker that stops leaves the shared metrics."""
+    the main thread of a process with SIGHUP; a forked worker's parent reloads them all instead, through the
+    link that runs here); a worker that stops leaves the shared metrics."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,9 +62,13 @@ def _sighup_reloads(state: ServingState):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_current()))
                 hup = True
+        if state.peers is not None:
+            await state.peers.start(state)
         try:
             yield
         finally:
+            if state.peers is not None:
+                await state.peers.close()
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await state.batcher.close()
@@ -107,9 +112,11 @@ def _error_handlers(app: FastAPI) -> None:
         return RequestError(err.status_code, str(err.detail), headers=getattr(err, "headers", None)).response()
 
 
-def create_app(model_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(model_dir: str | Path, settings: ServeSettings | None = None, peers=None) -> FastAPI:
+    """The app serving ``model_dir``. ``peers``: in a worker forked by ``deepfm serve --workers N``, its link
+    to the parent (``deepfm.serve.peers.ParentLink``), so that a reload reaches every worker."""
     settings = settings or ServeSettings()
-    state = ServingState(settings, model_dir)
+    state = ServingState(settings, model_dir, peers=peers)
     app = FastAPI(title="deepfm", version="1", lifespan=_sighup_reloads(state), docs_url=None, redoc_url=None,
                   description="Click-through-rate predictions from a deepfm model directory. See docs/serving.md.")
     app.state.serving = state
@@ -160,7 +167,9 @@ def app_from_env() -> FastAPI:
     """The app factory ``uvicorn --factory`` calls in each of ``--workers N`` processes: the settings come
     from the ``DEEPFM_SERVE_*`` variables ``deepfm serve`` set (``ServeSettings.environ``). A worker is a process
     of the ``deepfm`` command that did not start through ``deepfm.cli.main``: it applies the command's process
-    tuning itself (``deepfm.process``; the OpenMP part already came with the environment)."""
+    tuning itself (``deepfm.process``; the OpenMP part already came with the environment). Such workers have
+    no parent link (``deepfm.serve.peers``): a reload changes only the worker that answers it, which is why
+    ``deepfm serve --workers N`` forks its own."""
     from deepfm.process import tune_process
 
     tune_process()

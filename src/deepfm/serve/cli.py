@@ -46,8 +46,9 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _one_worker_app(settings):
-    """The app in this process: its settings object handed over as it is."""
+def _one_worker_app(settings, peers=None):
+    """The app in this process: its settings object handed over as it is (``peers``: a forked worker's link
+    to its parent, ``deepfm.serve.peers``)."""
     import gc
 
     import torch
@@ -55,7 +56,7 @@ def _one_worker_app(settings):
     from deepfm.serve.app import create_app
 
     torch.set_num_threads(settings.threads)
-    app = create_app(settings.model_dir, settings)
+    app = create_app(settings.model_dir, settings, peers=peers)
     gc.collect()
     gc.set_threshold(50_000, 20, 100)  # request garbage is short-lived: collect young objects rarely
     gc.freeze()  # the loaded model's objects leave the collector's scans: fewer latency spikes

@@ -8,15 +8,21 @@ they share the memory-mapped table; each worker then loads the model itself (ben
 
 The parent runs no inference and starts no torch or OpenMP threads (a thread pool does not survive a fork);
 it binds the listening socket, which every worker accepts on. It restarts a worker that dies (giving up
-after ``MAX_QUICK_FAILURES`` in a row that lived less than ``QUICK_S``), forwards SIGHUP (each worker
-reloads its current directory), and on SIGTERM/SIGINT stops the workers (SIGTERM, then SIGKILL after
-``STOP_TIMEOUT_S``) and exits 0. A worker that fails to load the model at start makes the command fail with
-that worker's error.
+after ``MAX_QUICK_FAILURES`` in a row that lived less than ``QUICK_S``), and on SIGTERM/SIGINT stops the
+workers (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``) and exits 0. A worker that fails to load the model
+at start makes the command fail with that worker's error.
+
+Reloads reach every worker or none: each worker has a link to the parent (a Unix socket pair made at fork:
+nothing else can reach it), a ``POST /v1/reload`` that passed the admin checks in one worker goes through
+the parent to all of them, and SIGHUP to the parent reloads the current directory the same way
+(``deepfm.serve.rounds``). The parent keeps the directory being served: a worker it starts later (after a
+crash) loads that one, not the one given at start.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import select
 import signal
@@ -26,6 +32,7 @@ import time
 from typing import Any
 
 from deepfm.errors import DeepFMError
+from deepfm.serve.rounds import Reloads
 
 QUICK_S = 30.0  # a worker that dies sooner than this after its start counts as a failure to start
 MAX_QUICK_FAILURES = 5  # in a row: the parent gives up and exits non-zero (a worker that cannot live)
@@ -41,20 +48,24 @@ def serve_forked(settings, sock: socket.socket, opts: dict[str, Any]) -> int:
 
     gc.collect()
     gc.freeze()  # the imported objects stay out of the children's collections: their pages stay shared
+    # the root stays the one of the directory given at start, whichever directory later workers load
+    settings = settings.model_copy(update={"model_root": str(settings.allowed_root(settings.model_dir))})
     return Parent(settings, sock, opts).run()
 
 
-def _worker(settings, sock: socket.socket, opts: dict[str, Any], report: int) -> int:
+def _worker(settings, sock: socket.socket, opts: dict[str, Any], report: int, link: socket.socket) -> int:
     """A forked worker: load the model, tell the parent (``READY`` or the error), serve until stopped."""
     import uvicorn
 
     from deepfm.serve.cli import _one_worker_app
+    from deepfm.serve.peers import ParentLink
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # the parent's handlers are not this process's (uvicorn sets its own)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan takes it (a reload): never fatal
     try:
-        config = uvicorn.Config(_one_worker_app(settings), **opts)
+        peers = ParentLink(link, settings.reload_timeout_s)
+        config = uvicorn.Config(_one_worker_app(settings, peers), **opts)
         config.deepfm_header_timeout = settings.header_timeout_s  # read by HeaderTimeoutProtocol
         server = uvicorn.Server(config)
     except BaseException as err:  # noqa: BLE001  (the parent reports it: this process only exits)
@@ -78,6 +89,11 @@ class Parent:
         self.started = False  # every first worker reported ready
         self.quick_failures = 0
         self.signal: int | None = None
+        self.links: dict[int, socket.socket] = {}  # pid -> the parent's end of the worker's link
+        self.unread: dict[int, bytes] = {}  # pid -> the start of a line not yet whole
+        self.hup = False  # a SIGHUP waits for the reload in progress
+        self.reloads = Reloads(self._tell, lambda: list(self.workers), self._adopt, self._kill,
+                               settings.reload_timeout_s)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -87,11 +103,13 @@ class Parent:
                 self._fork()
             while True:
                 if self.signal == signal.SIGHUP:
-                    self.signal = None
-                    self._send(signal.SIGHUP)
+                    self.signal, self.hup = None, True
+                if self.hup and self.reloads.begin(str(self.settings.model_dir)):
+                    self.hup = False  # (the current directory: every worker reloads it, or none does)
                 if self.signal is not None:
                     return self.stop()
                 self._read_reports()
+                self.reloads.tick()
                 self._reap()
         except BaseException:
             self.stop()
@@ -103,29 +121,82 @@ class Parent:
 
     def _fork(self) -> None:
         read, write = os.pipe()
+        ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the child: never returns into the parent's code (nor runs its atexit handlers)
             code = 1
             try:
                 os.close(read)
+                ours.close()
                 for fd in self.pending:
                     os.close(fd)
-                code = _worker(self.settings, self.sock, self.opts, write)
+                for link in self.links.values():  # the other workers' links are the parent's alone
+                    link.close()
+                code = _worker(self.settings, self.sock, self.opts, write, theirs)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
         os.close(write)
+        theirs.close()
+        ours.settimeout(5.0)  # a write to a worker that reads nothing fails rather than blocks the parent
         self.workers[pid] = time.monotonic()
         self.pending[read] = (pid, b"")
+        self.links[pid] = ours
+        self.reloads.joined(pid)  # a reload in progress: this worker loads its directory too
+
+    def _tell(self, pid: int, message: dict[str, Any]) -> bool:
+        link = self.links.get(pid)
+        if link is None:
+            return False
+        try:
+            link.sendall(json.dumps(message).encode() + b"\n")
+        except OSError:
+            return False
+        return True
+
+    def _adopt(self, directory: str) -> None:
+        """A reload every worker loaded: the directory that workers started from now on load."""
+        self.settings = self.settings.model_copy(update={"model_dir": directory})
+
+    def _kill(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _read_links(self, readable: list) -> None:
+        """Whole lines from the workers' links, each handed to the reloads."""
+        for pid, link in list(self.links.items()):
+            if link not in readable:
+                continue
+            try:
+                chunk = link.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:  # the worker is gone (reaped soon)
+                link.close()
+                del self.links[pid]
+                self.unread.pop(pid, None)
+                continue
+            *lines, rest = (self.unread.get(pid, b"") + chunk).split(b"\n")
+            self.unread[pid] = rest
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(message, dict):
+                    self.reloads.message(pid, message)
 
     def _read_reports(self) -> None:
-        """What starting workers said (``READY`` or their error); waits a little when there is nothing."""
-        if not self.pending:
-            time.sleep(0.2)
-            return
-        readable, _, _ = select.select(list(self.pending), [], [], 0.2)
+        """What starting workers said (``READY`` or their error) and the workers' links; waits a little when
+        there is nothing."""
+        readable, _, _ = select.select([*self.pending, *self.links.values()], [], [], 0.2)
+        self._read_links(readable)
         for fd in readable:
+            if fd not in self.pending:
+                continue
             pid, said = self.pending[fd]
             chunk = os.read(fd, 4096)
             if chunk:
@@ -152,6 +223,7 @@ class Parent:
                 continue
             self.ready.discard(pid)
             _forget_metrics(pid)
+            self._unlink(pid)
             lived = time.monotonic() - started
             self.quick_failures = self.quick_failures + 1 if lived < QUICK_S else 0
             print(f"deepfm serve: worker {pid} died ({_describe(status)}) after {lived:.1f} s; starting another",
@@ -162,6 +234,13 @@ class Parent:
             if not self.started:
                 self._drain(pid)
             self._fork()
+
+    def _unlink(self, pid: int) -> None:
+        link = self.links.pop(pid, None)
+        if link is not None:
+            link.close()
+        self.unread.pop(pid, None)
+        self.reloads.gone(pid)
 
     def _drain(self, pid: int) -> None:
         """A first worker died before reporting: its error (if it wrote one) ends the command."""
@@ -188,6 +267,7 @@ class Parent:
             if pid:
                 self.workers.pop(pid, None)
                 _forget_metrics(pid)
+                self._unlink(pid)
                 continue
             if time.monotonic() > deadline:
                 self._send(signal.SIGKILL)

@@ -83,13 +83,14 @@ async def model_info(state: State) -> JSONResponse:
              responses={**ERRORS, **{code: {"model": ErrorResponse, "description": text} for code, text in (
                  (401, "no admin token"), (403, "a wrong token, the endpoint off, or a path outside the root"),
                  (404, "no such directory under the root"), (409, "the directory holds no model this server "
-                                                                  "can load; the current one keeps serving"))}},
-             summary="Load a model directory (under the allowed root) fully, then swap it in without dropping "
-                     "requests; needs the admin token")
+                                                                  "can load (in some worker), or another reload "
+                                                                  "is in progress; the current one keeps serving"))}},
+             summary="Load a model directory (under the allowed root) fully in every worker, then swap it in "
+                     "without dropping requests (every worker or none); needs the admin token")
 async def reload(state: State, body: ReloadRequest | None = None) -> JSONResponse:
     path = under_root(body.model_dir, state.root) if body is not None and body.model_dir else None
     try:
-        served = await run_in_threadpool(state.reload, path)
+        served = await state.reload_everywhere(path)  # with --workers N: every worker, or none
     except (DeepFMError, OSError, ValueError, KeyError, TypeError) as err:
         # the caller holds the admin token and the path is under the root: the reason is theirs to read
         status = 409 if (path or state.path).is_dir() else 404

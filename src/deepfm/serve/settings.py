@@ -74,6 +74,10 @@ class ServeSettings(BaseSettings):
                                                             "is off")
     model_root: str | None = Field(None, description="a reload may load only directories under this folder "
                                                      "(default: the parent folder of MODEL_DIR)")
+    reload_timeout_s: float = Field(120.0, gt=0, description="with --workers N: seconds every worker has to load "
+                                                             "a reloaded model and swap it in (then the reload is "
+                                                             "refused and every worker keeps its current model)",
+                                    json_schema_extra={"flag": "--reload-timeout"})
     reload_endpoint: bool = Field(True, description="POST /v1/reload (SIGHUP still reloads the current "
                                                     "directory)")
 

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from deepfm.runtime import Runtime, resolve_device
 from deepfm.serve.encode import FastEncoder, frame_probs, request_codecs, validate_rows
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from deepfm.serve.peers import ParentLink
 
 
 @dataclass
@@ -91,11 +94,14 @@ class ServedModel:
 
 
 class ServingState:
-    """The server's state: typed, one per app (``app.state.serving``)."""
+    """The server's state: typed, one per app (``app.state.serving``). ``peers``: in a forked worker
+    (``deepfm serve --workers N``), its link to the parent, through which a reload reaches every worker."""
 
-    def __init__(self, settings: ServeSettings, model_dir: str | Path, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: ServeSettings, model_dir: str | Path, metrics: Metrics | None = None,
+                 peers: ParentLink | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.peers = peers
         self._reload_lock = threading.Lock()  # one load at a time; requests go on with the current model
         self.openapi_doc: dict[str, Any] | None = None  # the document of the served model, built on demand
         self.model: ServedModel
@@ -112,19 +118,40 @@ class ServingState:
         self.metrics.serving(served.version)
         self.openapi_doc = None  # it lists the served model's fields: rebuilt on the next request
 
+    def prepare(self, path: Path) -> ServedModel:
+        """Load ``path`` completely (nothing swapped yet); a failure is counted and raised."""
+        try:
+            return ServedModel.load(path, self.settings.device, self.settings.quantize)
+        except BaseException:
+            self.metrics.reloaded(False)
+            raise
+
+    def install(self, served: ServedModel, path: Path) -> None:
+        """Swap in a model ``prepare`` loaded."""
+        self._install(served, path)
+        self.metrics.reloaded(True)
+
     def reload(self, path: Path | None = None) -> ServedModel:
-        """Load ``path`` (default: the current directory) completely, then swap it in; a failure leaves the
-        current model serving and is counted."""
+        """Load ``path`` (default: the current directory) completely, then swap it in, in this process only;
+        a failure leaves the current model serving and is counted."""
         with self._reload_lock:
             target = self.path if path is None else path
-            try:
-                served = ServedModel.load(target, self.settings.device, self.settings.quantize)
-            except BaseException:
-                self.metrics.reloaded(False)
-                raise
-            self._install(served, target)
-            self.metrics.reloaded(True)
+            served = self.prepare(target)
+            self.install(served, target)
             return served
+
+    async def reload_everywhere(self, path: Path | None = None) -> ServedModel:
+        """``reload`` for the whole server: in a forked worker, this worker loads ``path`` (so it is checked
+        once here), then every other worker loads it through the parent, and all swap only once all have
+        loaded it (``deepfm.serve.peers``); a failure anywhere leaves every worker on the current model."""
+        from fastapi.concurrency import run_in_threadpool
+
+        if self.peers is None:
+            return await run_in_threadpool(self.reload, path)
+        target = self.path if path is None else path
+        served = await run_in_threadpool(self.prepare, target)
+        await self.peers.everywhere(self, served, target)
+        return served
 
     def info(self) -> dict[str, Any]:
         return self.model.info(self.settings.max_rows)
