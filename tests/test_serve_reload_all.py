@@ -192,6 +192,42 @@ def _both_answer(base: str, proc) -> set[str]:
     pytest.fail(f"not every worker answered: {answered} of {workers}")
 
 
+class _Burst:
+    """Four clients sending predictions (a new connection each) until the block ends: (start time, version)
+    of each answer, and any answer that is not a 200."""
+
+    def __init__(self, base: str) -> None:
+        import threading
+
+        self.base, self.stop = base, threading.Event()
+        self.results: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._client) for _ in range(4)]
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                resp = httpx.post(self.base + "/v1/predict", json=ROW, headers={"connection": "close"}, timeout=60)
+            except httpx.HTTPError as err:
+                self.failures.append(repr(err))
+                continue
+            if resp.status_code != 200:
+                self.failures.append(resp.text)
+            else:
+                self.results.append((started, resp.json()["model_version"]))
+
+    def __enter__(self) -> _Burst:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
 def test_refusals_are_those_of_one_worker(server):
     proc, base, root, _ = server
     before = _both_answer(base, proc)
@@ -218,11 +254,18 @@ def test_a_failing_reload_leaves_every_worker_on_the_old_version(server):
 def test_a_reload_reaches_every_worker_and_the_ones_started_later(server):
     proc, base, root, log_path = server
     (old,) = _both_answer(base, proc)
-    resp = httpx.post(base + "/v1/reload", json={"model_dir": "other"}, headers=ADMIN, timeout=300)
+    with _Burst(base) as burst:  # clients keep predicting through the reload, on both workers
+        time.sleep(0.5)
+        resp = httpx.post(base + "/v1/reload", json={"model_dir": "other"}, headers=ADMIN, timeout=300)
+        answered = time.monotonic()
+        time.sleep(0.5)
     assert resp.status_code == 200, resp.text
     new = resp.json()["version"]
     assert new != old and resp.json()["path"] == str((root / "other").resolve())
-    assert _both_answer(base, proc) == {new}  # at once: no request after the 200 gets the old model
+    assert burst.failures == [] and len(burst.results) > 20  # none dropped
+    assert {v for _, v in burst.results} <= {old, new}
+    assert {v for started, v in burst.results if started > answered} == {new}  # after the 200: only the new
+    assert _both_answer(base, proc) == {new}  # on fresh connections to both workers too
     text = httpx.get(base + "/metrics", headers={"connection": "close"}, timeout=10).text
     assert models.metric(text, "deepfm_model_reloads_total", result="ok") == 2  # one swap in each worker
 
