@@ -7,6 +7,9 @@
 # vocabularies are merged over the link, each rank keeps its rows in its own cache folder and trains on them.
 # Each node has its own cache and output folder (OUTPUT/node0, OUTPUT/node1): nothing is read from the other's.
 # Needs root (ip netns). Removes the namespaces and stops the server (by PID) on exit.
+# INTERRUPT_AT_STEP=N: the job (batch 64, a checkpoint every N steps) is stopped as a lost machine would stop it,
+# once node 0 holds its first checkpoint, then run again with --resume: node 0 holds the checkpoint, node 1
+# gets it over the link and each node reuses its own prepared rows (node*.interrupted.log: the first run's logs).
 #
 #   bash bench/ingest_two_hosts.sh OUTPUT_DIR [DEEPFM TRAIN OPTIONS...]
 # PYTHON=path/to/python chooses the interpreter; TAG=x names the namespaces deepfm-x-h0 ... (two runs at once).
@@ -49,7 +52,7 @@ eval "$(PYTHONPATH="$here/tests" "$python" -c 'import s3server; print(" ".join(f
 run_node() {  # namespace, node rank, interface, whether this node hosts the rendezvous store, its address, options
   local ns=$1 node=$2 ifname=$3 is_host=$4 addr=$5
   shift 5
-  ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifname" OMP_NUM_THREADS=1 AWS_ENDPOINT_URL="$endpoint" \
+  exec ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifname" OMP_NUM_THREADS=1 AWS_ENDPOINT_URL="$endpoint" \
     AWS_ACCESS_KEY_ID="$key" AWS_SECRET_ACCESS_KEY="$secret" AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true \
     timeout -k 10 300 "$python" -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --node-rank "$node" \
       --local-addr "$addr" --rdzv-backend c10d --rdzv-endpoint "10.232.0.1:$port" --rdzv-id deepfm-ingest-two-hosts \
@@ -59,11 +62,30 @@ run_node() {  # namespace, node rank, interface, whether this node hosts the ren
       --set data.valid=s3://logs/dev.tsv --set data.test=s3://logs/test.tsv \
       --set "data.cache_dir=$output/node$node/cache" "$@"
 }
-run_node "$h0" 0 "$v0" true 10.232.0.1 "$@" > "$output/node0.log" 2>&1 &
-pid0=$!
-sleep 1
-run_node "$h1" 1 "$v1" false 10.232.0.2 "$@" > "$output/node1.log" 2>&1 &
-pid1=$!
+start_job() {  # both nodes in the background (pid0, pid1), logs in node0.log / node1.log
+  run_node "$h0" 0 "$v0" true 10.232.0.1 "$@" > "$output/node0.log" 2>&1 &
+  pid0=$!
+  sleep 1
+  run_node "$h1" 1 "$v1" false 10.232.0.2 "$@" > "$output/node1.log" 2>&1 &
+  pid1=$!
+}
+resume=()
+if [ -n "${INTERRUPT_AT_STEP:-}" ]; then
+  every=(--set train.batch_size=64 --set "train.checkpoint_every_steps=$INTERRUPT_AT_STEP")
+  start_job "${every[@]}" "$@"
+  state="$output/node0/.model.run/last/state.json"
+  while kill -0 "$pid0" 2>/dev/null && ! [ -f "$state" ]; do sleep 0.05; done
+  kill -TERM "$pid0" "$pid1" 2>/dev/null || true  # timeout passes it on to torchrun, which stops its rank
+  wait "$pid0" || true
+  wait "$pid1" || true
+  if ! [ -f "$state" ] || [ -f "$output/node0/model/metrics.json" ]; then
+    echo "the job was not stopped mid-run (no checkpoint, or it had finished): see $output/node0.log"; exit 1
+  fi
+  echo "stopped after the checkpoint of step $("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["step"])' "$state"); resuming"
+  for node in 0 1; do mv "$output/node$node.log" "$output/node$node.interrupted.log"; done
+  resume=("${every[@]}" --resume)
+fi
+start_job "${resume[@]}" "$@"
 status=0
 wait "$pid0" || status=$?
 wait "$pid1" || status=$?

@@ -183,7 +183,8 @@ def test_two_ranks_train_on_their_own_rows_within_0005_auc_of_one_process_and_re
 
 def test_two_hosts_read_their_files_from_the_store_and_share_no_folder(tmp_path):
     """bench/ingest_two_hosts.sh: two network namespaces, the S3 server on their link's address only, one rank
-    in each preparing its share of the parts from the store into its own folders."""
+    in each preparing its share of the parts from the store into its own folders; the job is stopped after its
+    first checkpoint and resumed with --resume (each node reusing its own prepared rows)."""
     probe = subprocess.run(["ip", "netns", "add", "deepfm-iprobe"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"this machine does not allow network namespaces: {probe.stderr.strip()}")
@@ -192,10 +193,16 @@ def test_two_hosts_read_their_files_from_the_store_and_share_no_folder(tmp_path)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "ingest_two_hosts.sh"), str(out), "--set", "train.epochs=1"],
                           capture_output=True, text=True, timeout=400, cwd=ROOT,
                           env={**os.environ, "PYTHON": sys.executable, "TAG": f"t{os.getpid() % 10000}",
-                               "PYTHONPATH": str(ROOT / "src")})
+                               "PYTHONPATH": str(ROOT / "src"), "INTERRUPT_AT_STEP": "10"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "stopped after the checkpoint of step 10; resuming" in proc.stdout
+    log0 = (out / "node0.log").read_text()
+    assert "Resuming from" in log0 and "batch 10, step 10" in log0, log0[-2000:]
+    assert "Reusing prepared data" in log0  # rank 0 reuses its rows only when every rank still has its own
     metrics = json.loads((out / "node0" / "model" / "metrics.json").read_text())
     assert metrics["train"]["ranks"] == 2 and metrics["valid"]["auc"] > 0.6
+    assert metrics["train"]["steps"] == 113  # 7,200 rows in batches of 64: the resumed run took the rest
+    assert not (out / "node1" / ".model.run").exists()  # each node removed its own checkpoints
     for node in (0, 1):  # each rank prepared into its own folder, from its own half of the parts
         manifests = list((out / f"node{node}" / "cache").glob(f"*-r{node}of2/manifest.json"))
         assert len(manifests) == 1, node
@@ -205,10 +212,10 @@ def test_two_hosts_read_their_files_from_the_store_and_share_no_folder(tmp_path)
     assert "127.0.0.1" not in (out / "s3.out").read_text() and "10.232.0.1" in (out / "s3.out").read_text()
 
 
-def _machines(tmp_path: Path, name: str) -> dict:
-    """Each rank's own output and cache folders, as on two machines that share no filesystem."""
-    return {str(r): {"output": str(tmp_path / f"host{r}" / name), "cache_dir": str(tmp_path / f"host{r}" / "cache")}
-            for r in range(2)}
+def _machines(tmp_path: Path, name: str, hosts: tuple[int, ...] = (0, 1)) -> dict:
+    """Each rank's output and cache folders on its machine (``hosts[rank]``); machines share no filesystem."""
+    return {str(r): {"output": str(tmp_path / f"host{h}" / name), "cache_dir": str(tmp_path / f"host{h}" / "cache")}
+            for r, h in enumerate(hosts)}
 
 
 @pytest.mark.parametrize("sharding", ["replicated", "row"])
@@ -254,6 +261,28 @@ def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(
     b = load_file(str(tmp_path / "host0" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "host1" / "model").exists() and not (tmp_path / "host1" / ".model.run").exists()
+
+
+def test_two_machines_of_two_ranks_each_resume_a_row_sharded_job_to_the_uninterrupted_model(tmp_path):
+    """Ranks 0, 1 on one machine, 2, 3 on another: each machine's first rank swaps in its folder's checkpoint,
+    rank 1 reads rank 0's state.json beside its own part, ranks 2 and 3 get it sent."""
+    raw = _raw(tmp_path, _parts(tmp_path / "logs"), prepare_on="every_rank", split={"valid": 0.15, "test": 0.0,
+                                                                                     "seed": 5})
+    raw["train"].update({"checkpoint_every_steps": 4, "embedding_sharding": "row", "epochs": 1})
+    hosts = (0, 0, 1, 1)
+    full = _torchrun(DIST_WORKER, {"config": raw, "output": "-", "per_rank": _machines(tmp_path, "full", hosts)}, 4)
+    assert full.returncode == 0, full.stderr[-3000:]
+    job = {"config": raw, "output": "-", "per_rank": _machines(tmp_path, "model", hosts)}
+    assert _torchrun(DIST_WORKER, {**job, "stop_step": 6}, 4).returncode != 0
+    last0, last1 = (tmp_path / f"host{h}" / ".model.run" / "last" for h in range(2))
+    assert sorted(p.name for p in last0.iterdir()) == ["rank-0", "rank-1", "state.json"]
+    assert sorted(p.name for p in last1.iterdir()) == ["rank-2", "rank-3"]
+    resumed = _torchrun(DIST_WORKER, {**job, "resume": True}, 4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout and "batch 4, step 4" in resumed.stdout
+    a = load_file(str(tmp_path / "host0" / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "host0" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_parts_of_a_checkpoint_on_machines_apart_must_match_rank_0s():
