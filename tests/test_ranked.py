@@ -222,8 +222,9 @@ def _machines(tmp_path: Path, name: str, hosts: tuple[int, ...] = (0, 1)) -> dic
 def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(tmp_path, sharding):
     """Each rank with its own output, checkpoint and cache folders: stopped mid-epoch and resumed with --resume,
     the job ends with the model of an uninterrupted run, bit for bit. Replicated: only rank 0's machine holds the
-    checkpoint, and rank 1 prepares its rows again (its cache is gone). Row-sharded: each machine holds its
-    shard's part; a stale part on rank 1 stops the job naming the rank and both steps."""
+    checkpoint (one left on rank 1's is ignored), and rank 1 prepares its rows again (its cache is gone).
+    Row-sharded: each machine holds its shard's part; a stale part on rank 1 stops the job naming the rank and
+    both steps."""
     raw = _raw(tmp_path, _parts(tmp_path / "logs"), prepare_on="every_rank", split={"valid": 0.15, "test": 0.0,
                                                                                      "seed": 5})
     raw["train"].update({"checkpoint_every_steps": 4, "embedding_sharding": sharding})
@@ -237,6 +238,8 @@ def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(
     if sharding == "replicated":  # rank 0's machine alone holds it; rank 1 gets it from there
         assert not last1.exists()
         shutil.rmtree(tmp_path / "host1" / "cache")
+        last1.mkdir(parents=True)  # a stale checkpoint on rank 1's machine is never read (rank 0's wins)
+        (last1 / "state.json").write_text(json.dumps({"epoch": 1, "batch": 3, "step": 15}))
     else:
         assert sorted(p.name for p in last0.iterdir()) == ["rank-0", "state.json"]
         assert sorted(p.name for p in last1.iterdir()) == ["rank-1"]
