@@ -24,7 +24,7 @@ from deepfm.config import TrainConfig, config_from_dict
 from deepfm.data.ranked import assign_files
 from deepfm.data.store import prepare
 from deepfm.errors import ConfigError
-from deepfm.train.folders import check_parts
+from deepfm.train.folders import check_parts, choose_part
 from deepfm.train.rowshare import LocalRows
 
 WORKER = Path(__file__).with_name("ranked_worker.py")
@@ -223,8 +223,9 @@ def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(
     """Each rank with its own output, checkpoint and cache folders: stopped mid-epoch and resumed with --resume,
     the job ends with the model of an uninterrupted run, bit for bit. Replicated: only rank 0's machine holds the
     checkpoint (one left on rank 1's is ignored), and rank 1 prepares its rows again (its cache is gone).
-    Row-sharded: each machine holds its shard's part; a stale part on rank 1 stops the job naming the rank and
-    both steps."""
+    Row-sharded: each machine holds its shard's part (and the one before); stopped between the machines' swaps
+    of a checkpoint, the job resumes from the step both hold; a part of another run stops it naming the rank
+    and both steps."""
     raw = _raw(tmp_path, _parts(tmp_path / "logs"), prepare_on="every_rank", split={"valid": 0.15, "test": 0.0,
                                                                                      "seed": 5})
     raw["train"].update({"checkpoint_every_steps": 4, "embedding_sharding": sharding})
@@ -245,20 +246,23 @@ def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(
         assert sorted(p.name for p in last1.iterdir()) == ["rank-1"]
         stamp = json.loads((last1 / "rank-1" / "part.json").read_text())
         assert (stamp["step"], stamp["rank"], stamp["world_size"]) == (4, 1, 2)
-        shutil.copytree(last1, tmp_path / "stale")
         further = _torchrun(DIST_WORKER, {**job, "resume": True, "stop_step": 10}, 2)  # checkpoint at step 8
         assert further.returncode != 0 and "Resuming from" in further.stdout
-        os.rename(last1, tmp_path / "step8")
-        shutil.copytree(tmp_path / "stale", last1)
+        previous1 = last1.parent / "previous"
+        assert json.loads((previous1 / "rank-1" / "part.json").read_text())["step"] == 4  # the one before, kept
+        shutil.rmtree(last1)  # as if stopped before rank 1's machine swapped in step 8: it holds step 4 only
+        os.rename(previous1, last1)
+        part = last1 / "rank-1" / "part.json"
+        stamp = json.loads(part.read_text())
+        part.write_text(json.dumps({**stamp, "run": "another"}))  # a part from another run: refused
         refused = _torchrun(DIST_WORKER, {**job, "resume": True}, 2)
         assert refused.returncode != 0
-        assert f"rank 1's part of the checkpoint in {last1 / 'rank-1'} is at step 4" in refused.stderr
-        assert "rank 0's at step 8" in refused.stderr
-        shutil.rmtree(last1)
-        os.rename(tmp_path / "step8", last1)
+        assert (f"rank 1's part of the checkpoint in {last1 / 'rank-1'} is at step 4 (run another), rank 0's at "
+                f"step 8 (run {stamp['run']})") in refused.stderr, refused.stderr[-3000:]
+        part.write_text(json.dumps(stamp))  # this run's: both machines hold step 4, so the job resumes from there
     resumed = _torchrun(DIST_WORKER, {**job, "resume": True}, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from" in resumed.stdout
+    assert "Resuming from" in resumed.stdout and "batch 4, step 4" in resumed.stdout
     assert ("Reusing prepared data" in resumed.stdout) == (sharding == "row")
     a = load_file(str(tmp_path / "host0" / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "host0" / "model" / "model.safetensors"))
@@ -302,3 +306,10 @@ def test_parts_of_a_checkpoint_on_machines_apart_must_match_rank_0s():
         check_parts("checkpoint", [part(8, 0), part(8, run="b")])
     with pytest.raises(ConfigError, match=r"written by rank 1 of 3, not rank 1 of 2"):
         check_parts("checkpoint", [part(8, 0), part(8, world=3)])
+    # last and previous: the newest step of rank 0's that every rank holds, and where each holds it
+    none = {"path": "/h1/p", "stamp": None}
+    assert choose_part("checkpoint", [[part(8, 0), part(4, 0)], [part(4), none]]) == (part(4, 0)["stamp"], [1, 0])
+    assert choose_part("checkpoint", [[part(8, 0), part(4, 0)], [part(8), part(4)]]) == (part(8, 0)["stamp"], [0, 0])
+    assert choose_part("checkpoint", [[{"path": "/h0", "stamp": None}, none], [part(4), none]]) is None
+    with pytest.raises(ConfigError, match=r"rank 1's part .* is at step 4 \(run b\), rank 0's at step 8 \(run a\)"):
+        choose_part("checkpoint", [[part(8, 0), part(4, 0)], [part(4, run="b"), none]])

@@ -14,11 +14,14 @@ When the ranks are ``apart`` (some rank does not see rank 0's folder), the rules
   holds the same); a replicated table's checkpoint is written on rank 0's machine only, so a checkpoint left in
   another machine's folder (by another run) is never read.
 - A row-sharded table's shard lives only on the rank that holds it, so every rank writes its part in its own
-  folder, stamped (``part.json``: run, step, rank, number of ranks). On ``--resume`` the ranks exchange their
-  stamps; a rank whose part is missing or was written at another step or by another run (a stale folder, or
-  a write cut short between two machines' swaps) stops the job with an error naming the rank and both steps
-  (``check_parts``): resuming from it would mix two models. Without a checkpoint on rank 0 the job starts
-  afresh (rank 0 wins). The same holds for the best epoch's weights.
+  folder, stamped (``part.json``: run, step, rank, number of ranks), and keeps the part before it (``previous``):
+  the machines swap in a new checkpoint one by one, so a job stopped between two machines' swaps leaves them
+  one checkpoint in common. On ``--resume`` the ranks exchange their stamps and resume from the newest of rank
+  0's parts that every rank holds (``choose_part``); where there is none, a rank whose part is missing or was
+  written at another step or by another run (a stale folder) stops the job with an error naming the rank and
+  both steps (``check_parts``): resuming from it would mix two models. Without a checkpoint on rank 0 the job
+  starts afresh (rank 0 wins). The same holds for the best epoch's weights (one kept: an epoch's end cut short
+  is run again from the checkpoint before it).
 
 Nothing changes for ranks that share one folder: no marker stays, no stamp is written, nothing is sent.
 """
@@ -35,6 +38,7 @@ from deepfm.io import atomic_write_text
 from deepfm.train import distributed as ddp
 
 STAMP = "part.json"
+PREVIOUS = "previous"  # beside ``last``: the checkpoint before it, kept where the ranks are apart
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,30 @@ def read_stamp(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def gather_parts(folder: Path, ctx: ddp.DistContext) -> list[dict]:
-    """Every rank's stamp of its part at ``folder`` (on its own machine), with the path it looked at."""
-    return ddp.gather_objects({"path": str(folder), "stamp": read_stamp(folder)}, ctx)
+def gather_parts(places: list[Path], ctx: ddp.DistContext) -> list[list[dict]]:
+    """Every rank's stamps of its parts at ``places`` (on its own machine, newest first), with the paths."""
+    return ddp.gather_objects([{"path": str(p), "stamp": read_stamp(p)} for p in places], ctx)
+
+
+def choose_part(what: str, parts: list[list[dict]]) -> tuple[dict, list[int]] | None:
+    """The newest of rank 0's stamped parts (``parts[rank]``: ``gather_parts``) that every rank holds, and where
+    each rank holds it (the index into its places). None when rank 0 has no part; when no part of rank 0's is
+    held by every rank, ``check_parts``'s error on each rank's newest part."""
+    world = len(parts)
+    for main in (p["stamp"] for p in parts[0] if p["stamp"] is not None):
+        picks = [next((k for k, p in enumerate(mine) if _same(p["stamp"], main, r, world)), None)
+                 for r, mine in enumerate(parts)]
+        if None not in picks:
+            return main, [int(k) for k in picks]
+    newest = [next((p for p in mine if p["stamp"] is not None), mine[0]) for mine in parts]
+    if check_parts(what, newest) is None:
+        return None
+    raise ConfigError(f"no part of the {what} that every rank holds")  # (check_parts names the rank first)
+
+
+def _same(got: dict | None, main: dict, rank: int, world: int) -> bool:
+    return got is not None and (got["run"], got["step"], got["rank"], got["world_size"]) == (
+        main["run"], main["step"], rank, world)
 
 
 def check_parts(what: str, parts: list[dict]) -> dict | None:

@@ -289,7 +289,7 @@ class RowSharded(TablePlacement):
     def write_checkpoint(self, final: Path, fill_weights: Callable[[Path], None],
                          fill_main: Callable[[Path], None], step: int) -> None:
         """Each rank's weights (its shard) and optimiser state go to ``final/rank-R/``; the directory is swapped in
-        once every rank has written (ranks apart: in each folder, each part stamped)."""
+        once every rank has written (ranks apart: in each folder, each part stamped, the one before kept)."""
         def fill(tmp: Path) -> None:
             own = sharding.rank_dir(tmp, self.ctx)
             own.mkdir()
@@ -298,7 +298,8 @@ class RowSharded(TablePlacement):
             if self.ctx.is_main:
                 fill_main(tmp)
 
-        sharding.write_directory(final, fill, self.ctx, leader=self.folders.is_leader)
+        keep = final.parent / folders.PREVIOUS if self.folders.apart else None
+        sharding.write_directory(final, fill, self.ctx, leader=self.folders.is_leader, keep=keep)
 
     def _stamp(self, part: Path, step: int) -> None:
         if self.folders.apart:
@@ -309,23 +310,25 @@ class RowSharded(TablePlacement):
 
     @contextmanager
     def open_checkpoint(self, last: Path) -> Iterator[Found]:
-        """Ranks apart: each rank's shard from its own folder, once every part's stamp matches rank 0's (else an
-        error naming the rank: ``folders.check_parts``); rank 0's ``state.json`` sent to every rank."""
+        """Ranks apart: each rank's shard from its own folder (``last``, or the ``previous`` one), at the newest
+        step every rank holds (else an error naming the rank: ``folders.choose_part``); rank 0's ``state.json``
+        of that step sent to every rank."""
         if not self.folders.apart:
             yield self._local_checkpoint(last)
             return
-        state = (last / "state.json").read_text() if self.ctx.is_main and (last / "state.json").is_file() else None
-        state = ddp.from_main(state, self.ctx)
-        parts = folders.gather_parts(sharding.rank_dir(last, self.ctx), self.ctx)
-        if state is None:
+        places = [last, last.parent / folders.PREVIOUS]
+        chosen = folders.choose_part("checkpoint", folders.gather_parts(
+            [sharding.rank_dir(p, self.ctx) for p in places], self.ctx))
+        if chosen is None:
+            if ddp.from_main(self.ctx.is_main and (last / "state.json").is_file(), self.ctx):
+                raise ConfigError(f"{last} on rank 0 has no stamped part ({folders.STAMP}): it was written where "
+                                  "the ranks shared one folder; resume it there, or start again without --resume")
             yield None
             return
-        main = folders.check_parts("checkpoint", parts)
-        if main is None:
-            raise ConfigError(f"{last} on rank 0 has no stamped part ({folders.STAMP}): it was written where the "
-                              "ranks shared one folder; resume it there, or start again without --resume")
+        main, picks = chosen
+        state = ddp.from_main((places[picks[0]] / "state.json").read_text() if self.ctx.is_main else None, self.ctx)
         self.run = main["run"]
-        yield self.weights_dir(last), state
+        yield self.weights_dir(places[picks[self.ctx.rank]]), state
 
     def save_best(self, run_dir: Path, state: Callable[[], dict[str, torch.Tensor]], step: int) -> None:
         def fill(tmp: Path) -> None:
@@ -337,8 +340,8 @@ class RowSharded(TablePlacement):
 
     def load_best(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
         """Ranks apart: each rank's best shard from its own folder, once every part's stamp matches rank 0's."""
-        if self.folders.apart and folders.check_parts(
-                "best epoch's weights", folders.gather_parts(self.best_weights(run_dir).parent, self.ctx)) is None:
+        if self.folders.apart and folders.choose_part(
+                "best epoch's weights", folders.gather_parts([self.best_weights(run_dir).parent], self.ctx)) is None:
             return
         super().load_best(model, run_dir, device)
 

@@ -24,6 +24,7 @@ calls the lookup with no ids (``join_empty``).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,12 +159,13 @@ def optimizer_streams(optimizers: list[torch.optim.Optimizer], embedding: FieldE
     return streams
 
 
-def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistContext, leader: bool | None = None
-                    ) -> None:
+def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistContext, leader: bool | None = None,
+                    keep: Path | None = None) -> None:
     """A directory every rank writes its part of (``fill(tmp)``), swapped in for ``final`` by the ``leader`` of
     the ranks that see this folder (rank 0 where all do; see ``deepfm.train.folders``) once all have written:
     readers see the old directory or the complete new one, never a mix of steps. On machines that share no
-    folder each machine's swap is its own (``folders.check_parts`` catches one cut short)."""
+    folder each machine's swap is its own: ``keep`` is where the leader moves the directory it replaces (the
+    one before, which a write cut short between two machines' swaps leaves the machines in common)."""
     leader = ctx.is_main if leader is None else leader
     pending = final.parent / f".{final.name}.pending"
     if leader:
@@ -173,6 +175,9 @@ def write_directory(final: Path, fill: Callable[[Path], None], ctx: ddp.DistCont
     fill(pending)
     ctx.barrier()
     if leader:
+        if keep is not None and final.exists():
+            shutil.rmtree(keep, ignore_errors=True)
+            os.rename(final, keep)  # a moment without final: resuming then finds the previous one in keep
         replace_directory(pending, final)
     ctx.barrier()
 
