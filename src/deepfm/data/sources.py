@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from deepfm.data.readahead import ReadAhead
 from deepfm.errors import DataError
 
 COMPRESSION = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
@@ -36,7 +37,7 @@ WILDCARD = re.compile(r"[*?\[]")
 _PARTITION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 # a stopped store should fail a read in seconds, not after the SDK's default of minutes of retries
 S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S, S3_ATTEMPTS = 5.0, 30.0, 3
-REMOTE_READ_BYTES = 4 << 20
+REMOTE_READ_BYTES, REMOTE_READ_AHEAD = 4 << 20, 3  # block size of a remote read, blocks fetched ahead
 
 
 class Source(str):
@@ -331,9 +332,12 @@ def open_native(path: str) -> pa.NativeFile:
     codec = src.compression
     try:
         if src.remote:
-            # reads of a few MB: a decompressor's small reads would each be a request to the store
-            return src.fs.open_input_stream(src.fs_path, compression=codec,  # type: ignore[union-attr]
-                                            buffer_size=REMOTE_READ_BYTES)
+            # reads of a few MB (a decompressor's small reads would each be a request to the store), fetched
+            # ahead by a thread so that neither the decompressor nor the parser waits for one (readahead.py)
+            stream = src.fs.open_input_stream(src.fs_path, compression=None,  # type: ignore[union-attr]
+                                              buffer_size=0)
+            raw = pa.PythonFile(ReadAhead(stream, REMOTE_READ_BYTES, REMOTE_READ_AHEAD), mode="r")
+            return raw if codec is None else pa.CompressedInputStream(raw, codec)
         raw = pa.OSFile(str(src))
         return raw if codec is None else pa.CompressedInputStream(raw, codec)
     except OSError as err:
