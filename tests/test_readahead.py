@@ -71,4 +71,14 @@ def test_close_stops_the_thread_and_closes_the_stream():
     assert ra.read(5) == DATA[:5]
     ra.close()
     assert src.closed_by_reader and ra.closed
+    with pytest.raises(ValueError):
+        ra.read(5)  # never a wait for a block that no thread will fetch
     assert {t.ident for t in threading.enumerate() if t.name == "deepfm-readahead"} <= before
+
+
+def test_closing_arrows_decompressor_closes_the_read_ahead():
+    ra = ReadAhead(Flaky(pa.compress(DATA, "gzip", asbytes=True)), 100)
+    stream = pa.CompressedInputStream(pa.PythonFile(ra, mode="r"), "gzip")
+    assert stream.read(10) == DATA[:10]
+    stream.close()
+    assert ra.closed

@@ -67,6 +67,8 @@ class ReadAhead(io.RawIOBase):
         return bool(item)
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if self.closed:  # its thread is gone: a wait for the next block would never end
+            raise ValueError("read of a closed stream")
         if size is None or size < 0:
             parts = []
             while self._pos < len(self._head) or self._next():
