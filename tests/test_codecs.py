@@ -41,18 +41,20 @@ def _fitted(field: dict, train: list[str]) -> Encoder:
     return enc
 
 
-def _columnar(enc: Encoder, cells: pl.Series):
-    """(arrays, None) or (None, error reason) from the columnar engine."""
+def _columnar(enc: Encoder, cells: pl.Series | None, columns: dict[str, pl.Series] | None = None):
+    """(arrays, None) or (None, error reason) from the columnar engine, on one column or several."""
     try:
-        e = enc.transform(_chunk({cells.name: cells}), labels=False)
+        e = enc.transform(_chunk(columns or {cells.name: cells}), labels=False)
     except DataError as err:
         return None, err.reason
     return (e.cat_ids, e.num_values, [(m.ids, m.weights, m.lengths) for m in e.multi]), None
 
 
 def _record(enc: Encoder, values: list):
-    """(arrays, None) or (None, problem) from the server's validation + the per-record engine."""
+    """(arrays, None) or (None, problem) from the server's validation + the per-record engine; the column
+    path of a large request must agree (``_record_columns``)."""
     codec = enc.codecs[0]
+    columns = _record_columns(enc, values)
     rows = []
     for v in values:
         if v is None:
@@ -60,10 +62,46 @@ def _record(enc: Encoder, values: list):
             continue
         norm, problem = codec.request_value(v)
         if problem:
+            assert columns is None
             return None, problem
         assert codec.plain(norm)
         rows.append({codec.name: norm})
-    return RecordEncoder(enc).encode(rows), None
+    out = RecordEncoder(enc).encode(rows)
+    _same(columns, _tiled(out, _REPEAT))
+    return out, None
+
+
+_REPEAT = 40  # a ranking request's size: the server checks and encodes it column by column, in numpy
+
+
+def _record_columns(enc: Encoder, values: list):
+    """The per-record engine on ``values`` repeated ``_REPEAT`` times, as the server takes a large request:
+    ``request_values`` (the column at once) must normalise as ``request_value`` does value by value, or
+    decline (always, when a value has a problem: then None); then ``RecordEncoder.encode_columns``."""
+    codec = enc.codecs[0]
+    column = values * _REPEAT
+    one_by_one = [(None, None) if v is None else codec.request_value(v) for v in column]
+    normalised = codec.request_values(column)
+    if any(problem for _, problem in one_by_one):
+        assert normalised is None, "request_values let a bad value through"
+        return None
+    if normalised is None:
+        normalised = [v for v, _ in one_by_one]
+    else:
+        assert _normalised(normalised) == _normalised([v for v, _ in one_by_one])
+    assert codec.plain_column(normalised) == all(codec.plain(v) for v in normalised)
+    return RecordEncoder(enc).encode_columns(len(column), {codec.name: normalised})
+
+
+def _normalised(values: list) -> list:
+    """Normalised values in a comparable form (``Multi`` cells as tuples; a float's type and bits)."""
+    return [(v.tags, v.weights, v.weighted) if isinstance(v, Multi) else (type(v), repr(v)) for v in values]
+
+
+def _tiled(arrays, k: int):
+    cat, num, multi = arrays
+    return (np.tile(cat, (k, 1)), np.tile(num, (k, 1)),
+            [(np.tile(ids, k), np.tile(w, k), np.tile(lengths, k)) for ids, w, lengths in multi])
 
 
 def _same(a, b) -> None:
@@ -276,3 +314,61 @@ def test_each_kind_takes_its_own_keys_only():
                                                {"name": "x", "kind": "numeric", "numeric": "minmax"}]})
     assert [type(codec_for(f)).__name__ for f in cfg.fields] == ["CategoricalCodec", "CategoricalCodec",
                                                                  "MultiCodec", "MinMaxCodec"]
+
+
+# ------------------------------------------------------------------------------------------ column path
+def test_log_bucket_column_form_at_integer_boundaries():
+    """numpy's log may round differently from libm's: where ``ln(x)^2`` lies within rounding of an integer, the
+    column form must still give ``record_token``'s bucket (and the missing token for None)."""
+    from deepfm.config import NumericField
+    from deepfm.data.codecs import LogBucketCodec
+
+    xs: list = [2.0, math.nextafter(2.0, 3.0), math.nextafter(2.0, 0.0), -0.5, -1.5, 0.0, -(2.0 ** 63),
+                math.nextafter(-(2.0 ** 63), -math.inf), 9.3e18, -9.3e18, FLOAT32_MAX, -FLOAT32_MAX, 7, -7, None]
+    for k in range(1, 7874):  # ln(FLOAT32_MAX)^2 < 7874
+        x = math.exp(math.sqrt(k))
+        xs += [x, math.nextafter(x, 0.0), math.nextafter(x, math.inf)] + ([math.expm1(x)] if x < 88 else [])
+    for log1p in (False, True):
+        codec = LogBucketCodec(NumericField(name="v", kind="numeric", log1p=log1p))
+        tokens, missing = codec.record_int_tokens(xs)
+        got = ["" if m else str(t) for t, m in zip(tokens.tolist(), missing.tolist())]
+        assert got == [codec.record_token(v) for v in xs]
+
+
+def test_column_path_with_shared_vocabularies_equals_the_encoder():
+    """Several fields of one vocabulary (categorical and log-bucketed), hashed and not, missing cells and
+    unknown tokens: ``encode_columns`` on a request-sized batch gives ``Encoder.transform``'s arrays."""
+    fields = [parse_field({"name": "a", "vocab": "v"}), parse_field({"name": "b", "vocab": "v"}),
+              parse_field({"name": "x", "kind": "numeric", "vocab": "v"}),
+              parse_field({"name": "y", "kind": "numeric", "log1p": True}),
+              parse_field({"name": "h", "hash_buckets": 11}),
+              parse_field({"name": "s", "kind": "numeric", "numeric": "standardize"}),
+              parse_field({"name": "m", "kind": "multi", "vocab": "v", "max_len": 2})]
+    rng = np.random.default_rng(3)
+    n = 300
+    cats = ["3", "7", "10", "x", "", "é", "-1", "0"]
+    train = {"label": ["0"] * n, "a": rng.choice(cats, n).tolist(), "b": rng.choice(cats, n).tolist(),
+             "x": [repr(v) for v in rng.lognormal(1, 2, n).tolist()],
+             "y": [repr(v) for v in rng.normal(5, 9, n).tolist()],
+             "h": rng.choice(cats, n).tolist(), "s": [repr(v) for v in rng.normal(size=n).tolist()],
+             "m": ["^".join(rng.choice(cats, 3).tolist()) for _ in range(n)]}
+    enc = Encoder(fields, DATA)
+    enc.fit([_chunk({k: pl.Series(k, v, dtype=pl.Utf8) for k, v in train.items()})])
+    req = {"a": [None, "3", "new", "", "é"] * 20, "b": ["7", None, "10", "zz", "0"] * 20,
+           "x": [None, 0.0, 2.5, 1e30, -3.0, 7.0, 1e6, 2.0, 20.085536923187668, 100.0] * 10,
+           "y": [-1.0, None, 6.38905609893065, 1e-300, 3.4e38] * 20, "h": ["3", None, "q", "", "x"] * 20,
+           "s": [0.5, None, -2.0, 1e9, 0.0] * 20,
+           "m": [["3", "x", "10"], None, [], ["new"], ["7"]] * 20}
+    codecs = {c.name: c for c in enc.codecs}
+    columns = {}
+    for name, values in req.items():
+        checked = [(None, None) if v is None else codecs[name].request_value(v) for v in values]
+        columns[name] = [v for v, _ in checked]
+    got = RecordEncoder(enc).encode_columns(100, columns)
+    frame = {k: pl.Series(k, v, dtype=pl.Float64) for k, v in req.items() if k in ("x", "y", "s")}
+    frame.update({k: pl.Series(k, req[k], dtype=pl.Utf8) for k in ("a", "b", "h")})
+    frame["m"] = pl.Series("m", req["m"], dtype=pl.List(pl.Utf8))
+    expected, err = _columnar(enc, None, frame)
+    assert err is None
+    _same(got, expected)
+    assert got[0][:, 0].min() == 0 and len(set(got[0][:, 2].tolist())) > 3  # unknown tokens, several buckets

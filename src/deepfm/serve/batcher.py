@@ -20,18 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
-from deepfm.serve.encode import frame_probs
+from deepfm.serve.encode import RequestRows, frame_probs
 from deepfm.serve.errors import RequestError
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.state import ServedModel
 
 
-def score_rows(served: ServedModel, rows: list[dict[str, Any]], fast_max: int) -> tuple[np.ndarray, str]:
+def score_rows(served: ServedModel, rows: RequestRows, fast_max: int) -> tuple[np.ndarray, str]:
     """Validated rows -> (probabilities, encoder used): the per-record encoder for up to ``fast_max`` rows of
     plain values (exactly the batch encoder's arrays, without its fixed cost), else the batch encoder."""
     if not rows:
@@ -44,7 +43,7 @@ def score_rows(served: ServedModel, rows: list[dict[str, Any]], fast_max: int) -
 @dataclass
 class _Job:
     served: ServedModel
-    rows: list[dict[str, Any]]
+    rows: RequestRows
     future: asyncio.Future = field(repr=False)
 
 
@@ -64,7 +63,7 @@ class Batcher:
     def enabled(self) -> bool:
         return self.max_rows > 1
 
-    async def score(self, served: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
+    async def score(self, served: ServedModel, rows: RequestRows) -> np.ndarray:
         """This request's probabilities, coalesced with its concurrent neighbours' when it is small."""
         if not self.enabled or len(rows) >= self.max_rows or not rows:
             probs, path = await run_in_threadpool(score_rows, served, rows, self.fast_max)
@@ -112,7 +111,7 @@ class Batcher:
         live = [j for j in batch if not j.future.done()]  # a client that went away needs no answer
         if not live:
             return
-        rows = [r for j in live for r in j.rows]
+        rows = RequestRows.concat([j.rows for j in live])
         try:
             probs, path = await run_in_threadpool(score_rows, live[0].served, rows, self.fast_max_batch)
         except RequestError as err:

@@ -16,6 +16,7 @@ A value's encoding never depends on the other rows of the request.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -30,12 +31,81 @@ from deepfm.errors import DataError
 from deepfm.predict import Predictor
 from deepfm.serve.errors import ErrorItem, Problems, RequestError
 
-__all__ = ["ErrorItem", "RequestError", "validate_rows", "build_frame", "frame_probs", "FastEncoder"]
+__all__ = ["ErrorItem", "RequestError", "RequestRows", "validate_rows", "build_frame", "frame_probs", "FastEncoder"]
 
 
-def validate_rows(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: str) -> list[dict[str, Any]]:
+class RequestRows:
+    """Validated rows of a request (or of a coalesced batch), held column by column: field -> one normalised
+    value per row (None: missing); a field no row gives is left out. The encoders read columns, so a large
+    request is transposed once, when it is validated."""
+
+    __slots__ = ("n", "columns")
+
+    def __init__(self, n: int, columns: dict[str, list[Any]]) -> None:
+        self.n, self.columns = n, columns
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> RequestRows:
+        names = dict.fromkeys(k for r in rows for k in r)
+        return cls(len(rows), {k: [r.get(k) for r in rows] for k in names})
+
+    @classmethod
+    def concat(cls, parts: list[RequestRows]) -> RequestRows:
+        if len(parts) == 1:
+            return parts[0]
+        names = dict.fromkeys(k for p in parts for k in p.columns)
+        return cls(sum(p.n for p in parts),
+                   {k: list(chain.from_iterable(p.column(k) for p in parts)) for k in names})
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: slice) -> RequestRows:
+        return RequestRows(len(range(self.n)[rows]), {k: v[rows] for k, v in self.columns.items()})
+
+    def column(self, name: str) -> list[Any]:
+        values = self.columns.get(name)
+        return [None] * self.n if values is None else values
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per row, of the values given."""
+        items = list(self.columns.items())
+        return [{k: v[i] for k, v in items if v[i] is not None} for i in range(self.n)]
+
+
+_COLUMNS_MIN_ROWS = 32  # from this many rows a request is checked column by column (one call per field)
+
+
+def validate_rows(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: str) -> RequestRows:
     """Check and normalise every row's features with its field's codec; raise ``RequestError`` (422) listing
-    the problems."""
+    the problems. A large request is checked column by column (``Codec.request_values``); a request with a
+    problem anywhere is checked again value by value, which finds and words the problems."""
+    if len(rows) >= _COLUMNS_MIN_ROWS:
+        columns = _checked_columns(rows, codecs)
+        if columns is not None:
+            return RequestRows(len(rows), columns)
+    return RequestRows.from_rows(_checked_values(rows, codecs, label))
+
+
+def _checked_columns(rows: list[dict[str, Any]], codecs: dict[str, Codec]) -> dict[str, list[Any]] | None:
+    """The normalised columns of ``rows``, or None if some field is unknown or some value has a problem."""
+    given = set().union(*rows)
+    if not given <= codecs.keys():
+        return None
+    columns: dict[str, list[Any]] = {}
+    for name in (n for n in codecs if n in given):
+        c, values = codecs[name], [r.get(name) for r in rows]
+        normalised = c.request_values(values)
+        if normalised is None:  # something unusual in the column: value by value
+            checked = [(None, None) if v is None else c.request_value(v) for v in values]
+            if any(problem for _, problem in checked):
+                return None
+            normalised = [v for v, _ in checked]
+        columns[name] = normalised
+    return columns
+
+
+def _checked_values(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: str) -> list[dict[str, Any]]:
     problems = Problems(422)
     out: list[dict[str, Any]] = []
     for i, feats in enumerate(rows):
@@ -58,12 +128,12 @@ def validate_rows(rows: list[dict[str, Any]], codecs: dict[str, Codec], label: s
 
 
 # ------------------------------------------------------------------------------------- the batch path
-def build_frame(rows: list[dict[str, Any]], codecs: list[Codec], sep: str, wsep: str) -> pl.DataFrame:
+def build_frame(rows: RequestRows, codecs: list[Codec], sep: str, wsep: str) -> pl.DataFrame:
     """One column per request field from validated rows; a field a row leaves out is null (missing)."""
     cols: list[pl.Series] = []
     problems = Problems(422)
     for c in codecs:
-        col, found = c.request_column([r.get(c.name) for r in rows], sep, wsep)
+        col, found = c.request_column(rows.column(c.name), sep, wsep)
         cols.append(col)
         for i, message in found:
             problems.add(i, c.name, message)
@@ -80,12 +150,12 @@ def request_codecs(codecs: list[Codec], data: DataConfig) -> list[Codec]:
     return out + [CategoricalCodec(CategoricalField(name=s)) for s in sources]
 
 
-def frame_probs(predictor: Predictor, rows: list[dict[str, Any]]) -> np.ndarray:
+def frame_probs(predictor: Predictor, rows: RequestRows) -> np.ndarray:
     """Probabilities of validated rows through ``Predictor.predict_proba`` (the ``deepfm predict`` path)."""
     return _on_frame(predictor, rows, predictor.predict_proba)
 
 
-def frame_attributions(predictor: Predictor, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+def frame_attributions(predictor: Predictor, rows: RequestRows) -> dict[str, list[float]]:
     """Per-row attributions of validated rows (``attr_bias``, ``attr_<field>``): the encoder and
     ``deepfm.explain.explain_rows`` that ``deepfm predict --explain`` uses."""
     from deepfm.explain import explain_rows
@@ -93,7 +163,7 @@ def frame_attributions(predictor: Predictor, rows: list[dict[str, Any]]) -> dict
     return _on_frame(predictor, rows, lambda frame: explain_rows(predictor, frame).to_dict(as_series=False))
 
 
-def _on_frame(predictor: Predictor, rows: list[dict[str, Any]], score: Callable[[pl.DataFrame], Any]) -> Any:
+def _on_frame(predictor: Predictor, rows: RequestRows, score: Callable[[pl.DataFrame], Any]) -> Any:
     """``score`` of the request frame of validated rows; an encoder error becomes a 422 naming row and field."""
     cfg = predictor.config
     codecs = request_codecs(predictor.loaded.encoder.codecs, cfg.data)
@@ -115,16 +185,16 @@ class FastEncoder:
         # derived columns (data.derive) are computed by the columnar engine only
         self.enabled = not predictor.config.data.derive
 
-    def eligible(self, rows: list[dict[str, Any]]) -> bool:
+    def eligible(self, rows: RequestRows) -> bool:
         """Plain values only (numbers for numeric fields, lists for multi-valued ones): text forms are parsed
         by the columnar engine."""
-        return self.enabled and self.records.plain(rows)
+        return self.enabled and self.records.plain_columns(rows.columns)
 
-    def encode(self, rows: list[dict[str, Any]]):
-        return self.records.encode(rows)
+    def encode(self, rows: RequestRows):
+        return self.records.encode_columns(rows.n, rows.columns)
 
     @torch.no_grad()
-    def probs(self, rows: list[dict[str, Any]]) -> np.ndarray:
+    def probs(self, rows: RequestRows) -> np.ndarray:
         p = self.predictor
         cat, num, multi = self.encode(rows)
         return p.runtime.probabilities(make_input(cat, num, multi))

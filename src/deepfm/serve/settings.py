@@ -47,8 +47,9 @@ class ServeSettings(BaseSettings):
                                                         "\"explain\": true (per-row attributions cost a DNN "
                                                         "backward pass)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body")
-    fast_path_max_rows: int = Field(8, ge=0, description="requests up to this many rows use the pure-Python "
-                                                        "encoder (0: never)",
+    fast_path_max_rows: int = Field(10_000, ge=0, description="requests up to this many rows of plain values use "
+                                                             "the per-record encoder, column by column, without "
+                                                             "polars' fixed costs (0: never)",
                                     json_schema_extra={"flag": "--fast-path-rows"})
     max_batch_rows: int = Field(128, ge=1, description="concurrent predict requests are coalesced into one "
                                                        "forward pass of up to this many rows; larger requests go "

@@ -21,7 +21,7 @@ from deepfm.errors import DeepFMError
 from deepfm.model.embedding import embedding_table
 from deepfm.predict import Predictor
 from deepfm.runtime import Runtime, resolve_device
-from deepfm.serve.encode import FastEncoder, frame_probs, request_codecs, validate_rows
+from deepfm.serve.encode import FastEncoder, RequestRows, frame_probs, request_codecs, validate_rows
 from deepfm.serve.metrics import Metrics
 from deepfm.serve.settings import ServeSettings
 
@@ -82,7 +82,7 @@ class ServedModel:
             raise DeepFMError(f"{self.loaded.path}: the fast encoding path disagrees with the batch path "
                               f"({p1} vs {p2}); this is a deepfm bug")
 
-    def validate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def validate(self, rows: list[dict[str, Any]]) -> RequestRows:
         return validate_rows(rows, self.fields, self.predictor.config.data.label)
 
     def info(self, max_rows: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import polars as pl
 
 from deepfm.config import FieldConfig
@@ -26,6 +27,7 @@ class Codec:
 
     slot: ClassVar[str]
     source: ClassVar[str]
+    text_form: ClassVar[bool] = False  # a request's text value is a form only the columnar engine parses
 
     def __init__(self, spec: FieldConfig) -> None:
         self.spec = spec
@@ -48,9 +50,20 @@ class Codec:
         (see ``plain``) or the text form, which only the columnar engine reads."""
         raise NotImplementedError
 
+    def request_values(self, values: list[Any]) -> list[Any] | None:
+        """``request_value`` of a whole request column (None = missing) in one go, for requests of many rows:
+        the normalised values when every value is of the field's usual kind and has no problem, else None
+        (the caller then checks value by value, for the messages). Default: always value by value."""
+        return None
+
     def plain(self, v: Any) -> bool:
-        """Whether a normalised request value can take the per-record engine (else the columnar one)."""
-        return True
+        """Whether a normalised request value can take the per-record engine (else the columnar one): a text
+        form (``text_form``: numeric text, the multi-valued text form) cannot."""
+        return not (self.text_form and isinstance(v, str))
+
+    def plain_column(self, values: list[Any]) -> bool:
+        """``plain`` of every value of a column, by their types."""
+        return not self.text_form or not any(issubclass(t, str) for t in set(map(type, values)))
 
     def request_schema(self) -> dict[str, Any]:
         """The JSON schema of the values ``request_value`` takes (null always means missing)."""
@@ -85,6 +98,16 @@ class IdCodec(Codec):
     def record_token(self, v: Any) -> str:
         """``token_expr`` for one plain value (None = missing)."""
         raise NotImplementedError
+
+    def record_tokens(self, values: list[Any]) -> list[str]:
+        """``record_token`` of each value of a column."""
+        return [self.record_token(v) for v in values]
+
+    def record_int_tokens(self, values: list[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+        """For a codec whose tokens are integers (``int_token_expr``): ``record_token`` of each plain value of
+        a column as ``(int64 tokens, missing mask)``, the token of a missing row being ``MISSING``; None if
+        the codec has no integer form."""
+        return None
 
     def int_token_expr(self, col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         """For a codec whose ``source`` is a number: the token as Int64 (null if missing), whose text is

@@ -9,6 +9,8 @@ import polars as pl
 from deepfm.data.codecs.base import IdCodec
 from deepfm.data.codecs.values import MISSING, NUMBER_SCHEMA, float_token, is_number, number_problem, type_name
 
+_TEXT_TYPES = frozenset({str, type(None)})
+
 
 class CategoricalCodec(IdCodec):
     source = "text"
@@ -24,6 +26,12 @@ class CategoricalCodec(IdCodec):
 
     def record_token(self, v: Any) -> str:
         return MISSING if v is None else v
+
+    def record_tokens(self, values: list[Any]) -> list[str]:
+        return [MISSING if v is None else v for v in values] if None in values else values
+
+    def request_values(self, values: list[Any]) -> list[Any] | None:
+        return values if set(map(type, values)) <= _TEXT_TYPES else None
 
     def request_value(self, v: Any) -> tuple[Any, str | None]:
         if isinstance(v, str):

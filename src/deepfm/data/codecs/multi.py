@@ -40,6 +40,7 @@ class MultiCodec(Codec):
 
     slot = "bag"
     source = "text"
+    text_form = True  # 'a:1.0^b'
     spec: MultiField
 
     def long_form(self, col: pl.Series, sep: str, wsep: str, path: str, lines: np.ndarray
@@ -132,9 +133,6 @@ class MultiCodec(Codec):
                 tags.append(tag)
                 weights.append(1.0)
         return Multi(tags, weights, weighted), None
-
-    def plain(self, v: Any) -> bool:
-        return not isinstance(v, str)
 
     def request_schema(self) -> dict[str, Any]:
         tag = {"anyOf": [{"type": "string"}, {"type": "integer"}]}

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from deepfm.config import NumericField
 from deepfm.data.codecs.base import Check, IdCodec, ValueCodec
 from deepfm.data.codecs.values import (MISSING, NUMBER_SCHEMA, NUMERIC_TEXT, NUMERIC_TEXT_PATTERN, bad_number_expr,
-                                       float_expr, is_number, number_problem, type_name)
+                                       float_expr, is_number, number_problem, numbers_ok, type_name)
 
 
 class _Numeric:
@@ -19,6 +20,7 @@ class _Numeric:
 
     spec: NumericField
     name: str
+    text_form = True  # numeric text, parsed as in a CSV file
 
     def number_expr(self, col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         v = float_expr(col, dtype)
@@ -42,8 +44,10 @@ class _Numeric:
             return (None, problem) if problem else (float(v), None)
         return None, f"a numeric field takes a number or a numeric string, got {type_name(v)}"
 
-    def plain(self, v: Any) -> bool:
-        return not isinstance(v, str)
+    def request_values(self, values: list[Any]) -> list[Any] | None:
+        if not numbers_ok(values):
+            return None
+        return values if int not in set(map(type, values)) else [v if v is None else float(v) for v in values]
 
     def request_schema(self) -> dict[str, Any]:
         return {"anyOf": [NUMBER_SCHEMA, {"type": "string", "pattern": NUMERIC_TEXT,
@@ -80,6 +84,26 @@ class LogBucketCodec(_Numeric, IdCodec):
         if not math.isfinite(b) or not (-(2.0 ** 63) <= b < 2.0 ** 63):
             return MISSING
         return str(int(b))
+
+    def record_int_tokens(self, values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """``record_token`` over a column in numpy. numpy's ``log`` may differ from libm's (``math.log``,
+        polars) in the last bit, which moves ``floor`` only where ``ln(x)^2`` is within rounding of an integer:
+        there (|distance| < 1e-6, far above any rounding) the value takes ``record_token`` itself."""
+        x = np.array(values, dtype=np.float64)  # None (missing) -> NaN; ints as float() converts them
+        missing = np.isnan(x)
+        if self.spec.log1p:  # log1p's own rounding decides ``x > 2``: per value, exactly as record_number
+            x = np.array([math.nan if m else self.record_number(v) for v, m in zip(x.tolist(), missing.tolist())])
+        b = x.copy()
+        big = np.flatnonzero(x > 2)
+        z = np.log(x[big]) ** 2
+        b[big] = np.floor(z)
+        near = np.abs(z - np.rint(z)) < 1e-6
+        for i in big[near].tolist():
+            b[i] = float(self.record_token(values[i]))
+        valid = ~missing & (b >= -(2.0 ** 63)) & (b < 2.0 ** 63)
+        tokens = np.zeros(len(b), dtype=np.int64)
+        tokens[valid] = b[valid].astype(np.int64)  # truncates toward zero, as int() and polars' cast
+        return tokens, ~valid
 
 
 class ScaleCodec(_Numeric, ValueCodec):

@@ -48,6 +48,26 @@ def number_problem(v: int | float) -> str | None:
     return None
 
 
+_NUMBER_TYPES = frozenset({int, float, type(None)})
+
+
+def numbers_ok(values: list[Any]) -> bool:
+    """``number_problem`` over a whole request column at once: True when every value is None (missing) or a
+    JSON number that has no problem; False when some value is anything else, which a caller then checks value
+    by value (for its message). ``np.array`` converts an int as ``float()`` does and None to NaN."""
+    types = set(map(type, values))
+    if not types <= _NUMBER_TYPES:
+        return False
+    try:
+        a = np.array(values, dtype=np.float64)
+    except (OverflowError, TypeError, ValueError):
+        return False
+    ok = np.abs(a) <= FLOAT32_MAX  # False on NaN and the infinities
+    if ok.all():
+        return True
+    return type(None) in types and all(values[i] is None for i in np.flatnonzero(~ok).tolist())
+
+
 # The JSON schemas of request values say exactly what ``request_value`` accepts (the per-model OpenAPI
 # document is built from them): numbers within float32, and numeric text of a form that cannot leave it
 # (at most 29 digits before the point and a positive exponent of one digit: under 1e38).
