@@ -141,10 +141,10 @@ def test_large_requests_and_max_batch_rows_1_go_straight_through():
     rows = [r for req in _criteo_requests() for r in req][:8]
     with TestClient(app) as client:
         assert client.post("/v1/predict", json={"rows": rows}).status_code == 200
-    assert app.state.serving.batcher._task is None  # the queue was never used
+    assert app.state.serving.batcher._lanes == {}  # the queue was never used
     off = create_app(models.criteo_model(), ServeSettings(max_batch_rows=1))
     with TestClient(off) as client:
         got = _burst(client, [{"rows": r} for r in _criteo_requests()])
     assert all(r.status_code == 200 for r in got)
     assert _hist(off, "deepfm_batch_requests") == (20, 20)  # 20 passes of one request each
-    assert off.state.serving.batcher._task is None
+    assert off.state.serving.batcher._lanes == {}

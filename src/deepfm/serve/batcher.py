@@ -47,6 +47,15 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
+@dataclass
+class _Lane:
+    """The queue of one event loop and the task that drains it."""
+
+    queue: asyncio.Queue[_Job]
+    carry: _Job | None = None  # taken from the queue but belongs to the next batch
+    task: asyncio.Task | None = None
+
+
 class Batcher:
     """One per app; its task starts with the first queued request, on the server's event loop."""
 
@@ -54,10 +63,10 @@ class Batcher:
         self.max_rows, self.delay_s, self.fast_max, self.metrics = max_rows, delay_s, fast_max, metrics
         # a coalesced pass of plain values takes the per-record encoder whole (unless it is turned off)
         self.fast_max_batch = max(fast_max, max_rows) if fast_max > 0 else 0
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task | None = None
-        self._carry: _Job | None = None  # taken from the queue but belongs to the next batch
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # one queue and task per event loop: a server runs one, but a test client runs each request on a
+        # loop of its own, from several threads at once, and a request queued on another loop's queue
+        # would never be woken up
+        self._lanes: dict[asyncio.AbstractEventLoop, _Lane] = {}
 
     @property
     def enabled(self) -> bool:
@@ -70,38 +79,41 @@ class Batcher:
             self.metrics.scored(path, len(rows), requests=1)
             return probs
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._loop is not loop:  # (a test client's new loop)
-            self._queue, self._carry, self._loop = asyncio.Queue(), None, loop
-            self._task = loop.create_task(self._run())
+        lane = self._lanes.get(loop)
+        if lane is None or lane.task is None or lane.task.done():
+            for closed in [k for k in self._lanes if k.is_closed()]:
+                del self._lanes[closed]
+            lane = self._lanes[loop] = _Lane(asyncio.Queue())
+            lane.task = loop.create_task(self._run(lane))
         job = _Job(served, rows, loop.create_future())
-        self._queue.put_nowait(job)
+        lane.queue.put_nowait(job)
         return await job.future
 
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         while True:
-            batch = await self._collect()
+            batch = await self._collect(lane)
             await self._score(batch)
 
-    async def _collect(self) -> list[_Job]:
+    async def _collect(self, lane: _Lane) -> list[_Job]:
         """The next batch: the first waiting request, then what else is queued (and arrives within the
         delay) for the same model, up to ``max_rows`` rows."""
-        first = self._carry or await self._queue.get()
-        self._carry = None
+        first = lane.carry or await lane.queue.get()
+        lane.carry = None
         batch, n = [first], len(first.rows)
         deadline = asyncio.get_running_loop().time() + self.delay_s
         while n < self.max_rows:
             try:
-                job = self._queue.get_nowait()
+                job = lane.queue.get_nowait()
             except asyncio.QueueEmpty:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
                 try:
-                    job = await asyncio.wait_for(self._queue.get(), left)
+                    job = await asyncio.wait_for(lane.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
             if job.served is not first.served or n + len(job.rows) > self.max_rows:
-                self._carry = job
+                lane.carry = job
                 break
             batch.append(job)
             n += len(job.rows)
@@ -133,10 +145,11 @@ class Batcher:
             start += len(job.rows)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        lane = self._lanes.pop(asyncio.get_running_loop(), None)
+        if lane is not None and lane.task is not None:
+            lane.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await lane.task
 
 
 def _fail(job: _Job, err: BaseException) -> None:

@@ -35,42 +35,50 @@ __all__ = ["ErrorItem", "RequestError", "RequestRows", "validate_rows", "build_f
 
 
 class RequestRows:
-    """Validated rows of a request (or of a coalesced batch), held column by column: field -> one normalised
-    value per row (None: missing); a field no row gives is left out. The encoders read columns, so a large
-    request is transposed once, when it is validated."""
+    """Validated rows of a request (or of a coalesced batch): one normalised value per row and field (None or
+    left out: missing). A large request is held column by column (field -> values; a field no row gives is
+    left out), transposed once when it is validated, since the encoders read columns; a small one keeps its
+    row dicts (``dicts``), which cost nothing to gather into a coalesced batch."""
 
-    __slots__ = ("n", "columns")
+    __slots__ = ("n", "dicts", "_columns")
 
-    def __init__(self, n: int, columns: dict[str, list[Any]]) -> None:
-        self.n, self.columns = n, columns
+    def __init__(self, n: int, columns: dict[str, list[Any]] | None = None,
+                 dicts: list[dict[str, Any]] | None = None) -> None:
+        self.n, self.dicts, self._columns = n, dicts, columns
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> RequestRows:
-        names = dict.fromkeys(k for r in rows for k in r)
-        return cls(len(rows), {k: [r.get(k) for r in rows] for k in names})
+        return cls(len(rows), dicts=rows)
 
     @classmethod
     def concat(cls, parts: list[RequestRows]) -> RequestRows:
         if len(parts) == 1:
             return parts[0]
+        n = sum(p.n for p in parts)
+        if all(p.dicts is not None for p in parts):
+            return cls(n, dicts=[r for p in parts for r in p.dicts])
         names = dict.fromkeys(k for p in parts for k in p.columns)
-        return cls(sum(p.n for p in parts),
-                   {k: list(chain.from_iterable(p.column(k) for p in parts)) for k in names})
+        return cls(n, {k: list(chain.from_iterable(p.column(k) for p in parts)) for k in names})
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, rows: slice) -> RequestRows:
+        if self.dicts is not None:
+            return RequestRows.from_rows(self.dicts[rows])
         return RequestRows(len(range(self.n)[rows]), {k: v[rows] for k, v in self.columns.items()})
+
+    @property
+    def columns(self) -> dict[str, list[Any]]:
+        if self._columns is None:
+            assert self.dicts is not None
+            names = dict.fromkeys(k for r in self.dicts for k in r)
+            self._columns = {k: [r.get(k) for r in self.dicts] for k in names}
+        return self._columns
 
     def column(self, name: str) -> list[Any]:
         values = self.columns.get(name)
         return [None] * self.n if values is None else values
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per row, of the values given."""
-        items = list(self.columns.items())
-        return [{k: v[i] for k, v in items if v[i] is not None} for i in range(self.n)]
 
 
 _COLUMNS_MIN_ROWS = 32  # from this many rows a request is checked column by column (one call per field)
@@ -188,9 +196,13 @@ class FastEncoder:
     def eligible(self, rows: RequestRows) -> bool:
         """Plain values only (numbers for numeric fields, lists for multi-valued ones): text forms are parsed
         by the columnar engine."""
-        return self.enabled and self.records.plain_columns(rows.columns)
+        if not self.enabled:
+            return False
+        return self.records.plain(rows.dicts) if rows.dicts is not None else self.records.plain_columns(rows.columns)
 
     def encode(self, rows: RequestRows):
+        if rows.dicts is not None:
+            return self.records.encode(rows.dicts)
         return self.records.encode_columns(rows.n, rows.columns)
 
     @torch.no_grad()
