@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def criteo_dir() -> Path:
     return CRITEO / "data"
+
+
+def logged_epochs(model_dir: Path) -> list[tuple[int, float, float]]:
+    """Each epoch's logged training log loss and validation AUC (``metrics.jsonl`` of a model directory): what a
+    resumed run must log as an uninterrupted one did."""
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["train_logloss"], r["valid_auc"]) for r in records]
 
 
 def criteo_config_dict(tmp_path: Path, **train) -> dict:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, criteo_config_dict
+from conftest import ROOT, criteo_config_dict, logged_epochs
 from deepfm.config import config_from_dict
 from deepfm.pipeline import train
 from deepfm.predict import Predictor
@@ -63,7 +63,11 @@ def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path):
 
 
 def test_resume_with_the_same_number_of_ranks_gives_the_same_model(tmp_path):
+    """With dropout: each rank resumes its own RNG state (its dropout masks) and its own share of the epoch's
+    running loss, so the resumed job ends with the uninterrupted job's model bit for bit and logs the same
+    training log loss for the epoch it resumed."""
     raw = _config(tmp_path)
+    raw["model"]["dropout"] = 0.3
     full = tmp_path / "full"
     assert _torchrun({"config": raw, "output": str(full)}).returncode == 0
     out = tmp_path / "resumed"
@@ -73,7 +77,8 @@ def test_resume_with_the_same_number_of_ranks_gives_the_same_model(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(logged_epochs(full)) == 2 and logged_epochs(out) == logged_epochs(full)
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (ip) is not installed")

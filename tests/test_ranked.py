@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CRITEO, ROOT, criteo_config_dict
+from conftest import CRITEO, ROOT, criteo_config_dict, logged_epochs
 from deepfm.config import TrainConfig, config_from_dict
 from deepfm.data.ranked import assign_files
 from deepfm.data.store import prepare
@@ -229,6 +229,7 @@ def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(
     raw = _raw(tmp_path, _parts(tmp_path / "logs"), prepare_on="every_rank", split={"valid": 0.15, "test": 0.0,
                                                                                      "seed": 5})
     raw["train"].update({"checkpoint_every_steps": 4, "embedding_sharding": sharding})
+    raw["model"]["dropout"] = 0.3  # each rank resumes its own dropout masks and running loss
     full = _torchrun(DIST_WORKER, {"config": raw, "output": "-", "per_rank": _machines(tmp_path, "full")}, 2)
     assert full.returncode == 0, full.stderr[-3000:]
     job = {"config": raw, "output": "-", "per_rank": _machines(tmp_path, "model")}
@@ -267,6 +268,8 @@ def test_ranks_that_share_no_folder_resume_mid_epoch_to_the_uninterrupted_model(
     a = load_file(str(tmp_path / "host0" / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "host0" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(logged_epochs(tmp_path / "host0" / "full")) == 2
+    assert logged_epochs(tmp_path / "host0" / "model") == logged_epochs(tmp_path / "host0" / "full")
     assert not (tmp_path / "host1" / "model").exists() and not (tmp_path / "host1" / ".model.run").exists()
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -11,9 +14,12 @@ from safetensors.torch import load_file
 
 from deepfm.artifact import load_model
 from deepfm.config import config_from_dict
+from deepfm.errors import ConfigError
 from deepfm.metrics import auc
 from deepfm.pipeline import run_dir_for, train
 from deepfm.predict import Predictor
+from deepfm.train.distributed import DistContext
+from deepfm.train.trainer import own_part
 
 from conftest import CRITEO, criteo_config_dict
 
@@ -63,8 +69,23 @@ def test_same_seed_same_model_and_save_load_identical_predictions(tmp_path):
     assert len(history) == a.metrics["train"]["epochs_run"]
 
 
-def test_resume_after_a_kill_mid_epoch_gives_the_same_model(tmp_path):
+def _as_written_before_rank_parts(last: Path) -> None:
+    """Rewrite a one-process checkpoint's optimiser state as it was before checkpoints kept each rank's own part
+    (RNG state and running loss): rank 0's RNG state at the top, the running loss in state.json alone."""
+    skeleton_file = last / "optimizers.json"
+    skeleton = json.loads(skeleton_file.read_text())
+    own = skeleton.pop("ranks")["0"]
+    del skeleton["world_size"]
+    skeleton["rng"] = own["rng"]
+    skeleton_file.write_text(json.dumps(skeleton))
+
+
+@pytest.mark.parametrize("written_before_rank_parts", [False, True])
+def test_resume_after_a_kill_mid_epoch_gives_the_same_model(tmp_path, written_before_rank_parts):
+    """Dropout on: the resumed run continues the killed run's random-number stream. A checkpoint written before
+    checkpoints kept each rank's part resumes as it did then (one process: the same model)."""
     raw = _small(tmp_path, checkpoint_every_steps=5, epochs=2, patience=5)
+    raw["model"]["dropout"] = 0.3
     full = train(config_from_dict(raw), tmp_path / "full", **QUIET)
 
     class Killed(Exception):
@@ -78,12 +99,25 @@ def test_resume_after_a_kill_mid_epoch_gives_the_same_model(tmp_path):
     with pytest.raises(Killed):
         train(config_from_dict(raw), out, callbacks=[kill_at_step_12], **QUIET)
     assert (run_dir_for(out) / "last" / "state.json").is_file() and not out.exists()
+    if written_before_rank_parts:
+        _as_written_before_rank_parts(run_dir_for(out) / "last")
     resumed = train(config_from_dict(raw), out, resume=True, **QUIET)
     wa = load_file(str(full.model_dir / "model.safetensors"))
     wb = load_file(str(resumed.model_dir / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed.history == [{**r, "seconds": r2["seconds"], "samples_per_s": r2["samples_per_s"]}
                                for r, r2 in zip(full.history, resumed.history)]
+
+
+def test_a_checkpoint_of_another_number_of_ranks_is_refused_naming_both():
+    """Each rank resumes its own random-number stream; on another number of ranks none would continue its own."""
+    saved = {"world_size": 2, "ranks": {"0": {"loss": [1.5, 3, 3.0]}, "1": {"loss": [0.5, 2, 2.0]}}}
+    assert own_part(saved, DistContext(1, 2), Path("last"))["loss"] == [0.5, 2, 2.0]
+    assert own_part({"rng": torch.get_rng_state()}, DistContext(1, 2), Path("last")) is None  # before rank parts
+    with pytest.raises(ConfigError, match=r"last: a checkpoint of 2 rank\(s\), resumed on 4; resume with 2"):
+        own_part(saved, DistContext(0, 4), Path("last"))
+    with pytest.raises(ConfigError, match="resumed on 1"):
+        own_part(saved, DistContext(), Path("last"))
 
 
 def test_resume_restores_the_learning_rate_schedule(tmp_path):

@@ -99,6 +99,12 @@ class TablePlacement:
         ``fill_main(folder)`` what only rank 0 writes (``state.json``); ``step``: the step it holds."""
         raise NotImplementedError
 
+    def rank_parts(self, own: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The ranks' ``own`` parts (what only that rank knows: its RNG state, its share of the running loss) that
+        this rank's ``fill_weights`` keeps, by rank as a string (a JSON key). Every rank calls it before every
+        checkpoint (it may be a collective); each rank resumes from its own entry."""
+        raise NotImplementedError
+
     @contextmanager
     def open_checkpoint(self, last: Path) -> Iterator[Found]:
         """What this rank resumes from (``Found``), or None on every rank where there is nothing to resume."""
@@ -184,6 +190,10 @@ class Replicated(TablePlacement):
 
         if self.ctx.is_main:
             atomic_directory(final, fill)
+
+    def rank_parts(self, own: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Rank 0 writes the checkpoint for every rank: every rank's part, gathered (a few KiB each)."""
+        return {str(r): part for r, part in enumerate(ddp.gather_objects(own, self.ctx))}
 
     @contextmanager
     def open_checkpoint(self, last: Path) -> Iterator[Found]:
@@ -300,6 +310,10 @@ class RowSharded(TablePlacement):
 
         keep = final.parent / folders.PREVIOUS if self.folders.apart else None
         sharding.write_directory(final, fill, self.ctx, leader=self.folders.is_leader, keep=keep)
+
+    def rank_parts(self, own: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each rank writes its own part of a checkpoint (``rank-R/``): its own."""
+        return {str(self.ctx.rank): own}
 
     def _stamp(self, part: Path, step: int) -> None:
         if self.folders.apart:

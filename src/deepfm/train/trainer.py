@@ -2,10 +2,11 @@
 stopping, learning-rate reduction on plateau, checkpoints and resume.
 
 Checkpoints live in ``run_dir``: ``last/`` (written every ``checkpoint_every_steps`` steps and after each
-epoch: weights, optimiser state, RNG state, position in the epoch) and ``best/`` (weights of the best
-validation AUC). Each is a folder swapped in atomically. Batch order depends only on ``(seed, epoch)``,
-so a run killed mid-epoch and resumed replays exactly the batches it had left and ends with the same
-model as an uninterrupted run.
+epoch: weights, optimiser state, each rank's RNG state and running loss, position in the epoch) and ``best/``
+(weights of the best validation AUC). Each is a folder swapped in atomically. Batch order depends only on
+``(seed, epoch)`` and each rank resumes its own random-number stream (its dropout masks), so a run killed
+mid-epoch and resumed replays exactly the batches it had left, ends with the same model as an uninterrupted
+run and logs the same training loss.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from deepfm.config import TrainConfig, auto_batch_size
 from deepfm.data.batch import ModelInput, SplitArrays
 from deepfm.data.loader import iterate_batches
+from deepfm.errors import ConfigError
 from deepfm.io import (atomic_save_tensors, atomic_write_text, load_state,
                        optimizer_state_from_json, save_state)
 from deepfm.metrics import summarize
@@ -110,21 +112,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
-        """``last/``: weights, optimiser and RNG state (each rank's part, as the placement decides), and rank 0's
-        ``state.json``, swapped in as one directory."""
+        """``last/``: weights, optimiser state and every rank's own part (``_own_part``: where, the placement
+        decides), and rank 0's ``state.json``, swapped in as one directory."""
+        ranks = self.placement.rank_parts(self._own_part())  # on every rank: it may gather them to rank 0
 
         def fill_weights(folder: Path) -> None:
             atomic_save_tensors(self.model.state_dict(), folder / "model.safetensors")
-            rng = {"rng": torch.get_rng_state()}
-            if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
-                rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             save_state(folder / "optimizers", {"optimizers": [o.state_dict() for o in self.optimizers],
-                                               "plateau": self.plateau.state_dict(), **rng})
+                                               "plateau": self.plateau.state_dict(),
+                                               "world_size": self.dist.world_size, "ranks": ranks})
 
         def fill_main(folder: Path) -> None:
             atomic_write_text(folder / "state.json", json.dumps(self.state.__dict__.copy()))
 
         self.placement.write_checkpoint(self.run_dir / "last", fill_weights, fill_main, self.state.step)
+
+    def _own_part(self) -> dict[str, Any]:
+        """What only this rank knows and gets back on ``--resume``: its RNG state (each rank draws its own dropout
+        masks) and its share of the epoch's running loss (``_end_epoch`` sums the ranks'; state.json is rank 0's)."""
+        st = self.state
+        part: dict[str, Any] = {"rng": torch.get_rng_state(), "loss": [st.loss_sum, st.loss_count, st.loss_weight]}
+        if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            part["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return part
 
     def _load_checkpoint(self) -> bool:
         """Every rank resumes from the same step (the placement sees to it, also on machines that share no
@@ -142,13 +152,23 @@ class Trainer:
             opt.load_state_dict(optimizer_state_from_json(st))
         if "plateau" in saved:  # (checkpoints written before the scheduler start it afresh)
             self.plateau.load_state_dict(saved["plateau"])
-        torch.set_rng_state(saved["rng"])
-        if self.device.type == "cuda" and "cuda_rng" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
         saved_state = json.loads(state_json)
         saved_state.setdefault("best_score", saved_state.get("best_auc", -math.inf))  # checkpoints before monitor
         saved_state.setdefault("loss_weight", float(saved_state.get("loss_count", 0)))  # before weight_column
         self.state = TrainState(**saved_state)
+        part = own_part(saved, self.dist, weights)
+        if part is None:  # written before each rank's part was kept: every rank takes rank 0's, as it did then
+            if self.dist.enabled:
+                self.log(f"Warning: {weights} holds rank 0's RNG state and running loss only (written before "
+                         "checkpoints kept every rank's): with dropout the resumed run differs from an "
+                         "uninterrupted one, and this epoch's logged training log loss is off")
+            part = {"rng": saved["rng"], "cuda_rng": saved.get("cuda_rng")}
+        else:
+            st = self.state
+            st.loss_sum, st.loss_count, st.loss_weight = part["loss"]
+        torch.set_rng_state(part["rng"])
+        if self.device.type == "cuda" and part.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(part["cuda_rng"], self.device)
 
     # ------------------------------------------------------------------ loop
     def fit(self, train: SplitArrays, valid: SplitArrays | None = None, *, resume: bool = False) -> TrainState:
@@ -345,6 +365,19 @@ class Trainer:
 
 
 _MONITOR = {"auc": "AUC", "auc-logloss": "AUC - logloss"}
+
+
+def own_part(saved: dict[str, Any], ctx: ddp.DistContext, where: Path) -> dict[str, Any] | None:
+    """This rank's own part (``Trainer._own_part``) of a checkpoint's saved optimiser state (``where``: its
+    folder); None for a checkpoint written before every rank's part was kept. A checkpoint of another number of
+    ranks is refused: no rank's random-number stream would continue an uninterrupted run's."""
+    if "ranks" not in saved:
+        return None
+    if saved["world_size"] != ctx.world_size:
+        raise ConfigError(f"{where}: a checkpoint of {saved['world_size']} rank(s), resumed on {ctx.world_size}; "
+                          f"resume with {saved['world_size']} (each rank continues its own random-number stream: "
+                          "its dropout masks), or start again without --resume")
+    return saved["ranks"][str(ctx.rank)]
 
 
 def _format_record(r: dict[str, Any]) -> str:
