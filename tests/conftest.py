@@ -25,6 +25,17 @@ def logged_epochs(model_dir: Path) -> list[tuple[int, float, float]]:
     return [(r["epoch"], r["train_logloss"], r["valid_auc"]) for r in records]
 
 
+def as_written_before_rank_parts(last: Path) -> None:
+    """Rewrite a replicated checkpoint's optimiser state as it was before checkpoints kept each rank's own part
+    (RNG state and running loss): rank 0's RNG state at the top, the running loss in state.json alone."""
+    skeleton_file = last / "optimizers.json"
+    skeleton = json.loads(skeleton_file.read_text())
+    own = skeleton.pop("ranks")["0"]  # rank 0 wrote it
+    del skeleton["world_size"]
+    skeleton["rng"] = own["rng"]
+    skeleton_file.write_text(json.dumps(skeleton))
+
+
 def criteo_config_dict(tmp_path: Path, **train) -> dict:
     """The example's Criteo config as a dict, with a private cache and small, fast settings."""
     import yaml

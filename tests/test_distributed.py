@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, criteo_config_dict, logged_epochs
+from conftest import ROOT, as_written_before_rank_parts, criteo_config_dict, logged_epochs
 from deepfm.config import config_from_dict
+from deepfm.errors import ConfigError
 from deepfm.pipeline import train
 from deepfm.predict import Predictor
 
@@ -73,12 +74,23 @@ def test_resume_with_the_same_number_of_ranks_gives_the_same_model(tmp_path):
     out = tmp_path / "resumed"
     stopped = _torchrun({"config": raw, "output": str(out), "stop_step": 10})  # mid epoch 1; checkpoint at 8
     assert stopped.returncode != 0 and not out.exists()
+    old = tmp_path / "old"  # the same checkpoint as written before checkpoints kept each rank's part
+    shutil.copytree(tmp_path / ".resumed.run", tmp_path / ".old.run")
+    as_written_before_rank_parts(tmp_path / ".old.run" / "last")
+    with pytest.raises(ConfigError, match=r"a checkpoint of 2 rank\(s\), resumed on 1; resume with 2"):
+        train(config_from_dict(raw), out, resume=True, log=lambda _m: None)
     resumed = _torchrun({"config": raw, "output": str(out), "resume": True})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from" in resumed.stdout
+    assert "Resuming from" in resumed.stdout and "Warning" not in resumed.stdout
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(logged_epochs(full)) == 2 and logged_epochs(out) == logged_epochs(full)
+    # every rank resumes rank 0's RNG state, as before: the job finishes, saying its model is not the same
+    resumed_old = _torchrun({"config": raw, "output": str(old), "resume": True})
+    assert resumed_old.returncode == 0, resumed_old.stderr[-3000:]
+    assert "holds rank 0's RNG state and running loss only" in resumed_old.stdout
+    c = load_file(str(old / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (ip) is not installed")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, logged_epochs
 from safetensors.torch import load_file
 
 from deepfm.config import config_from_dict
@@ -195,6 +195,8 @@ def test_resume_of_a_row_sharded_run_gives_the_same_model(runs):
     assert "Resuming from" in resumed.stdout
     a, b = load_file(str(runs["row2"][0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # each rank's share of the resumed epoch's running loss came back from its own part of the checkpoint
+    assert logged_epochs(out) == logged_epochs(runs["row2"][0]) and len(logged_epochs(out)) == 1
 
 
 def test_a_replicated_table_over_the_memory_cap_fails_naming_the_cap(tmp_path):

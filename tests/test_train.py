@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from deepfm.predict import Predictor
 from deepfm.train.distributed import DistContext
 from deepfm.train.trainer import own_part
 
-from conftest import CRITEO, criteo_config_dict
+from conftest import CRITEO, as_written_before_rank_parts, criteo_config_dict
 
 QUIET = {"log": lambda _m: None}
 
@@ -69,17 +68,6 @@ def test_same_seed_same_model_and_save_load_identical_predictions(tmp_path):
     assert len(history) == a.metrics["train"]["epochs_run"]
 
 
-def _as_written_before_rank_parts(last: Path) -> None:
-    """Rewrite a one-process checkpoint's optimiser state as it was before checkpoints kept each rank's own part
-    (RNG state and running loss): rank 0's RNG state at the top, the running loss in state.json alone."""
-    skeleton_file = last / "optimizers.json"
-    skeleton = json.loads(skeleton_file.read_text())
-    own = skeleton.pop("ranks")["0"]
-    del skeleton["world_size"]
-    skeleton["rng"] = own["rng"]
-    skeleton_file.write_text(json.dumps(skeleton))
-
-
 @pytest.mark.parametrize("written_before_rank_parts", [False, True])
 def test_resume_after_a_kill_mid_epoch_gives_the_same_model(tmp_path, written_before_rank_parts):
     """Dropout on: the resumed run continues the killed run's random-number stream. A checkpoint written before
@@ -100,7 +88,7 @@ def test_resume_after_a_kill_mid_epoch_gives_the_same_model(tmp_path, written_be
         train(config_from_dict(raw), out, callbacks=[kill_at_step_12], **QUIET)
     assert (run_dir_for(out) / "last" / "state.json").is_file() and not out.exists()
     if written_before_rank_parts:
-        _as_written_before_rank_parts(run_dir_for(out) / "last")
+        as_written_before_rank_parts(run_dir_for(out) / "last")
     resumed = train(config_from_dict(raw), out, resume=True, **QUIET)
     wa = load_file(str(full.model_dir / "model.safetensors"))
     wb = load_file(str(resumed.model_dir / "model.safetensors"))
