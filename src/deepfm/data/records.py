@@ -1,11 +1,14 @@
-"""The per-record engine: a few rows of plain Python values -> the same arrays as ``Encoder.transform``.
+"""The per-record engine: request-sized batches of plain Python values -> the same arrays as
+``Encoder.transform``.
 
 ``Encoder.transform`` runs vectorised polars expressions, whose fixed cost per call (~ms for 39 fields)
-dominates at batch 1. ``RecordEncoder`` applies the same fitted state through the same codecs
-(``deepfm.data.codecs``: each codec's ``record_*`` method is its columnar rule for one value) in plain Python,
-where the server needs it for latency. Values must be plain: what a codec's ``request_value`` returns and its
-``plain`` accepts (numbers or None for numeric fields, text or None for categorical ones, ``Multi`` cells for
-multi-valued ones). tests/test_codecs.py checks it array for array against ``Encoder.transform``.
+dominates at batch 1 and is most of a 1,000-row request's encoding. ``RecordEncoder`` applies the same fitted
+state through the same codecs (``deepfm.data.codecs``: each codec's ``record_*`` methods are its columnar
+rule for one value, or for a column of them) column by column, in plain Python and, from ``_NUMPY_MIN_ROWS``
+rows, numpy, where the server needs it for latency. Values must be plain: what a codec's ``request_value``
+returns and its ``plain`` accepts (numbers or None for numeric fields, text or None for categorical ones,
+``Multi`` cells for multi-valued ones). tests/test_codecs.py checks it array for array against
+``Encoder.transform``, on a few rows and on request-sized columns.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 1. ``validate_rows`` checks every value against its field's kind (the model's config) and normalises it:
    categorical -> text, numeric -> float or numeric text, multi-valued -> list of (tag, weight) or text.
-   Values that are wrong for their field raise ``RequestError`` naming the row and the field.
+   Values that are wrong for their field raise ``RequestError`` naming the row and the field. A large
+   request is checked column by column and kept so (``RequestRows``).
 2. ``frame_probs`` builds a polars DataFrame with one column per training field (absent / null -> missing,
    like an empty cell) and runs ``Predictor.predict_proba``: the batch-predict code path.
-3. ``FastEncoder`` encodes a few rows of plain values (numbers for numeric fields, lists for multi-valued
-   ones) with ``deepfm.data.records.RecordEncoder``, the encoder's per-record path, for latency at batch 1;
+3. ``FastEncoder`` encodes rows of plain values (numbers for numeric fields, lists for multi-valued ones)
+   with ``deepfm.data.records.RecordEncoder``, the encoder's per-record path, without polars' fixed costs;
    it reproduces ``Encoder.transform`` exactly (the tests compare the arrays) and falls back to (2) for
    anything else (numeric text, multi-valued text form).
 
