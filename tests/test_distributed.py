@@ -70,7 +70,8 @@ def test_resume_with_the_same_number_of_ranks_gives_the_same_model(tmp_path):
     raw = _config(tmp_path)
     raw["model"]["dropout"] = 0.3
     full = tmp_path / "full"
-    assert _torchrun({"config": raw, "output": str(full)}).returncode == 0
+    uninterrupted = _torchrun({"config": raw, "output": str(full)})
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     out = tmp_path / "resumed"
     stopped = _torchrun({"config": raw, "output": str(out), "stop_step": 10})  # mid epoch 1; checkpoint at 8
     assert stopped.returncode != 0 and not out.exists()

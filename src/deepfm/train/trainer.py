@@ -51,6 +51,7 @@ class TrainState:
     best_score: float = -math.inf  # the monitored value (train.monitor) of the best epoch
     best_epoch: int = -1
     bad_epochs: int = 0
+    # this rank's share of the epoch's running loss (state.json: rank 0's; each rank's in its own part)
     loss_sum: float = 0.0  # this epoch's sum of (weighted) training losses so far
     loss_count: int = 0  # rows in it
     loss_weight: float = 0.0  # their total sample weight (= loss_count without data.weight_column)
