@@ -1,12 +1,15 @@
 """``deepfm serve --workers 2`` as a real process: a parent forks the workers (``deepfm.serve.prefork``). Both
 answer, a worker killed is replaced by a new one that answers, SIGHUP reloads each worker, SIGTERM to the parent stops every worker and
-exits 0, and a worker that cannot load the model makes the command fail with its error."""
+exits 0, and a worker that cannot load the model makes the command fail with its error. Connections opened at the
+same moment go to different workers (the parent hands them over in turn, ``deepfm.serve.handoff``)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +40,7 @@ def _alive(pid: int) -> bool:
 
 
 def _answering(base: str, tries: int = 200) -> set[str]:
-    """The pids of the workers that answered predictions (a new connection each: the kernel spreads them)."""
+    """The pids of the workers that answered predictions (a new connection each: the parent hands them over in turn)."""
     for _ in range(tries):
         resp = httpx.post(base + "/v1/predict", json=ROW, headers={"connection": "close"}, timeout=10)
         assert resp.status_code == 200, resp.text
@@ -132,4 +135,57 @@ def test_workers_that_keep_dying_make_the_parent_give_up(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        log.close()
+
+
+def _owner(server_port: int, client_port: int, pids: set[int]) -> int:
+    """The pid among ``pids`` that holds the server's end of the TCP connection from ``client_port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == server_port and int(f[2].rsplit(":", 1)[1], 16) == client_port:
+                inodes.add(f[9])
+    owners = {pid for pid in pids for fd in Path(f"/proc/{pid}/fd").iterdir()
+              if os.readlink(fd) in {f"socket:[{i}]" for i in inodes}}
+    assert len(owners) == 1, (inodes, owners)
+    return owners.pop()
+
+
+def _post(conn: socket.socket, body: bytes) -> int:
+    """One keep-alive HTTP/1.1 request on ``conn``: the response's status (its body read to the end)."""
+    conn.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    return int(head.split()[1])
+
+
+def test_connections_opened_together_go_to_different_workers(tmp_path):
+    """Two clients that connect at the same moment (before either sends a byte) are served by the two workers,
+    and stay so for every request on their keep-alive connections; with workers that accept for themselves,
+    the first to wake took both."""
+    proc, base, log = _start(models.criteo_model(), tmp_path)
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        workers = models.wait_until(lambda: len(models.children(proc.pid)) == 2 and models.children(proc.pid))
+        models.wait_until(lambda: len(_answering(base, tries=4)) == 2)  # both ready
+        for _ in range(3):
+            conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+            try:
+                for _ in range(5):
+                    assert [_post(c, json.dumps(ROW).encode()) for c in conns] == [200, 200]
+                owners = [_owner(port, c.getsockname()[1], workers) for c in conns]
+                assert len(set(owners)) == 2, owners
+            finally:
+                for c in conns:
+                    c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
         log.close()

@@ -7,7 +7,8 @@ the children's collections do not write to those pages), the workers share those
 they share the memory-mapped table; each worker then loads the model itself (bench/SERVING.md has the PSS).
 
 The parent runs no inference and starts no torch or OpenMP threads (a thread pool does not survive a fork);
-it binds the listening socket, which every worker accepts on. It restarts a worker that dies (giving up
+it binds the listening socket, accepts the connections and hands each to the next ready worker in turn
+(``deepfm.serve.handoff``: a worker accepting for itself takes every connection that arrives at once). It restarts a worker that dies (giving up
 after ``MAX_QUICK_FAILURES`` in a row that lived less than ``QUICK_S``), and on SIGTERM/SIGINT stops the
 workers (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``) and exits 0. A worker that fails to load the model
 at start makes the command fail with that worker's error.
@@ -32,12 +33,14 @@ import time
 from typing import Any
 
 from deepfm.errors import DeepFMError
+from deepfm.serve.handoff import send_connection
 from deepfm.serve.rounds import Reloads
 
 QUICK_S = 30.0  # a worker that dies sooner than this after its start counts as a failure to start
 MAX_QUICK_FAILURES = 5  # in a row: the parent gives up and exits non-zero (a worker that cannot live)
 STOP_TIMEOUT_S = 20.0  # a worker's graceful stop (uvicorn's own is 10 s) before SIGKILL
 READY = b"ready"
+ACCEPTS_PER_WAKE = 64  # connections the parent accepts before it looks at its workers again
 
 
 def serve_forked(settings, sock: socket.socket, opts: dict[str, Any]) -> int:
@@ -53,11 +56,13 @@ def serve_forked(settings, sock: socket.socket, opts: dict[str, Any]) -> int:
     return Parent(settings, sock, opts).run()
 
 
-def _worker(settings, sock: socket.socket, opts: dict[str, Any], report: int, link: socket.socket) -> int:
-    """A forked worker: load the model, tell the parent (``READY`` or the error), serve until stopped."""
+def _worker(settings, channel: socket.socket, opts: dict[str, Any], report: int, link: socket.socket) -> int:
+    """A forked worker: load the model, tell the parent (``READY`` or the error), serve the connections the
+    parent hands over on ``channel`` until stopped."""
     import uvicorn
 
     from deepfm.serve.cli import _one_worker_app
+    from deepfm.serve.handoff import HandedServer
     from deepfm.serve.peers import ParentLink
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,14 +72,14 @@ def _worker(settings, sock: socket.socket, opts: dict[str, Any], report: int, li
         peers = ParentLink(link, settings.reload_timeout_s)
         config = uvicorn.Config(_one_worker_app(settings, peers), **opts)
         config.deepfm_header_timeout = settings.header_timeout_s  # read by HeaderTimeoutProtocol
-        server = uvicorn.Server(config)
+        server = HandedServer(config, channel)
     except BaseException as err:  # noqa: BLE001  (the parent reports it: this process only exits)
         said = str(err) if isinstance(err, DeepFMError) else f"{type(err).__name__}: {err}"
         os.write(report, said.encode()[:4000])
         return 1
     os.write(report, READY)
     os.close(report)
-    server.run(sockets=[sock])
+    server.run()
     return 0
 
 
@@ -90,12 +95,17 @@ class Parent:
         self.quick_failures = 0
         self.signal: int | None = None
         self.links: dict[int, socket.socket] = {}  # pid -> the parent's end of the worker's link
+        self.channels: dict[int, socket.socket] = {}  # pid -> the parent's end of the worker's connection channel
+        self.turn = 0  # the next connection goes to the ready worker at this position (in pid order)
+        self.accept_after = 0.0  # after a failed accept (too many open files): a pause, not a busy loop
         self.unread: dict[int, bytes] = {}  # pid -> the start of a line not yet whole
         self.hup = False  # a SIGHUP waits for the reload in progress
         self.reloads = Reloads(self._tell, lambda: list(self.workers), self._adopt, self._kill,
                                settings.reload_timeout_s)
 
     def run(self) -> int:
+        self.sock.listen(self.opts.get("backlog", 2048))  # uvicorn's default backlog
+        self.sock.setblocking(False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         try:
@@ -122,27 +132,33 @@ class Parent:
     def _fork(self) -> None:
         read, write = os.pipe()
         ours, theirs = socket.socketpair()
+        hand, take = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the child: never returns into the parent's code (nor runs its atexit handlers)
             code = 1
             try:
                 os.close(read)
                 ours.close()
+                hand.close()
+                self.sock.close()  # the parent accepts: a worker that outlived it must not hold the port
                 for fd in self.pending:
                     os.close(fd)
-                for link in self.links.values():  # the other workers' links are the parent's alone
-                    link.close()
-                code = _worker(self.settings, self.sock, self.opts, write, theirs)
+                for own in (*self.links.values(), *self.channels.values()):  # the other workers' are the parent's
+                    own.close()
+                code = _worker(self.settings, take, self.opts, write, theirs)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
         os.close(write)
         theirs.close()
+        take.close()
         ours.settimeout(5.0)  # a write to a worker that reads nothing fails rather than blocks the parent
+        hand.setblocking(False)  # a worker that takes no connections is skipped, not waited for
         self.workers[pid] = time.monotonic()
         self.pending[read] = (pid, b"")
         self.links[pid] = ours
+        self.channels[pid] = hand
         self.reloads.joined(pid)  # a reload in progress: this worker loads its directory too
 
     def _tell(self, pid: int, message: dict[str, Any]) -> bool:
@@ -164,6 +180,32 @@ class Parent:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def _takers(self) -> list[int]:
+        return sorted(pid for pid in self.ready if pid in self.channels)
+
+    def _accept(self) -> None:
+        """Hand the waiting connections to the ready workers in turn; a connection no worker can take now
+        is closed (the client sees the connection end and may retry)."""
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # e.g. too many open files: the connection stays queued; said once a second
+                print(f"deepfm serve: cannot accept a connection: {err}", file=sys.stderr, flush=True)
+                self.accept_after = time.monotonic() + 1.0
+                return
+            with conn:
+                takers = self._takers()
+                for k in range(len(takers)):
+                    pid = takers[(self.turn + k) % len(takers)]
+                    if send_connection(self.channels[pid], conn):
+                        self.turn = (self.turn + k + 1) % len(takers)
+                        break
+                else:
+                    print("deepfm serve: no worker could take a connection; it was closed", file=sys.stderr,
+                          flush=True)
 
     def _read_links(self, readable: list) -> None:
         """Whole lines from the workers' links, each handed to the reloads."""
@@ -190,9 +232,13 @@ class Parent:
                     self.reloads.message(pid, message)
 
     def _read_reports(self) -> None:
-        """What starting workers said (``READY`` or their error) and the workers' links; waits a little when
-        there is nothing."""
-        readable, _, _ = select.select([*self.pending, *self.links.values()], [], [], 0.2)
+        """New connections (while a worker is ready to take them), what starting workers said (``READY`` or
+        their error) and the workers' links; waits a little when there is nothing."""
+        # no ready worker (or a pause after a failed accept): connections wait in the kernel's queue
+        listening = [self.sock] if self._takers() and time.monotonic() >= self.accept_after else []
+        readable, _, _ = select.select([*listening, *self.pending, *self.links.values()], [], [], 0.2)
+        if self.sock in readable:
+            self._accept()
         self._read_links(readable)
         for fd in readable:
             if fd not in self.pending:
@@ -236,9 +282,9 @@ class Parent:
             self._fork()
 
     def _unlink(self, pid: int) -> None:
-        link = self.links.pop(pid, None)
-        if link is not None:
-            link.close()
+        for own in (self.links.pop(pid, None), self.channels.pop(pid, None)):
+            if own is not None:
+                own.close()
         self.unread.pop(pid, None)
         self.reloads.gone(pid)
 
@@ -260,6 +306,7 @@ class Parent:
 
     def stop(self) -> int:
         """SIGTERM to every worker, SIGKILL to those still there after ``STOP_TIMEOUT_S``; all reaped."""
+        self.sock.close()  # new connections are refused from now on; the open ones finish in their workers
         self._send(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.workers:
