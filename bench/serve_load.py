@@ -10,6 +10,8 @@ latencies are the server's plus loopback). Scenarios, each bounded by a request 
     batched/single-c20     the same with the default batching
     batched/rank100-c2     ranking requests: 100 candidate rows each, 2 clients
     batched/rank1000-c2    1,000 candidate rows each, 2 clients
+    workersK/...           the three batched scenarios again with --workers K (--workers-plan K, default: one
+                           worker per core; 0 or 1 skips them)
 
 and ``deepfm predict``'s rows/s on a file of the same rows (--predict-rows), for the ranking comparison.
 
@@ -213,7 +215,7 @@ def run_plan(model_dir: Path, extra: list[str], plan: list[tuple], args, results
             r = asyncio.run(scenario(server.port, bodies, conc, count, args.seconds, per))
             r["server_args"] = " ".join(extra)
             results[f"{label}/{name}"] = r
-            print(f"{label:9s} {name:13s} {r['requests']:6d} req {r['req_per_s']:8.1f} req/s {r['rows_per_s']:9.1f} "
+            print(f"{label:10s} {name:13s} {r['requests']:6d} req {r['req_per_s']:8.1f} req/s {r['rows_per_s']:9.1f} "
                   f"rows/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}", flush=True)
     finally:
         server.stop()
@@ -227,6 +229,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5000, help="request limit per single-row scenario")
     ap.add_argument("--serve-args", default="", help="extra arguments for deepfm serve, e.g. '--workers 2'")
     ap.add_argument("--predict-rows", type=int, default=200_000, help="file size for deepfm predict's rows/s")
+    ap.add_argument("--workers-plan", type=int, default=os.cpu_count() or 1,
+                    help="also run the batched scenarios with --workers K (default: the number of cores; 0 skips)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -242,12 +246,19 @@ def main() -> int:
     rank = [("rank100-c2", ranking(rows, 100, 50), 2, max(100, args.requests // 20), 100),
             ("rank1000-c2", ranking(rows, 1000, 20), 2, max(40, args.requests // 100), 1000)]
     run_plan(args.model_dir, extra, single + rank, args, results, "batched")
+    many = f"workers{args.workers_plan}"
+    if args.workers_plan > 1:
+        run_plan(args.model_dir, [*extra, "--workers", str(args.workers_plan)], single + rank, args, results, many)
     results["predict_rows_per_s"] = round(predict_rows_per_s(args.model_dir, rows, args.predict_rows), 1)
     print(f"deepfm predict on a {args.predict_rows:,}-row file: {results['predict_rows_per_s']:,.0f} rows/s")
     u, b = results["unbatched/single-c20"], results["batched/single-c20"]
     print(f"batching, 20 clients x 1 row: {b['req_per_s'] / u['req_per_s']:.2f}x requests/s, p99 "
           f"{u['p99_ms']:.1f} -> {b['p99_ms']:.1f} ms; 1,000-row requests at "
           f"{results['batched/rank1000-c2']['rows_per_s'] / results['predict_rows_per_s']:.0%} of predict's rows/s")
+    if f"{many}/rank1000-c2" in results:
+        print(f"with --workers {args.workers_plan}: 1,000-row requests at "
+              f"{results[f'{many}/rank1000-c2']['rows_per_s'] / results['predict_rows_per_s']:.0%} of predict's "
+              f"rows/s; 20 clients x 1 row: {results[f'{many}/single-c20']['req_per_s']:,.0f} requests/s")
     results["loadavg_after"] = os.getloadavg()
     print(f"load average after: {results['loadavg_after']}")
     if args.json:

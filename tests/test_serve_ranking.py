@@ -98,6 +98,25 @@ def test_ranking_probabilities_equal_the_batch_path():
     assert models.metric(frame.state.metrics.render(), "deepfm_predict_batches_total", path="frame") == 1
 
 
+def test_bf16_serving_is_close_to_float32_says_so_and_both_paths_agree():
+    """``--precision bf16``: matrix products in bfloat16 (autocast; emulated, and slower, on a CPU without
+    AMX or AVX512-BF16, but the same numbers). The probabilities stay close to float32's, the per-record and
+    batch paths still give identical ones, and the version and /v1/model say which precision serves."""
+    raw = _features(300)
+    body = {"rows": [{"id": i, "features": f} for i, f in enumerate(raw)]}
+    fp32 = TestClient(create_app(models.criteo_model())).post("/v1/predict", json=body).json()
+    apps = [create_app(models.criteo_model(), ServeSettings(precision="bf16", fast_path_max_rows=n)) for n in (10_000, 0)]
+    fast, frame = (TestClient(app).post("/v1/predict", json=body).json() for app in apps)
+    assert fast == frame
+    p16 = np.array([p["probability"] for p in fast["predictions"]])
+    p32 = np.array([p["probability"] for p in fp32["predictions"]])
+    assert 0 < np.abs(p16 - p32).max() < 1e-2
+    assert fast["model_version"] == fp32["model_version"] + "-bf16"
+    info = TestClient(apps[0]).get("/v1/model").json()
+    assert info["precision"] == "bf16" and info["version"].endswith("-bf16")
+    assert TestClient(create_app(models.criteo_model())).get("/v1/model").json()["precision"] == "fp32"
+
+
 def test_a_ranking_request_with_problems_gets_the_value_by_value_messages():
     raw = _features(40)
     raw[35]["I3"] = True

@@ -118,3 +118,4 @@ class ModelInfo(BaseModel):
     loaded_at: float
     max_rows: int
     quantize: str | None = None
+    precision: str = "fp32"

@@ -39,6 +39,11 @@ class ServeSettings(BaseSettings):
                                                                   "scale per row; from model.int8.safetensors when "
                                                                   "the directory holds a current one, else "
                                                                   "quantized at load)")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="the forward pass's precision: fp32 (the probabilities deepfm predict writes), bf16 "
+                            "(matrix products in bfloat16 under autocast, for CPUs with AMX and GPUs; probabilities "
+                            "move in the 3rd or 4th digit; the model version ends in -bf16) or auto (bf16 where "
+                            "the device has it, else fp32)")
     log_level: str = Field("warning", description="uvicorn log level")
     access_log: bool = Field(False, description="log every request (costs latency)")
     # what one request may ask for

@@ -45,16 +45,17 @@ class ServedModel:
         return self.predictor.loaded
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", quantize: str = "none") -> ServedModel:
+    def load(cls, model_dir: str | Path, device: str = "cpu", quantize: str = "none",
+             precision: str = "fp32") -> ServedModel:
         path = Path(model_dir)
         loaded = load_model(path, resolve_device(device), shared_table=True)  # workers share one table (mmap)
-        predictor = Predictor(loaded, device=device, precision="fp32")
+        predictor = Predictor(loaded, device=device, precision=precision)
         table = embedding_table(loaded.model)
         if quantize == "int8":
             from deepfm.quantize import int8_model
 
             model, source = int8_model(loaded)
-            predictor.runtime = Runtime.place(model, device, "fp32", predictor.runtime.batch_size)
+            predictor.runtime = Runtime.place(model, device, predictor.precision, predictor.runtime.batch_size)
             codes, scale = model.table.codes, model.table.scale
             float(codes[:: max(1, 4096 // codes.shape[1])].sum())  # read every page once now (see below)
             float(scale[::2048].float().sum())
@@ -65,7 +66,9 @@ class ServedModel:
             with open(path / name, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
-        version = digest.hexdigest()[:16] + ("-int8" if quantize == "int8" else "")
+        # the numbers differ from the float32 model's: the version says so
+        version = digest.hexdigest()[:16] + ("-int8" if quantize == "int8" else "") + \
+            ("-bf16" if predictor.precision == "bf16" else "")
         codecs = request_codecs(predictor.loaded.encoder.codecs, predictor.config.data)
         served = cls(predictor, FastEncoder(predictor), version, time.time(), {c.name: c for c in codecs},
                      quantize if quantize != "none" else None)
@@ -90,7 +93,8 @@ class ServedModel:
         return {"version": self.version, "path": str(m.path), "created": m.info.get("created"),
                 "format_version": m.info.get("format_version"), "versions": m.info.get("versions"),
                 "label": m.config.data.label, "fields": m.encoder.describe(), "metrics": m.metrics,
-                "loaded_at": self.loaded_at, "max_rows": max_rows, "quantize": self.quantize}
+                "loaded_at": self.loaded_at, "max_rows": max_rows, "quantize": self.quantize,
+                "precision": self.predictor.precision}
 
 
 class ServingState:
@@ -111,7 +115,8 @@ class ServingState:
 
         self.batcher = Batcher(settings.max_batch_rows, settings.max_batch_delay_ms / 1000,
                                settings.fast_path_max_rows, self.metrics)
-        self._install(ServedModel.load(model_dir, settings.device, settings.quantize), Path(model_dir))
+        self._install(ServedModel.load(model_dir, settings.device, settings.quantize, settings.precision),
+                      Path(model_dir))
 
     def _install(self, served: ServedModel, path: Path) -> None:
         self.model, self.path = served, path  # one reference swap: requests keep the model they took
@@ -121,7 +126,8 @@ class ServingState:
     def prepare(self, path: Path) -> ServedModel:
         """Load ``path`` completely (nothing swapped yet); a failure is counted and raised."""
         try:
-            return ServedModel.load(path, self.settings.device, self.settings.quantize)
+            return ServedModel.load(path, self.settings.device, self.settings.quantize,
+                                     self.settings.precision)
         except BaseException:
             self.metrics.reloaded(False)
             raise
