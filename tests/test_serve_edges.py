@@ -213,7 +213,28 @@ def test_the_depth_of_short_bodies_counts_as_the_long_way():
         short = limits._short_depth(body.translate(None, limits._DROPPED))
         saved, limits._SHORT = limits._SHORT, -1  # every body the numpy way
         try:
-            assert limits.json_depth(body) == short
+            assert limits._numpy_depth(body) == short == limits.json_depth(body)
         finally:
             limits._SHORT = saved
     assert limits.json_depth(b"[" * 300 + b"]" * 300) == 300  # past int8's range
+
+
+def test_the_native_scan_follows_the_numpy_rule():
+    """``scan_body``'s two paths (the C kernel, numpy) on byte soup of quotes, backslash runs, brackets and
+    digit runs, valid JSON or not: the same depth and the same answer about long digit runs."""
+    import random
+
+    from deepfm import native
+    from deepfm.serve import limits
+
+    if native.json_scan(b"[]") is None:
+        pytest.skip("no C compiler: the numpy path is the only one")
+    rnd = random.Random(7)
+    pieces = [b'"', b"\\", b"\\\\", b"[", b"]", b"{", b"}", b"a", b" ", b"0", b"12345", b"9" * 10, b":", b","]
+    bodies = [b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 60))) for _ in range(3000)]
+    bodies += [b"[" * 300 + b"]" * 300, b'{"a": "[[[[[[{{{{", "b": [[1]], "c": "\\"[["}', b"", b"1" * 19, b"1" * 18]
+    for body in bodies:
+        depth, longest = native.json_scan(body)
+        assert depth == limits._numpy_depth(body), body
+        for digits in (5, 19):
+            assert (longest >= digits) == (b"0" * digits in body.translate(limits._DIGITS)), body

@@ -119,6 +119,8 @@ def load() -> ctypes.CDLL | None:
         lib.deepfm_dropout_backward.restype = None
         lib.deepfm_bias_relu.argtypes = [p, p, i64, i64, i64]
         lib.deepfm_bias_relu.restype = None
+        lib.deepfm_json_scan.argtypes = [ctypes.c_char_p, i64, p]
+        lib.deepfm_json_scan.restype = None
         _lib = lib
         return _lib
 
@@ -251,3 +253,14 @@ def bias_relu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     caller checked ``paths.bias_relu_kernel``."""
     _kernels().deepfm_bias_relu(y.data_ptr(), bias.data_ptr(), y.shape[0], y.shape[1], torch.get_num_threads())
     return y
+
+
+def json_scan(text: bytes) -> tuple[int, int] | None:
+    """(deepest nesting of arrays and objects, longest run of digits) of a JSON text (``json_scan.c``), or
+    None where the kernels are not built (``deepfm.serve.limits`` then takes its numpy path)."""
+    lib = load()
+    if lib is None:
+        return None
+    out = (ctypes.c_int64 * 2)()
+    lib.deepfm_json_scan(text, len(text), ctypes.addressof(out))
+    return out[0], out[1]

@@ -3,7 +3,7 @@ and time (headers, body, idle keep-alive).
 
 * Depth: Python's JSON reader and pydantic recurse once per level, and a value nested some hundreds deep
   ends in a RecursionError (a 500) somewhere between parsing and writing the id back. ``LimitedRoute`` counts
-  the depth of the raw body (a running sum of the brackets outside strings, in numpy) before
+  the depth of the raw body (a running sum of the brackets outside strings: ``scan_body``) before
   anything parses it, and answers 400 past ``max_json_depth``.
 * Headers: uvicorn times out idle keep-alive connections but not a connection that never finishes its
   headers. ``HeaderTimeoutProtocol`` closes a connection that has not completed a request's headers
@@ -52,8 +52,27 @@ def _short_depth(marks: bytes) -> int:
 
 def json_depth(body: bytes) -> int:
     """The deepest nesting of arrays and objects in a JSON text; brackets inside strings do not count. A
-    quote opens or closes a string unless an odd run of backslashes precedes it. In numpy, over only the
-    quotes and brackets when the text has no backslash (the usual request), else over every byte."""
+    quote opens or closes a string unless an odd run of backslashes precedes it."""
+    return scan_body(body, 0)[0]
+
+
+def scan_body(body: bytes, digits: int) -> tuple[int, bool]:
+    """(``json_depth(body)``, whether a run of ``digits`` or more ASCII digits occurs anywhere in it), in one
+    pass of the native kernel (``deepfm/native/json_scan.c``) where it is built, else in numpy: over only the
+    quotes and brackets when the text has no backslash (the usual request), else over every byte. The two
+    follow the same rule, and a test compares them."""
+    from deepfm import native
+
+    got = native.json_scan(body)
+    if got is not None:
+        return got[0], digits > 0 and got[1] >= digits
+    return _numpy_depth(body), digits > 0 and b"0" * digits in body.translate(_DIGITS)
+
+
+_DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))  # digits -> "0", every other byte -> " "
+
+
+def _numpy_depth(body: bytes) -> int:
     if b"\\" not in body:
         marks = body.translate(None, _DROPPED)
         if len(marks) <= _SHORT:
