@@ -189,3 +189,21 @@ def test_connections_opened_together_go_to_different_workers(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         log.close()
+
+
+def test_workers_of_a_killed_parent_finish_and_exit(tmp_path):
+    """SIGKILL to the parent (nothing can stop the workers then): each worker sees its connection channel
+    close, takes no more connections and exits, instead of living on as an orphan."""
+    proc, base, log = _start(models.criteo_model(), tmp_path)
+    workers: set[int] = set()
+    try:
+        workers = models.wait_until(lambda: len(models.children(proc.pid)) == 2 and models.children(proc.pid))
+        models.wait_until(lambda: len(_answering(base, tries=4)) == 2)
+        proc.kill()
+        proc.wait(timeout=30)
+        models.wait_until(lambda: not any(_alive(p) for p in workers), seconds=30)
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()

@@ -29,16 +29,19 @@ def send_connection(channel: socket.socket, conn: socket.socket) -> bool:
         return False
 
 
-def receive_connections(channel: socket.socket) -> list[socket.socket]:
-    """Every connection waiting on ``channel`` (non-blocking), as non-blocking sockets with Nagle's delay off."""
+def receive_connections(channel: socket.socket) -> tuple[list[socket.socket], bool]:
+    """Every connection waiting on ``channel`` (non-blocking), as non-blocking sockets with Nagle's delay off,
+    and whether the parent closed the channel (it is gone: no more will come)."""
     out: list[socket.socket] = []
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(channel, 1, 1)
         except BlockingIOError:
-            return out
-        if not data:  # the parent is gone: nothing more will come
-            return out
+            return out, False
+        except OSError:
+            return out, True
+        if not data:
+            return out, True
         for fd in fds:
             conn = socket.socket(fileno=fd)
             conn.setblocking(False)
@@ -70,10 +73,14 @@ class HandedServer(uvicorn.Server):
 
     def _take(self) -> None:
         loop = asyncio.get_running_loop()
-        for conn in receive_connections(self.channel):
+        conns, closed = receive_connections(self.channel)
+        for conn in conns:
             task = loop.create_task(self._open(conn))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
+        if closed:  # the parent died (killed: it stops its workers otherwise): finish what is open and exit
+            loop.remove_reader(self.channel.fileno())
+            self.should_exit = True
 
     async def _open(self, conn: socket.socket) -> None:
         try:
@@ -82,7 +89,7 @@ class HandedServer(uvicorn.Server):
             conn.close()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.channel.fileno())  # no new connections; those open finish as uvicorn's do
-        self.channel.close()
-        await super().shutdown(sockets)
+        if self.channel.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())  # no new connections
+            self.channel.close()
+        await super().shutdown(sockets)  # those open finish as uvicorn's do
