@@ -7,7 +7,8 @@ clients of 1,000-row ranking requests then share one worker's interpreter lock w
 (bench/SERVING.md has the figures). The parent instead accepts each connection and passes its descriptor
 (``SCM_RIGHTS`` over a Unix socket pair made at fork, one per worker) to the next ready worker in turn, and
 the worker serves it as if it had accepted it. A worker's channel carries one byte per descriptor, so each
-``recvmsg`` of one byte brings exactly its own descriptor.
+``recvmsg`` of one byte brings exactly its own descriptor. A channel that closes means the parent is gone
+(killed: otherwise it stops its workers itself); the worker then finishes what is open and exits.
 """
 
 from __future__ import annotations
