@@ -1,5 +1,5 @@
 /* Two facts of a JSON text that the server needs before it parses a request body, in one pass over the bytes
- * (deepfm.serve.limits.json_scan; its numpy path follows the same rule and a test compares the two):
+ * (deepfm.serve.limits.scan_body; its numpy path follows the same rule and a test compares the two):
  *
  *   out[0]: the deepest nesting of arrays and objects. Brackets inside strings do not count; a quote opens or
  *           closes a string unless an odd run of backslashes precedes it.

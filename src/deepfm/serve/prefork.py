@@ -8,10 +8,10 @@ they share the memory-mapped table; each worker then loads the model itself (ben
 
 The parent runs no inference and starts no torch or OpenMP threads (a thread pool does not survive a fork);
 it binds the listening socket, accepts the connections and hands each to the next ready worker in turn
-(``deepfm.serve.handoff``: a worker accepting for itself takes every connection that arrives at once). It restarts a worker that dies (giving up
-after ``MAX_QUICK_FAILURES`` in a row that lived less than ``QUICK_S``), and on SIGTERM/SIGINT stops the
-workers (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``) and exits 0. A worker that fails to load the model
-at start makes the command fail with that worker's error.
+(``deepfm.serve.handoff``: a worker accepting for itself takes every connection that arrives at once). It
+restarts a worker that dies (giving up after ``MAX_QUICK_FAILURES`` in a row that lived less than
+``QUICK_S``), and on SIGTERM/SIGINT stops the workers (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``) and
+exits 0. A worker that fails to load the model at start makes the command fail with that worker's error.
 
 Reloads reach every worker or none: each worker has a link to the parent (a Unix socket pair made at fork:
 nothing else can reach it), a ``POST /v1/reload`` that passed the admin checks in one worker goes through
@@ -187,6 +187,7 @@ class Parent:
     def _accept(self) -> None:
         """Hand the waiting connections to the ready workers in turn; a connection no worker can take now
         is closed (the client sees the connection end and may retry)."""
+        takers = self._takers()  # the ready workers do not change while the parent is in here
         for _ in range(ACCEPTS_PER_WAKE):
             try:
                 conn, _ = self.sock.accept()
@@ -197,7 +198,6 @@ class Parent:
                 self.accept_after = time.monotonic() + 1.0
                 return
             with conn:
-                takers = self._takers()
                 for k in range(len(takers)):
                     pid = takers[(self.turn + k) % len(takers)]
                     if send_connection(self.channels[pid], conn):
